@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Install Supra into ./.venv and register its Jupyter kernel. Idempotent: re-running is cheap.
+#   ./install.sh          the package, JupyterLab, papermill and the kernel
+#   ./install.sh --dev    also the test tools, and headless Chromium for the browser tests
+# Where the machine allows it (root with apt), it also installs jemalloc, which speeds up CPU
+# training by 40-60%; Supra's kernel, CLI and torchrun runs preload it automatically.
+set -euo pipefail
+cd "$(dirname "$0")"
+DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
+PY=${PYTHON:-python3}
+
+# System libraries (optional): jemalloc always, chromium for the browser tests.
+pkgs=""
+ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || pkgs="libjemalloc2"
+[ $DEV = 1 ] && ! command -v chromium >/dev/null 2>&1 && pkgs="$pkgs chromium"
+if [ -n "$pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "install.sh: apt-get install $pkgs"
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null) \
+    || echo "install.sh: could not install $pkgs (continuing without)"
+fi
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+extra=""; [ $DEV = 1 ] && extra="[dev]"
+.venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
+.venv/bin/python -m pip install -q -e ".${extra}"
+
+# The Jupyter kernel that papermill and JupyterLab use for Supra's notebooks: this venv's Python,
+# with jemalloc preloaded where present. Registered inside the venv (--sys-prefix) so that it
+# never points at another checkout.
+JE=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2/{print $NF; exit}')
+envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE")
+.venv/bin/python -m ipykernel install --sys-prefix --name supra --display-name "Python 3 (supra)" "${envargs[@]}" >/dev/null
+echo "install.sh: ok — kernel 'supra' -> $(pwd)/.venv/bin/python${JE:+ (jemalloc: $JE)}"

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Supra's test suite: the lesson cells of every library notebook (nbdev-test), then the
+# integration tests in tests/ (pytest: papermill runs at the smoke preset, resume after SIGKILL,
+# DDP, lm-eval parity, the paper and the dashboard in headless Chromium).
+# Data: $SUPRA_DATA if set, else ../shared/data when it exists, else the Hugging Face Hub.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ -z "${SUPRA_DATA:-}" ] && [ -d ../shared/data ]; then export SUPRA_DATA=$(cd ../shared/data && pwd); fi
+export SUPRA_CACHE=${SUPRA_CACHE:-$(pwd)/outputs/test-cache}
+export PATH="$(pwd)/.venv/bin:$PATH"
+echo "== lesson cells (nbdev-test) — SUPRA_DATA=${SUPRA_DATA:-<hub>}"
+nbdev-test --n-workers 2 --file-re '^\d' --timing
+echo "== integration tests (pytest)"
+python -m pytest tests -q -p no:cacheprovider "$@"
