@@ -169,3 +169,10 @@ def test_cli_once(tmp_path):
     r = subprocess.run([*_supra(), 'dashboard', str(run), '--once'], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and 'file://' in r.stdout
     assert 'data-step="7"' in (run / 'dashboard.html').read_text()
+
+
+def test_trainers_final_checkpoint_means_done(tmp_path):
+    run = tmp_path / 'stable'; append(run, 1, 3)
+    assert not is_done(run)
+    (run / 'final').mkdir(); (run / 'final' / 'meta.json').write_text('{}')   # what supra.train writes at the end
+    assert is_done(run)
