@@ -5,7 +5,7 @@ import json, math, os, subprocess, sys, time
 from pathlib import Path
 
 import pytest
-from supra.dashboard import (DashboardWriter, RunLog, _LOGS, downsample, is_done, mark_done, render_dashboard,
+from supra.dashboard import (DashboardThread, DashboardWriter, DONE_QUIET_S, RunLog, _LOGS, downsample, is_branched, is_done, mark_done, render_dashboard,
                              write_dashboard)
 try: from tests.browser import Page, foreign_requests
 except ImportError:
@@ -176,3 +176,147 @@ def test_trainers_final_checkpoint_means_done(tmp_path):
     assert not is_done(run)
     (run / 'final').mkdir(); (run / 'final' / 'meta.json').write_text('{}')   # what supra.train writes at the end
     assert is_done(run)
+
+
+# ---------------------------------------------------------------- a branched run (supra.train.train_epochs' out_dir)
+
+def branched(out, epochs=2, spe=40, frac=0.25, upto=None, start=0, run_json=True):
+    """Synthetic train_epochs layout: stable/metrics.jsonl and epochs<k>/metrics.jsonl (steps continuing from the branch
+    point), epochs<k>/final/meta.json when a branch ends. Writes the steps number `start`..`upto` in training order."""
+    out = Path(out); plan = [(k, k * spe - round(frac * k * spe), round(frac * k * spe)) for k in range(1, epochs + 1)]
+    if run_json:
+        (out).mkdir(parents=True, exist_ok=True)
+        (out / 'run.json').write_text(json.dumps(dict(name='branched', epochs=epochs, steps_per_epoch=spe,
+                                      total_steps=plan[-1][1] + sum(d for *_, d in plan), branches=[f'epochs{k}' for k, *_ in plan])))
+    n, s0 = 0, 0
+    def rows(d, steps, phase, lr):
+        nonlocal n
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / 'metrics.jsonl', 'a') as f:
+            for st in steps:
+                if upto is not None and n >= upto: return False
+                if n >= start: f.write(json.dumps(dict(step=st, epoch=st / spe, tokens=st * 512, loss=3 + 5 * math.exp(-st / 30),
+                                                       lr=lr(st), grad_norm=1.0, tok_s=5e3, elapsed=st * 0.2, phase=phase)) + '\n')
+                n += 1
+        return True
+    for k, b, d in plan:
+        if not rows(out / 'stable', range(s0 + 1, b + 1), 'stable', lambda st: 1e-3): return out
+        s0 = b
+        if not rows(out / f'epochs{k}', range(b + 1, k * spe + 1), f'cooldown{k}', lambda st: 1e-3 * (k * spe - st + 1) / d): return out
+        (out / f'epochs{k}' / 'final').mkdir(exist_ok=True)
+        (out / f'epochs{k}' / 'final' / 'meta.json').write_text(json.dumps(dict(step=k * spe, schedule=dict(total=k * spe, cooldown=d))))
+    return out
+
+
+def test_branched_run_is_one_page_with_every_branch(tmp_path):
+    # spe=40, 2 epochs: stable 1..30, epochs1 31..40, stable 31..60, epochs2 61..80; total 60 + 10 + 20 = 90 steps
+    run = fresh(branched(tmp_path / 'ep', upto=30 + 10 + 30 + 5))           # 5 steps into the 2-epoch cooldown
+    log = RunLog(run); log.poll()
+    assert list(log.subs) == ['stable', 'epochs1', 'epochs2'] and set(log.branches) == {'stable', 'epochs1', 'epochs2'}
+    assert log.last[0]['step'] == 65 and log.active().branch == 'epochs2'
+    html = write_dashboard(run).read_text()
+    assert (run / 'dashboard.html').exists() and not (run / 'stable' / 'dashboard.html').exists()
+    for name, st in (('stable', 'paused'), ('epochs1', 'done'), ('epochs2', 'running')):
+        assert f'id="br-{name}" data-status="{st}"' in html
+    assert 'data-step="65"' in html and 'cooldown2' in html and 'st-running' in html and 'location.reload' in html
+    assert 'data-value="75.0"' in html and '/ 90 steps' in html            # progress 60 + 10 + 5 of 90
+    assert 'id="eta"' in html and '>3.0s<' in html                         # 15 steps left x 0.2 s/step
+    lr = html[html.index('id="p-lr"'):]; lr = lr[:lr.index('</svg>')]
+    assert lr.count('<polyline') == 3 and all(f'>{b}</text>' in lr for b in ('stable', 'epochs1', 'epochs2'))
+    # incremental: a new line in one branch is read by that branch's reader only
+    offsets = {k: s.offset for k, s in log.subs.items()}
+    branched(run, upto=30 + 10 + 30 + 8, start=30 + 10 + 30 + 5)
+    assert log.poll() == 3 and log.subs['stable'].offset == offsets['stable'] and log.last[0]['step'] == 68
+    assert log.subs['epochs2'].offset == (run / 'epochs2' / 'metrics.jsonl').stat().st_size
+    # evaluation lines appended later to a finished branch show, without making it the "current" branch
+    with open(run / 'epochs1' / 'metrics.jsonl', 'a') as f: f.write(json.dumps(dict(step=40, eval=dict(heldout_loss=3.5, bpb=1.4))) + '\n')
+    html = write_dashboard(run).read_text()
+    assert 'id="p-bpb"' in html and 'epochs1 @ 40' in html and 'data-step="68"' in html
+
+
+def test_branched_done_detection(tmp_path):
+    run = fresh(branched(tmp_path / 'ep', upto=30 + 10 + 30 + 19))          # one step short of the end
+    assert not is_done(run)
+    branched(run, start=30 + 10 + 30 + 19)                                   # the last step, and epochs2/final/meta.json
+    assert is_done(run)
+    html = write_dashboard(run).read_text()
+    assert 'st-done' in html and 'location.reload' not in html and 'id="eta"' not in html
+    assert html.count('data-status="done"') == 3
+    # run.json expects 3 branches: 2 final are not enough
+    meta = json.loads((run / 'run.json').read_text()); meta['epochs'] = 3; meta.pop('branches')
+    (run / 'run.json').write_text(json.dumps(meta))
+    assert not is_done(run) and 'id="br-epochs3" data-status="pending"' in write_dashboard(run).read_text()
+    # without run.json: all present branches final AND quiet for DONE_QUIET_S AND the stable run not past the last branch point
+    (run / 'run.json').unlink()
+    assert not is_done(run)                                                  # just written
+    old = time.time() - DONE_QUIET_S - 1
+    for p in run.rglob('metrics.jsonl'): os.utime(p, (old, old))
+    assert is_done(run)
+    (run / 'epochs2' / 'final' / 'meta.json').unlink()
+    assert not is_done(run)                                                  # a branch without its final checkpoint
+
+
+def test_branched_parent_is_not_any_folder_of_runs(tmp_path):
+    append(tmp_path / 'exp' / 'seed0', 1, 3)
+    assert not is_branched(tmp_path / 'exp') and not is_branched(tmp_path / 'exp' / 'seed0')
+    assert is_branched(branched(tmp_path / 'ep', upto=5, run_json=False))
+
+
+def test_dashboard_thread_follows_training_and_marks_done(tmp_path):
+    run = fresh(tmp_path / 'ep'); run.mkdir(); mark_done(run)                # a stale marker from an earlier session
+    with DashboardThread(run, every_s=0.1) as dt:
+        assert not is_done(run)                                              # ... is removed: training runs again
+        seen = set()
+        for a, b in ((0, 20), (20, 45), (45, 75), (75, 90)):
+            branched(run, start=a, upto=b)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                html = (run / 'dashboard.html').read_text()
+                step = html.split('data-step="')[1].split('"')[0]
+                if step == str({20: 20, 45: 35, 75: 65, 90: 80}[b]): seen.add(b); break
+                time.sleep(0.05)
+        assert dt.running
+    assert seen == {20, 45, 75, 90} and dt.errors == 0 and not dt.running
+    assert is_done(run) and 'st-done' in (run / 'dashboard.html').read_text()
+
+
+def test_dashboard_thread_exception_and_errors(tmp_path, monkeypatch, capsys):
+    run = fresh(branched(tmp_path / 'ep', upto=20))
+    with pytest.raises(ValueError, match='diverged'):
+        with DashboardThread(run, every_s=0.1):
+            raise ValueError('diverged')
+    assert not is_done(run) and 'st-running' in (run / 'dashboard.html').read_text()
+    import supra.dashboard as D
+    def boom(*a, **k): raise RuntimeError('render bug')
+    monkeypatch.setattr(D, 'render_dashboard', boom)
+    with DashboardThread(run, every_s=0.05) as dt:                            # training is not disturbed ...
+        time.sleep(0.4); total = sum(range(1000))
+    assert total == 499500 and dt.errors >= 3 and dt.writes == 0
+    err = capsys.readouterr().err
+    assert err.count('supra.dashboard: could not write') == 1 and 'render bug' in err   # ... and it is said once
+
+
+def test_cli_branched_run_once(tmp_path):
+    run = branched(tmp_path / 'ep', upto=50)
+    r = subprocess.run([*_supra(), 'dashboard', str(run), '--once'], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and (run / 'dashboard.html').as_uri() in r.stdout
+    assert 'id="br-epochs1" data-status="done"' in (run / 'dashboard.html').read_text()
+
+
+def test_branched_page_follows_in_chromium(tmp_path):
+    run = fresh(branched(tmp_path / 'ep', upto=30 + 10 + 30 + 5))
+    with DashboardThread(run, every_s=0.2, refresh_s=1.0):
+        with Page(width=1200, height=500) as page:
+            page.goto((run / 'dashboard.html').as_uri())
+            assert page.eval('document.getElementById("cur-step").dataset.step') == '65'
+            assert page.eval('document.querySelector("#br-epochs2").dataset.status') == 'running'
+            branched(run, start=30 + 10 + 30 + 5, upto=30 + 10 + 30 + 12)      # the trainer logs 7 more steps
+            t0, step = time.monotonic(), None
+            while time.monotonic() - t0 < 1.0 + 4:                          # one refresh (+ write and load slack)
+                page.pump(0.2)
+                try: step = page.eval('document.getElementById("cur-step") && document.getElementById("cur-step").dataset.step')
+                except RuntimeError: continue
+                if step == '72': break
+            assert step == '72'
+            assert page.eval('document.querySelectorAll("#p-lr polyline").length') == 3
+    assert foreign_requests(page.requests) == [], page.requests

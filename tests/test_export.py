@@ -165,4 +165,6 @@ def test_state_dict_mapping_is_complete():
     sd = llama_state_dict(m)
     assert sum(v.numel() for v in sd.values()) == m.n_params()
     assert sd['model.layers.2.self_attn.k_proj.weight'].shape == (16, 64)
-    assert torch.equal(sd['model.layers.1.mlp.up_proj.weight'], m.blocks[1].mlp.c_fc.weight[cfg.hidden:])
+    assert torch.equal(sd['model.layers.1.mlp.up_proj.weight'], m.blocks[1].mlp.c_fc.weight)
+    assert torch.equal(sd['model.layers.1.mlp.gate_proj.weight'], m.blocks[1].mlp.c_gate.weight)
+    assert torch.equal(sd['model.layers.1.self_attn.v_proj.weight'], m.blocks[1].attn.c_attn.weight[-16:])

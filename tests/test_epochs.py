@@ -1,0 +1,95 @@
+"""The epochs experiment end to end, through papermill at the `smoke` preset: results.json, the paper,
+caching on a re-run, resume after a kill, and bad parameters stopped in the first cell."""
+import json, math, os, signal, subprocess, sys, time
+from pathlib import Path
+import pytest, nbformat
+
+ROOT = Path(__file__).resolve().parents[1]
+NB = ROOT / 'nbs' / 'epochs.ipynb'
+PAPERMILL = [sys.executable, '-m', 'papermill', '--no-progress-bar']
+pytestmark = pytest.mark.skipif(not os.environ.get('SUPRA_DATA'), reason='needs SUPRA_DATA (the local data sets); ./test.sh sets it')
+
+def papermill(out_dir, *params, check=True, **kw):
+    args = [*PAPERMILL, str(NB), str(out_dir / 'out.ipynb'), '-p', 'preset', 'smoke', '-p', 'out_dir', str(out_dir),
+            '-p', 'paper', str(out_dir / 'epochs.html'), *params]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('epochs')
+    papermill(out, '-p', 'epochs', 2)
+    return out
+
+def finite(x): return isinstance(x, (int, float)) and math.isfinite(x)
+
+def test_results_json_has_every_metric(smoke):
+    res = json.loads((smoke / 'results.json').read_text())
+    assert res['corpus'] == 'wikipedia-en' and res['preset'] == 'smoke' and res['seeds'] == [0]
+    assert [r['epochs'] for r in res['runs']] == [1, 2]
+    for r in res['runs']:
+        for m in ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'boolq', 'wikitext_byte_ppl', 'wikitext_word_ppl'):
+            assert finite(r[m]), (m, r[m])
+        assert 0 <= r['blimp'] <= 1 and r['blimp_stderr'] > 0
+        assert isinstance(r['generation_greedy'], str)
+        assert Path(r['checkpoint'], 'meta.json').exists()
+    # the 2-epoch model has seen twice the tokens of the 1-epoch model, and trained them further
+    assert res['runs'][1]['tokens'] == 2 * res['runs'][0]['tokens']
+    assert res['runs'][1]['train_loss'] < res['runs'][0]['train_loss']
+    assert set(res['baselines']) >= {'blimp', 'arc_easy', 'boolq'}
+    assert res['baselines']['boolq']['majority'] >= 0.5
+    assert set(res['status']) == {'1', '2'}
+    assert res['environment']['hardware'] and res['environment']['torch']
+
+def test_paper_is_self_contained_and_states_its_scale(smoke):
+    html = (smoke / 'epochs.html').read_text()
+    res = json.loads((smoke / 'results.json').read_text())
+    assert 'wikipedia-en' in html and 'FineWeb-Edu tokens' not in html
+    assert html.count('<table') >= 1 and 'data:image/' in html
+    assert 'src="http' not in html and "src='http" not in html and '<script src' not in html
+    assert f"{res['model']['n_params']:,}" in html and res['environment']['hardware'] in html
+    # a number of the table comes from results.json
+    assert f"{res['summary'][0]['heldout_loss']:.3f}" in html
+    import html as h
+    g = res['runs'][0]['generation_greedy']
+    assert h.escape(g, quote=False).strip()[:20] in html
+
+def test_rerun_reuses_everything(smoke):
+    metrics = sorted(smoke.glob('runs/*/*/metrics.jsonl'))
+    before = {p: p.stat().st_mtime_ns for p in metrics}
+    res0 = json.loads((smoke / 'results.json').read_text())
+    papermill(smoke, '-p', 'epochs', 2)
+    assert {p: p.stat().st_mtime_ns for p in metrics} == before, 'a re-run with the same parameters must not train'
+    res1 = json.loads((smoke / 'results.json').read_text())
+    assert [r['eval_key'] for r in res1['runs']] == [r['eval_key'] for r in res0['runs']]
+    assert [r['heldout_loss'] for r in res1['runs']] == [r['heldout_loss'] for r in res0['runs']]
+
+def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
+    args = [*PAPERMILL, str(NB), str(tmp_path / 'out.ipynb'), '-p', 'preset', 'smoke', '-p', 'epochs', 2,
+            '-p', 'out_dir', str(tmp_path), '-p', 'paper', str(tmp_path / 'epochs.html')]
+    p = subprocess.Popen([str(a) for a in args], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    try:   # kill the whole process group (papermill and its kernel) once training has checkpointed
+        while not list(tmp_path.glob('runs/*/stable/*/meta.json')) and time.time() - t0 < 300 and p.poll() is None: time.sleep(0.2)
+        assert p.poll() is None, 'papermill finished before it could be killed'
+    finally: os.killpg(p.pid, signal.SIGKILL); p.wait()
+    assert not (tmp_path / 'results.json').exists()
+    papermill(tmp_path, '-p', 'epochs', 2)
+    a = json.loads((smoke / 'results.json').read_text())['runs']
+    b = json.loads((tmp_path / 'results.json').read_text())['runs']
+    assert [r['train_loss'] for r in b] == pytest.approx([r['train_loss'] for r in a], abs=1e-6)
+    assert [r['heldout_loss'] for r in b] == pytest.approx([r['heldout_loss'] for r in a], abs=1e-6)
+
+@pytest.mark.parametrize('name,value', [('epochs', 0), ('epochs', 'abc'), ('preset', 'fast'), ('corpus', 'c4'), ('seeds', 'x')])
+def test_bad_parameter_stops_the_first_cell(tmp_path, name, value):
+    params = {'epochs': 2, name: value}
+    args = [a for k, v in params.items() for a in ('-p', k, str(v))]
+    r = papermill(tmp_path, *args, check=False)
+    assert r.returncode != 0
+    nb = nbformat.read(tmp_path / 'out.ipynb', 4)
+    code = [c for c in nb.cells if c.cell_type == 'code']
+    failed = [i for i, c in enumerate(code) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
+    # cells: 0 parameters, 1 injected parameters, 2 validation
+    assert failed == [2], failed
+    err = next(o for o in code[2].outputs if o.output_type == 'error')
+    assert err.ename == 'ConfigError' and f'{name}=' in err.evalue, err.evalue
+    assert not (tmp_path / 'runs').exists()
