@@ -13,6 +13,7 @@ from supra.config import ModelConfig, TrainConfig, ConfigError
 from supra.train import (train, train_epochs, load_checkpoint, read_meta, save_checkpoint, make_optimizers,
                          CheckpointError, TrainingDiverged, jemalloc_path, with_jemalloc_env, lr_factor)
 
+torch.set_num_threads(1)   # tiny models gain nothing from more threads; spinning OpenMP workers crawl on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
 MCFG = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
 TCFG = TrainConfig(epochs=2, batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3)
@@ -106,7 +107,9 @@ def test_ddp_two_processes_match_one(pool_file, tmp_path):
     "torchrun, 2 CPU processes over gloo, each its own slice of every epoch, gives the 1-process losses at the same global batch."
     tcfg = TCFG.replace(epochs=1, batch_size=16, optimizer='muon')
     script = tmp_path / 'ddp_train.py'; script.write_text(DDP_SCRIPT)
-    args = [MCFG.to_json(), tcfg.to_json(), str(pool_file)]
+    pool = tmp_path / 'even.npy'   # 58 full batches of 16 windows: no ragged last batch, which 2 ranks would split unevenly
+    np.save(pool, np.load(pool_file)[:58 * 16 * 32 + 1])
+    args = [MCFG.to_json(), tcfg.to_json(), str(pool)]
     one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / 'one')], cwd=ROOT, env=_env(),
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -146,16 +149,26 @@ def test_muon_split_and_learning(pool_file, tmp_path):
     assert ls[-1]['loss'] < ls[0]['loss'] - 1.5
 
 
-def test_divergence_names_step_and_checkpoint(pool_file, tmp_path):
+def test_divergence_names_step_and_checkpoint(pool_file, tmp_path, monkeypatch):
     pool = np.load(pool_file)
     train(pool, MCFG, TCFG.replace(epochs=1), tmp_path / 'run', quiet=True)        # leaves a good checkpoint
-    bad = TCFG.replace(epochs=2, lr=1e6, grad_clip=None)
-    with pytest.raises(CheckpointError, match='different run'):                     # a changed config is refused...
-        train(pool, MCFG, bad, tmp_path / 'run', quiet=True)
-    with pytest.raises(TrainingDiverged) as e:
-        train(pool, MCFG, bad, tmp_path / 'fresh', quiet=True)
+    with pytest.raises(CheckpointError, match='different run'):                     # a changed config is refused
+        train(pool, MCFG, TCFG.replace(epochs=1, lr=1e6), tmp_path / 'run', quiet=True)
+    with pytest.raises(TrainingDiverged) as e:                                      # diverges at once: no checkpoint yet
+        train(pool, MCFG, TCFG.replace(lr=1e6, grad_clip=None), tmp_path / 'fresh', quiet=True)
     msg = str(e.value)
-    assert 'at step' in msg and 'last good checkpoint' in msg and 'lower the learning rate' in msg and 'grad_clip=None' in msg
+    assert 'at step ' in msg and 'none (no checkpoint' in msg and 'lower the learning rate' in msg and 'grad_clip=None' in msg
+    # a schedule that explodes after step 40, with checkpoints every step: the error names the last good one
+    import supra.train as st
+    real = st.lr_factor
+    monkeypatch.setattr(st, 'lr_factor', lambda step, *a, **k: 1e9 if step >= 40 else real(step, *a, **k))
+    with pytest.raises(TrainingDiverged) as e:
+        train(pool, MCFG, TCFG.replace(grad_clip=None, ckpt_every_s=1e-9), tmp_path / 'late', quiet=True)
+    msg = str(e.value)
+    assert 'at step 4' in msg and str(tmp_path / 'late' / 'last') in msg, msg
+    good = read_meta(tmp_path / 'late' / 'last')
+    assert 40 <= good['step'] < 50 and math.isfinite(good['loss'])
+    assert all(math.isfinite(r['loss']) for r in metrics(tmp_path / 'late'))     # nothing non-finite was logged
 
 
 def test_checkpoint_refuses_corruption(tmp_path):
@@ -211,6 +224,7 @@ def _data_ready():
 def test_cli_smoke_preset(tmp_path):
     "`python -m supra.train --preset smoke` on the real smoke pool; re-executes itself with jemalloc when installed."
     env = {k: v for k, v in os.environ.items() if k not in ('SUPRA_NO_JEMALLOC', 'LD_PRELOAD', 'SUPRA_JEMALLOC_REEXEC')}
+    env['OMP_NUM_THREADS'] = '1'
     r = subprocess.run([sys.executable, '-m', 'supra.train', '--preset', 'smoke', '--out_dir', str(tmp_path / 'cli'),
                         '--epochs', '1', '--device', 'cpu', '--quiet'], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]

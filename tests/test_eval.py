@@ -1,0 +1,169 @@
+"""Evaluation stage: parity of the `supra` lm-eval backend with lm-eval's stock `hf` backend on the exported model,
+held-out bits-per-byte, baselines, and clear errors. Needs the local task data (SUPRA_DATA, default ../shared/data)."""
+import json, math, os, tempfile
+from pathlib import Path
+
+import numpy as np, pytest, torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = Path(os.environ.get('SUPRA_DATA') or ROOT.parent / 'shared' / 'data').resolve()
+if not (DATA / 'blimp').is_dir(): pytest.skip(f"evaluation data not found at {DATA} (set SUPRA_DATA to shared/data)", allow_module_level=True)
+os.environ['SUPRA_DATA'] = str(DATA)
+os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
+
+import supra.eval as E
+from supra.config import ConfigError, EvalConfig, preset
+from supra.data import get_tokenizer, val_texts, count_bytes
+from supra.model import Transformer
+
+P = preset('smoke')
+
+
+@pytest.fixture(scope='module')
+def tok(): return get_tokenizer(P.data)
+
+
+def _train(model, tok, steps=150, seed=0):
+    "A few AdamW steps on the smoke corpus' held-out text, so that context helps (the test needs a model that uses it)."
+    ids = np.concatenate([[tok.token_to_id(E.EOS)] + tok.encode(d).ids for d in val_texts(P.data.replace(val_docs=8))])
+    g = torch.Generator().manual_seed(seed)
+    T = model.cfg.seq_len
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        i = torch.randint(0, len(ids) - T - 1, (16,), generator=g)
+        x = torch.stack([torch.from_numpy(ids[j:j + T + 1].astype(np.int64)) for j in i.tolist()])
+        _, loss = model(x[:, :-1], x[:, 1:])
+        opt.zero_grad(); loss.backward(); opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope='module')
+def model(tok):
+    torch.manual_seed(0)
+    return _train(Transformer(P.model.replace(vocab_size=tok.get_vocab_size())), tok)
+
+
+@pytest.fixture(scope='module')
+def hf_dir(model, tok, tmp_path_factory):
+    from supra.export import export_hf
+    d = tmp_path_factory.mktemp('hf')
+    export_hf(model, tok, d)
+    return d
+
+
+def test_registered():
+    from lm_eval.api.registry import get_model
+    assert get_model('supra') is E.SupraLM
+
+
+def test_tokenizers_agree(tok, hf_dir, model):
+    "The HF backend must tokenize exactly as Supra does, or parity means nothing."
+    hf = E.hf_lm(hf_dir, tok, model.cfg.seq_len)
+    for s in ["Who should Derek hug after shocking Richard?", " yes", "Question: Which gas?\nAnswer: oxygen", "naïve café — 3.5 km"]:
+        assert hf.tok_encode(s) == tok.encode(s, add_special_tokens=False).ids
+    assert hf.prefix_token_id == tok.token_to_id(E.EOS) == E.SupraLM(model, tok).prefix_token_id
+
+
+def test_loglikelihood_parity_requests(tok, hf_dir, model):
+    "Token-level parity on hand-made requests: empty context, shared contexts, and a request longer than the context window."
+    from lm_eval.api.instance import Instance
+    pairs = [("", "The cat sat on the mat."), ("Question: Is the sky blue?\nAnswer:", " no"), ("Question: Is the sky blue?\nAnswer:", " yes"),
+             ("Question: Is the sky blue?\nAnswer: ", "yes, it is"), ("word " * 80, "end of it"), ("A", "B" * 3)]
+    reqs = [Instance('loglikelihood', {}, p, i) for i, p in enumerate(pairs)]
+    ours = E.SupraLM(model, tok, batch_size=4).loglikelihood(reqs)
+    ref = E.hf_lm(hf_dir, tok, model.cfg.seq_len, batch_size=4).loglikelihood(reqs)
+    for (a, ga), (b, gb) in zip(ours, ref):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-3) and ga == gb
+    plain = E.SupraLM(model, tok, share_prefix=False).loglikelihood(reqs)
+    np.testing.assert_allclose([a for a, _ in plain], [a for a, _ in ours], rtol=1e-5, atol=1e-4)
+
+
+def test_task_parity_with_hf(tok, hf_dir, model):
+    "Same BLiMP/ARC/BoolQ accuracies and WikiText word perplexity from lm-eval's `hf` backend on the export and `supra` in memory."
+    tasks = ['blimp_adjunct_island', 'blimp_anaphor_gender_agreement', 'blimp_irregular_plural_subject_verb_agreement_1', 'arc_easy', 'boolq']
+    ours = E.evaluate(model, tok, tasks=tasks, limit=20)
+    ref = E.evaluate(E.hf_lm(hf_dir, tok, model.cfg.seq_len, batch_size=16), tasks=tasks, limit=20)
+    m = ours.merge(ref, on=['task', 'metric'], suffixes=('', '_hf'))
+    assert len(m) == len(ours) == len(ref) and len(m) >= 8
+    np.testing.assert_array_equal(m.value.to_numpy(), m.value_hf.to_numpy())
+    assert (m.n == 20).sum() >= 5
+    w = [E.evaluate(lm, tok, tasks=['wikitext'], limit=2).set_index('metric').value
+         for lm in (E.SupraLM(model, tok), E.hf_lm(hf_dir, tok, model.cfg.seq_len, batch_size=16))]
+    for k in ('word_perplexity', 'byte_perplexity', 'bits_per_byte'):
+        assert w[0][k] == pytest.approx(w[1][k], rel=1e-3)
+    assert 1 < w[0]['word_perplexity'] < 1e7
+
+
+def test_baselines(tok, model):
+    "Chance and majority come from the evaluated examples; BLiMP mean and field means are reported."
+    df = E.evaluate(model, tok, tasks=['boolq', 'arc_easy'], limit=30)
+    recs = lambda f: [json.loads(l) for l in open(DATA / f)][:30]
+    labels = np.array([r['label'] for r in recs('boolq/validation.jsonl')])
+    b = df.query("task == 'boolq'").iloc[0]
+    assert b.majority == pytest.approx(max(labels.mean(), 1 - labels.mean())) and b.chance == 0.5 and b.n == 30
+    arc = recs('arc_easy/test.jsonl')
+    a = df.query("task == 'arc_easy' and metric == 'acc'").iloc[0]
+    assert a.chance == pytest.approx(np.mean([1 / len(r['choices']['text']) for r in arc]))
+    pos = [r['choices']['label'].index(r['answerKey']) for r in arc]
+    assert a.majority == pytest.approx(np.bincount(pos).max() / 30)
+    assert 0 <= a.stderr < 0.2 and 'results' in df.attrs['lm_eval']
+
+
+def test_blimp_group(tok, model):
+    df = E.evaluate(model, tok, EvalConfig(tasks=('blimp',), limit=2))
+    para = df[df.task.str.startswith('blimp_')]
+    assert len(para) == 67 and (para.n == 2).all()
+    top = df.query("task == 'blimp'").iloc[0]
+    assert top.value == pytest.approx(para.value.mean()) and top.n == 134 and top.chance == 0.5 == top.majority
+    fields = df[df.task.str.startswith('blimp:')].set_index('task')
+    assert set(fields.index) == {'blimp:morphology', 'blimp:syntax', 'blimp:semantics', 'blimp:syntax_semantics'}
+    assert fields.n.sum() == 134
+
+
+def test_heldout_bpb(tok, model):
+    docs = val_texts(P.data)[:3]
+    wide = E.heldout_bpb(model, tok, docs, context=64, stride=64)
+    slid = E.heldout_bpb(model, tok, docs, context=64, stride=16)
+    assert wide['bytes'] == slid['bytes'] == sum(len(d.encode()) for d in docs)
+    assert wide['bytes'] == sum(count_bytes(tok, tok.encode(d).ids) for d in docs)
+    assert wide['tokens'] == slid['tokens'] == sum(len(tok.encode(d).ids) for d in docs)
+    assert slid['loss'] <= wide['loss'] + 1e-6, (slid, wide)
+    assert slid['loss'] < math.log(tok.get_vocab_size())          # the trained model beats uniform
+    assert wide['bpb'] == pytest.approx(wide['loss'] * wide['tokens'] / math.log(2) / wide['bytes'])
+    assert wide['ppl'] == pytest.approx(math.exp(wide['loss']))
+    # brute force: every token once, each with all of its (<= 64) previous tokens of the document as context
+    eos = tok.token_to_id(E.EOS)
+    ids = [eos] + tok.encode(docs[0]).ids
+    nll = 0.0
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            x = torch.tensor([ids[max(0, t - 64):t]])
+            nll -= torch.log_softmax(model(x)[0][0, -1], -1)[ids[t]].item()
+    assert E.heldout_bpb(model, tok, docs[:1], context=64, stride=1)['loss'] == pytest.approx(nll / (len(ids) - 1), rel=1e-4)
+
+
+def test_bad_input(tok, model, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"tasks='hellaswag' is invalid.*blimp.*arc_easy"): E.evaluate(model, tok, tasks=['hellaswag'])
+    (tmp_path / 'arc_easy').mkdir()
+    monkeypatch.setenv('SUPRA_DATA', str(tmp_path))
+    with pytest.raises(E.TaskDataError, match=r"boolq.*boolq/validation\.jsonl.*SUPRA_DATA"): E.evaluate(model, tok, tasks=['boolq'])
+    with pytest.raises(E.TaskDataError, match=r"arc_easy/test\.jsonl"): E.evaluate(model, tok, tasks=['arc_easy'])
+    with pytest.raises(ConfigError, match='context=500'): E.heldout_bpb(model, tok, ['some text'], context=500)
+    with pytest.raises(ConfigError, match='tokenizer'):
+        E.SupraLM(Transformer(P.model.replace(vocab_size=300)), tok)   # tokenizer has more tokens than the model
+
+
+def test_checkpoint(tok, model, tmp_path):
+    train = pytest.importorskip('supra.train', reason='supra.train (checkpoints) not available')
+    ck = tmp_path / 'ck'
+    train.save_checkpoint(ck, model)
+    lm = E.SupraLM(checkpoint=str(ck), tokenizer=tok)
+    from lm_eval.api.instance import Instance
+    r = [Instance('loglikelihood', {}, ("The", " cat"), 0)]
+    assert lm.loglikelihood(r)[0][0] == pytest.approx(E.SupraLM(model, tok).loglikelihood(r)[0][0], rel=1e-5)
+    with pytest.raises(FileNotFoundError, match='tokenizer'): E.SupraLM(checkpoint=str(ck))        # no tokenizer.json beside it
+    with pytest.raises(FileNotFoundError, match='nowhere'): E.SupraLM(checkpoint=str(tmp_path / 'nowhere'), tokenizer=tok)
+    mf = next(ck.glob('model-*.safetensors'))
+    mf.write_bytes(mf.read_bytes()[:100])                                                         # corrupted
+    with pytest.raises(ValueError, match=str(ck)): E.SupraLM(checkpoint=str(ck), tokenizer=tok)
