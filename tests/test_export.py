@@ -8,7 +8,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig, GenerationConfig
 from supra.config import ModelConfig, ConfigError
 from supra.model import Transformer, EOS_TOKEN
-from supra.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS, BOS_TOKEN
+from supra.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
 
 transformers.utils.logging.disable_progress_bar()
 TOL = 1e-4
@@ -19,7 +19,7 @@ def tok():
     t = Tokenizer(models.BPE())
     t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
     t.train_from_iterator(["Tiny language models learn the structure of text, one token at a time. " * 40],
-                          trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS_TOKEN, BOS_TOKEN],
+                          trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS_TOKEN, '<|bos|>'],
                                               initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return t
 
@@ -108,15 +108,15 @@ def test_folder_contents_and_tokenizer(tok, tmp_path):
     assert c['max_position_embeddings'] == 128 and c['tie_word_embeddings'] is True
     conf = AutoConfig.from_pretrained(out)
     assert conf.rope_parameters['rope_theta'] == 20000.0 and conf.num_key_value_heads == 2
-    eos, bos = tok.token_to_id(EOS_TOKEN), tok.token_to_id(BOS_TOKEN)
+    eos = tok.token_to_id(EOS_TOKEN)   # documents start after <|endoftext|>: it is BOS, EOS and padding
     gc = GenerationConfig.from_pretrained(out)
-    assert (gc.eos_token_id, gc.bos_token_id, gc.pad_token_id) == (eos, bos, eos)
+    assert (gc.eos_token_id, gc.bos_token_id, gc.pad_token_id) == (eos, eos, eos) == (c['bos_token_id'], c['eos_token_id'], c['pad_token_id'])
     hft = AutoTokenizer.from_pretrained(out)
     assert json.loads((out / 'tokenizer_config.json').read_text())['tokenizer_class'] == 'PreTrainedTokenizerFast'
     for s in ["Tiny models learn text.", "naïve café — ünïcödé 🙂", ""]:
         assert hft(s)['input_ids'] == tok.encode(s).ids
         assert hft.decode(tok.encode(s).ids) == s
-    assert (hft.eos_token, hft.bos_token, hft.pad_token) == (EOS_TOKEN, BOS_TOKEN, EOS_TOKEN)
+    assert (hft.eos_token, hft.bos_token, hft.pad_token) == (EOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
     assert hft.model_max_length == 128
 
 

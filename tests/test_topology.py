@@ -75,6 +75,7 @@ def test_results_complete_and_finite(smoke):
             assert abs(s['mean'] - sum(runs[(x, sd)][m] for sd in seeds) / len(seeds)) < 1e-9
     assert {(c['metric'], c['a'], c['b']) for c in res['comparisons']} >= {('wikitext_word_ppl', 'deep-narrow', 'balanced')}
     assert all(c['verdict'] in ('resolved', 'within noise') for c in res['comparisons'])
+    assert all(_finite(v) and v > 0 for v in res['compute'].values()), res['compute']
 
 def test_paper(smoke):
     page, res = smoke['page'], smoke['results']
@@ -102,7 +103,7 @@ def test_rerun_is_cached(smoke):
 
 @pytest.mark.parametrize('param,value', [('seeds', 'abc'), ('preset', 'fast'), ('storage', 'redis://localhost/0'), ('n_trials', 0)])
 def test_bad_parameter_fails_first(tmp_path, param, value):
-    params = dict(preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', **{param: value})
+    params = {**dict(preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html'), param: value}
     r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', **params)
     assert r.returncode != 0
     nb = json.loads((tmp_path / 'bad.ipynb').read_text())
