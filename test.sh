@@ -8,6 +8,8 @@ cd "$(dirname "$0")"
 if [ -z "${SUPRA_DATA:-}" ] && [ -d ../shared/data ]; then export SUPRA_DATA=$(cd ../shared/data && pwd); fi
 export SUPRA_CACHE=${SUPRA_CACHE:-$(pwd)/outputs/test-cache}
 export PATH="$(pwd)/.venv/bin:$PATH"
+# several test processes share the cores: idle OpenMP workers must sleep, not spin
+export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 echo "== lesson cells (nbdev-test) — SUPRA_DATA=${SUPRA_DATA:-<hub>}"
 nbdev-test --n-workers 2 --file-re '^\d' --timing
 echo "== integration tests (pytest)"
