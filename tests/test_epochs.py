@@ -11,7 +11,7 @@ pytestmark = pytest.mark.skipif(not os.environ.get('SUPRA_DATA'), reason='needs 
 
 def papermill(out_dir, *params, check=True, **kw):
     args = [*PAPERMILL, str(NB), str(out_dir / 'out.ipynb'), '-p', 'preset', 'smoke', '-p', 'out_dir', str(out_dir),
-            '-p', 'paper', str(out_dir / 'epochs.html'), *params]
+            '-p', 'paper', str(out_dir / 'epochs.html'), *map(str, params)]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
 
 @pytest.fixture(scope='module')
