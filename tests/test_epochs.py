@@ -93,3 +93,21 @@ def test_bad_parameter_stops_the_first_cell(tmp_path, name, value):
     err = next(o for o in code[2].outputs if o.output_type == 'error')
     assert err.ename == 'ConfigError' and f'{name}=' in err.evalue, err.evalue
     assert not (tmp_path / 'runs').exists()
+
+def test_smoke_paper_renders_in_chromium_offline(smoke):
+    "The experiment's own paper, in a real browser: tables and every chart render, and nothing is fetched."
+    try: from tests.browser import Page, foreign_requests
+    except ImportError:
+        sys.path.insert(0, str(Path(__file__).parent)); from browser import Page, foreign_requests
+    res = json.loads((smoke / 'results.json').read_text())
+    with Page(width=1200) as page:
+        page.goto((smoke / 'epochs.html').as_uri())
+        rows = page.eval('[...document.querySelectorAll("table")].map(t => t.rows.length)')
+        assert rows and max(rows) >= 1 + 9 + 1, rows            # header, the metric rows, the status row
+        cols = page.eval('document.querySelector("table").rows[0].cells.length')
+        assert cols == 1 + len(res['summary']) + 2, cols        # metric, one per epoch count, chance, majority
+        imgs = page.eval('[...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])')
+        assert len(imgs) >= 3 and all(c and w > 100 and bw > 100 for c, w, bw in imgs), imgs
+        text = page.eval('document.body.innerText')
+        assert 'wikipedia-en' in text and f"{res['summary'][-1]['heldout_loss']:.3f}" in text
+    assert foreign_requests(page.requests) == [], page.requests
