@@ -440,4 +440,5 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'supra.train.train': ('train.html#train', 'supra/train.py'),
                              'supra.train.train_epochs': ('train.html#train_epochs', 'supra/train.py'),
                              'supra.train.train_flops_per_token': ('train.html#train_flops_per_token', 'supra/train.py'),
-                             'supra.train.with_jemalloc_env': ('train.html#with_jemalloc_env', 'supra/train.py')}}}
+                             'supra.train.with_jemalloc_env': ('train.html#with_jemalloc_env', 'supra/train.py'),
+                             'supra.train.wsd_branch_plan': ('train.html#wsd_branch_plan', 'supra/train.py')}}}
