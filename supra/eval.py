@@ -20,9 +20,9 @@ from tokenizers import Tokenizer
 from .config import (ConfigError, EvalConfig, TASKS, cache_dir, check, check_int, env_path, stable_hash)
 
 # %% auto #0
-__all__ = ['EOS', 'score_rows', 'load_model', 'SupraLM', 'blimp_paradigms', 'allowed_tasks', 'expand_tasks', 'TaskDataError',
-           'check_task_data', 'task_dir', 'task_manager', 'tidy_results', 'evaluate', 'heldout_bpb', 'hf_lm',
-           'bench_eval']
+__all__ = ['EOS', 'pack_rows', 'tree_mask', 'score_rows', 'load_model', 'SupraLM', 'blimp_paradigms', 'allowed_tasks',
+           'expand_tasks', 'TaskDataError', 'check_task_data', 'task_dir', 'task_manager', 'tidy_results', 'evaluate',
+           'heldout_bpb', 'hf_lm', 'bench_eval']
 
 # %% ../nbs/04_eval.ipynb #3b19b749
 EOS = '<|endoftext|>'   # = supra.data.EOS: the document separator of every token pool
@@ -34,14 +34,33 @@ def _eos_id(tokenizer) -> int:
     return i
 
 # %% ../nbs/04_eval.ipynb #c9f7f949
-def _batches(order, cost, budget:int, max_rows:int|None=None):
-    "Greedy packing of items (sorted most expensive first) into batches of at most `budget` padded tokens."
-    i = 0
-    while i < len(order):
-        n = max(1, budget // max(cost(order[i]), 1))
-        if max_rows: n = min(n, max_rows)
-        yield order[i:i + n]
-        i += n
+def pack_rows(rows:list, cap:int) -> tuple[list, list]:
+    """Lay out token `rows` as prefix trees in packs of at most `cap` tokens (`cap` >= the longest row). Returns `(packs,
+    nodes)`: a pack is `(tokens, positions, parents)` (parent -1 = a root), `nodes[r] = (pack, [node of each position of row r])`."""
+    assert rows and all(rows) and cap >= max(map(len, rows)), "empty row, or a row longer than cap"
+    packs, nodes, prev = [], [None] * len(rows), None
+    for r in sorted(range(len(rows)), key=lambda r: rows[r]):         # lexicographic: neighbours share the most
+        row, l = rows[r], 0
+        if prev is not None:
+            pr = rows[prev]
+            while l < min(len(row), len(pr)) and row[l] == pr[l]: l += 1
+            l = min(l, len(row) - 1)                                    # a row equal to the previous: its last token is new
+        if prev is None or len(packs[-1][0]) + len(row) - l > cap: packs.append(([], [], [])); l = 0
+        tok, pos, par = packs[-1]
+        ids = nodes[prev][1][:l] if l else []
+        for p in range(l, len(row)):
+            tok.append(row[p]); pos.append(p); par.append(ids[-1] if ids else -1); ids.append(len(tok) - 1)
+        nodes[r], prev = (len(packs) - 1, ids), r
+    return packs, nodes
+
+def tree_mask(parents:list, T:int) -> np.ndarray:
+    "(T, T) boolean attention mask of a pack: each token sees its ancestors and itself; padding (past `len(parents)`) sees itself."
+    m = np.zeros((T, T), bool)
+    for i, p in enumerate(parents):
+        if p >= 0: m[i] = m[p]
+        m[i, i] = True
+    m[np.arange(len(parents), T), np.arange(len(parents), T)] = True
+    return m
 
 def _autocast(device):
     return torch.autocast('cuda', dtype=torch.bfloat16) if device.type == 'cuda' else torch.autocast('cpu', enabled=False)
@@ -50,51 +69,45 @@ def _to(x:np.ndarray, device):
     t = torch.from_numpy(x)
     return (t.pin_memory() if device.type == 'cuda' else t).to(device, non_blocking=True)
 
-class _Acc:
-    "Per-job sums of target log-probabilities and greedy hits, accumulated on the device."
-    def __init__(self, jobs, device):
-        self.lp = torch.zeros(len(jobs), dtype=torch.float64, device=device)
-        self.hit = torch.zeros(len(jobs), dtype=torch.long, device=device)
-        self.need = np.array([len(t) for _, _, t in jobs])
-        self.device = device
-    def add(self, logits, flat:list, tgt:list, job:list):   # logits (B, T, V); flat indexes B*T
-        if not flat: return
-        d = self.device
-        sel = logits.reshape(-1, logits.size(-1))[torch.tensor(flat, device=d)].float()   # (N, V) scored positions only
-        tg, job = torch.tensor(tgt, device=d), torch.tensor(job, device=d)
-        lp = sel.gather(1, tg[:, None]).squeeze(1) - torch.logsumexp(sel, -1)              # (N,)
-        self.lp.index_add_(0, job, lp.double())
-        self.hit.index_add_(0, job, (sel.argmax(-1) == tg).long())
-    def result(self): return self.lp.cpu().numpy(), self.hit.cpu().numpy() == self.need
-
-def _forward(model, x, device, **kw):
-    with _autocast(device): return model(_to(x, device), **kw)[0]
-
 # %% ../nbs/04_eval.ipynb #8e2145f6
 @torch.inference_mode()
-def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, max_rows:int|None=None, pad_id:int=0):
+def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, cap:int|None=None, pad_id:int=0):
     """Log-probabilities of target tokens. `rows`: token lists fed to the model; `jobs`: `(row, p0, targets)` —
     `targets[k]` is predicted at position `p0 + k` of row `row`. Returns `(logprob sums (float64), all-greedy flags)` per job."""
     device = next(model.parameters()).device
     rows = [tuple(r) for r in rows]
-    assert all(rows), "empty row"
-    by_row = [[] for _ in rows]
+    assert rows and all(rows), "empty row"
     for j, (r, p0, t) in enumerate(jobs):
         assert len(t) > 0 and 0 <= p0 and p0 + len(t) <= len(rows[r]), f"job {j} does not fit row {r}"
-        by_row[r].append(j)
-    acc = _Acc(jobs, device)
-    order = sorted(range(len(rows)), key=lambda r: -len(rows[r]))              # longest first: least padding
-    for batch in _batches(order, lambda r: len(rows[r]), batch_tokens, max_rows):
-        T = len(rows[batch[0]])
-        x = np.full((len(batch), T), pad_id, np.int64)                          # right-padded (B, T)
-        flat, tgt, job = [], [], []
-        for i, r in enumerate(batch):
-            x[i, :len(rows[r])] = rows[r]
-            for j in by_row[r]:
-                _, p0, t = jobs[j]
-                flat += range(i * T + p0, i * T + p0 + len(t)); tgt += t; job += [j] * len(t)
-        acc.add(_forward(model, x, device), flat, tgt, job)
-    return acc.result()
+    packs, nodes = pack_rows(rows, max(cap or 128, max(map(len, rows))))
+    pk, nd, tg, jb = [], [], [], []                                     # per scored token: pack, node, target, job
+    for j, (r, p0, t) in enumerate(jobs):
+        k, ids = nodes[r]
+        pk += [k] * len(t); nd += ids[p0:p0 + len(t)]; tg += t; jb += [j] * len(t)
+    pk, nd, tg, jb = map(np.asarray, (pk, nd, tg, jb))
+    lp = torch.zeros(len(jobs), dtype=torch.float64, device=device)
+    hit = torch.zeros(len(jobs), dtype=torch.long, device=device)
+    order = sorted(range(len(packs)), key=lambda k: -len(packs[k][0]))  # longest first: least padding
+    slot = np.empty(len(packs), np.int64)                               # pack -> row of its batch
+    i = 0
+    while i < len(order):
+        T = len(packs[order[i]][0])
+        batch = order[i:i + max(1, batch_tokens // T)]; i += len(batch)
+        x, pos = np.full((len(batch), T), pad_id, np.int64), np.zeros((len(batch), T), np.int64)
+        mask = np.empty((len(batch), 1, T, T), bool)
+        for b, k in enumerate(batch):
+            tok, p, par = packs[k]
+            x[b, :len(tok)], pos[b, :len(tok)], mask[b, 0] = tok, p, tree_mask(par, T)
+            slot[k] = b
+        sel = np.flatnonzero(np.isin(pk, batch))                        # scored tokens that live in this batch
+        if not len(sel): continue
+        with _autocast(device):
+            h = model.body(_to(x, device), pos=_to(pos, device), mask=_to(mask, device))     # (B, T, d)
+            z = model.logits(h[_to(slot[pk[sel]], device), _to(nd[sel], device)])           # (N, V) fp32
+        t, j = _to(tg[sel], device), _to(jb[sel], device)
+        lp.index_add_(0, j, (z.gather(1, t[:, None]).squeeze(1) - torch.logsumexp(z, -1)).double())
+        hit.index_add_(0, j, (z.argmax(-1) == t).long())
+    return lp.cpu().numpy(), hit.cpu().numpy() == np.array([len(t) for _, _, t in jobs])
 
 # %% ../nbs/04_eval.ipynb #1a47ecba
 def _as_tokenizer(tokenizer) -> Tokenizer:

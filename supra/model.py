@@ -40,10 +40,11 @@ class Rotary(nn.Module):
         self.register_buffer('cos', freqs.cos()[:, None, :], persistent=False)             # (S, 1, rot/2)
         self.register_buffer('sin', freqs.sin()[:, None, :], persistent=False)
 
-    def forward(self, x, start:int=0):  # x: (B, T, nh, hd) at positions start..start+T-1
+    def forward(self, x, start:int=0, pos=None):  # x: (B, T, nh, hd) at positions start..start+T-1, or at `pos` (B, T)
         if self.rot == 0: return x
         T, h = x.size(1), self.rot // 2
-        cos, sin = self.cos[start:start+T].to(x.dtype), self.sin[start:start+T].to(x.dtype)  # (T, 1, rot/2)
+        cs, sn = (self.cos[start:start+T], self.sin[start:start+T]) if pos is None else (self.cos[pos], self.sin[pos])
+        cos, sin = cs.to(x.dtype), sn.to(x.dtype)                               # (T, 1, rot/2) or (B, T, 1, rot/2)
         x1, x2 = x[..., :h], x[..., h:self.rot]                                 # the two halves of each pair
         out = [x1 * cos - x2 * sin, x2 * cos + x1 * sin]
         if self.rot < x.size(-1): out.append(x[..., self.rot:])                 # partial RoPE: pass the rest
@@ -63,14 +64,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         self.resid_drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
 
-    def forward(self, x, cache:KVCache|None=None, start:int=0):  # x: (B, T, d)
+    def forward(self, x, cache:KVCache|None=None, start:int=0, pos=None, mask=None):  # x: (B, T, d)
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, self.nh + 2 * self.nkv, self.hd)        # (B, T, nh + 2·nkv, hd)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)               # (B, T, nh|nkv, hd) views
         if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, start), self.rotary(k, start)
+        q, k = self.rotary(q, start, pos), self.rotary(k, start, pos)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # (B, nh|nkv, T, hd)
-        mask, causal = None, True
+        causal = mask is None                                                   # mask (B, 1, T, T), True = may attend
         if cache is not None:
             k, v = cache.update(self.layer, k, v, start)                        # (B, nkv, start+T, hd)
             if start > 0:   # queries at start..start+T-1 see every cached key up to their own position
@@ -107,8 +108,8 @@ class Block(nn.Module):
         self.norm1, self.attn = make_norm(cfg, cfg.d_model), CausalSelfAttention(cfg, layer)
         self.norm2, self.mlp = make_norm(cfg, cfg.d_model), MLP(cfg)
 
-    def forward(self, x, cache:KVCache|None=None, start:int=0):  # (B, T, d) -> (B, T, d)
-        x = x + self.attn(self.norm1(x), cache, start)
+    def forward(self, x, cache:KVCache|None=None, start:int=0, pos=None, mask=None):  # (B, T, d) -> (B, T, d)
+        x = x + self.attn(self.norm1(x), cache, start, pos, mask)
         return x + self.mlp(self.norm2(x))
 
 # %% ../nbs/02_model.ipynb #97a43504
@@ -143,22 +144,32 @@ class Transformer(nn.Module):
     @property
     def head_weight(self): return self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
 
-    def forward(self, idx, targets=None, cache:KVCache|None=None, return_logits:bool=True):
-        "idx (B, T) token ids -> (logits (B, T, V) fp32, mean cross-entropy against `targets` or None)."
+    def body(self, idx, cache:KVCache|None=None, pos=None, mask=None):
+        """idx (B, T) token ids -> final hidden states (B, T, d), normed, before the head. By default position t is
+        token t and attends to 0..t; `pos` (B, T) and `mask` (B, 1, T, T) give other positions and attention patterns."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
-        if start + T > self.cfg.seq_len:
+        if start + T > self.cfg.seq_len and pos is None:
             raise ConfigError('idx', f'{T} tokens at position {start}', f'at most seq_len={self.cfg.seq_len} positions (crop the context)')
         x = self.wte(idx)                                                       # (B, T, d) or (B, T, r)
         if self.emb_proj is not None: x = self.emb_proj(x)                      # (B, T, d)
         x = self.drop(x)
-        for block in self.blocks: x = block(x, cache, start)                    # (B, T, d)
-        x = self.norm_f(x)
+        for block in self.blocks: x = block(x, cache, start, pos, mask)         # (B, T, d)
         if cache is not None: cache.pos += T
+        return self.norm_f(x)
+
+    def logits(self, x):
+        "Hidden states (..., d) -> fp32 logits (..., V), softcapped when the config says so."
+        logits = F.linear(x, self.head_weight).float()
+        return self.cfg.softcap * torch.tanh(logits / self.cfg.softcap) if self.cfg.softcap else logits
+
+    def forward(self, idx, targets=None, cache:KVCache|None=None, return_logits:bool=True):
+        "idx (B, T) token ids -> (logits (B, T, V) fp32, mean cross-entropy against `targets` or None)."
+        B, T = idx.shape
+        x = self.body(idx, cache)                                               # (B, T, d)
         if targets is not None and not return_logits:                           # training: loss only (below)
             return None, chunked_cross_entropy(x.reshape(B * T, -1), self.head_weight, targets.reshape(-1), self.cfg.softcap)
-        logits = F.linear(x, self.head_weight).float()                          # (B, T, V)
-        if self.cfg.softcap: logits = self.cfg.softcap * torch.tanh(logits / self.cfg.softcap)
+        logits = self.logits(x)                                                 # (B, T, V)
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
 
