@@ -176,3 +176,24 @@ def test_checkpoint(tok, model, tmp_path):
     mf = next(ck.glob('model-*.safetensors'))
     mf.write_bytes(mf.read_bytes()[:100])                                                         # corrupted
     with pytest.raises(ValueError, match=str(ck)): E.SupraLM(checkpoint=str(ck), tokenizer=tok)
+
+
+def test_prefix_tree_scoring_matches_unpacked(model):
+    "Rows with shared prefixes, duplicates and rows that are prefixes of others score as if each were fed alone."
+    g = torch.Generator().manual_seed(0)
+    V = model.cfg.vocab_size
+    stem = torch.randint(0, V, (20,), generator=g).tolist()
+    rows = [stem[:k] + torch.randint(0, V, (n,), generator=g).tolist() for k, n in [(0, 9), (5, 7), (12, 3), (20, 1), (8, 8)]]
+    rows += [rows[1], stem[:6], stem]                                  # an exact duplicate, prefixes of other rows
+    jobs = [(r, p0, rows[r][p0 + 1:]) for r in range(len(rows)) for p0 in {0, len(rows[r]) // 2} if p0 + 1 < len(rows[r])]
+    with torch.no_grad():
+        def alone(r, p0, t):
+            lps = torch.log_softmax(model(torch.tensor([rows[r]]))[0][0], -1)
+            return sum(lps[p0 + k, x].item() for k, x in enumerate(t)), all(lps[p0 + k].argmax().item() == x for k, x in enumerate(t))
+        ref = [alone(*j) for j in jobs]
+    packs, nodes = E.pack_rows(rows, cap=64)
+    assert sum(len(p[0]) for p in packs) < sum(map(len, rows))         # the shared prefixes were stored once
+    for cap, bt in [(None, 4096), (1, 16), (30, 64)]:                 # one tree, one row per pack, several packs/batches
+        lp, ok = E.score_rows(model, rows, jobs, batch_tokens=bt, cap=cap, head_chunk=3)
+        np.testing.assert_allclose(lp, [a for a, _ in ref], rtol=0, atol=1e-4)
+        assert list(ok) == [b for _, b in ref]
