@@ -191,11 +191,12 @@ class _ChunkedCE(torch.autograd.Function):
                 xc, tc, sc = xc_all[i:i+chunk], tgt[i:i+chunk], scale[i:i+chunk, None]
                 z = (xc @ wc.t()).to(acc)                                       # (c, V) logits
                 if softcap: t = torch.tanh(z / softcap); z = softcap * t
-                lse = torch.logsumexp(z, -1, keepdim=True)                      # (c, 1)
-                loss += ((lse - z.gather(1, tc)) * sc).sum()
-                g = z.sub_(lse).exp_()                                          # softmax, in place
-                g.scatter_add_(1, tc, -torch.ones_like(lse))                   # minus one-hot
-                g.mul_(sc)
+                m, zt = z.amax(-1, keepdim=True), z.gather(1, tc)               # (c, 1) each
+                g = z.sub_(m).exp_()                                            # exp(z - max), in place: one exp pass
+                s = g.sum(-1, keepdim=True)                                     # (c, 1); log-sum-exp = m + log s
+                loss += ((s.log() + m - zt) * sc).sum()
+                g.mul_(sc / s)                                                  # softmax, scaled by d loss / d row-loss
+                g.scatter_add_(1, tc, -sc)                                      # minus the (scaled) one-hot
                 if softcap: g.mul_(1 - t * t)                                   # through c·tanh(z/c)
                 g = g.to(dt)
                 if dt == acc:                                                   # fp32: write in place, no temporaries
