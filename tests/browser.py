@@ -8,7 +8,7 @@ over the Chrome DevTools Protocol (CDP) to evaluate JavaScript and record every 
         page.requests                         # URLs the page asked for (Network.requestWillBeSent)
 """
 from __future__ import annotations
-import json, os, shutil, subprocess, tempfile, time, urllib.request
+import json, os, shutil, signal, subprocess, tempfile, time, urllib.request
 from pathlib import Path
 
 CANDIDATES = ('/usr/bin/chromium', '/usr/bin/chromium-browser', '/usr/bin/google-chrome', '/usr/bin/google-chrome-stable')
@@ -45,7 +45,8 @@ def require_chromium() -> str:
 
 
 def _run(args, timeout=60):
-    with tempfile.TemporaryDirectory(prefix='supra-chrome-') as prof:
+    # Chromium's helper processes can outlive the browser for a moment and still write into the profile
+    with tempfile.TemporaryDirectory(prefix='supra-chrome-', ignore_cleanup_errors=True) as prof:
         r = subprocess.run([require_chromium(), *FLAGS, f'--user-data-dir={prof}', *args], capture_output=True, timeout=timeout)
     return r
 
@@ -77,10 +78,10 @@ class Page:
     def __enter__(self):
         import websocket
         exe = require_chromium()
-        self._prof = tempfile.TemporaryDirectory(prefix='supra-cdp-')
+        self._prof = tempfile.TemporaryDirectory(prefix='supra-cdp-', ignore_cleanup_errors=True)
         self.proc = subprocess.Popen([exe, *FLAGS, f'--user-data-dir={self._prof.name}', '--remote-debugging-port=0',
                                       '--remote-allow-origins=*', f'--window-size={self.width},{self.height}', 'about:blank'],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         port_file = Path(self._prof.name) / 'DevToolsActivePort'
         t0 = time.monotonic()
         while not (port_file.exists() and port_file.read_text().strip()):
@@ -105,6 +106,8 @@ class Page:
             self.proc.terminate()
             try: self.proc.wait(10)
             except subprocess.TimeoutExpired: self.proc.kill(); self.proc.wait()
+            try: os.killpg(self.proc.pid, signal.SIGKILL)   # helper processes (renderer, GPU, crashpad) of the session
+            except (ProcessLookupError, PermissionError): pass
         self._prof.cleanup()
 
     def _recv(self, timeout):
