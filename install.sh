@@ -28,6 +28,7 @@ extra=""; [ $DEV = 1 ] && extra="[dev]"
 # with jemalloc preloaded where present. Registered inside the venv (--sys-prefix) so that it
 # never points at another checkout.
 JE=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2/{print $NF; exit}')
-envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE")
+# (MALLOC_CONF: jemalloc keeps freed pages instead of faulting them back in every step; see nbs/03_train.ipynb)
+envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE" --env MALLOC_CONF "dirty_decay_ms:-1,muzzy_decay_ms:-1")
 .venv/bin/python -m ipykernel install --sys-prefix --name supra --display-name "Python 3 (supra)" "${envargs[@]}" >/dev/null
 echo "install.sh: ok — kernel 'supra' -> $(pwd)/.venv/bin/python${JE:+ (jemalloc: $JE)}"

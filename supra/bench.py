@@ -29,4 +29,7 @@ def main(argv=None):
     return getattr(importlib.import_module(mod), fn)(**kw)
 
 # %% ../nbs/09_bench.ipynb #4240ff40
-if __name__ == '__main__' and '__file__' in globals(): main()  # run as a script, not in a notebook
+if __name__ == '__main__' and '__file__' in globals():   # run as a script, not in a notebook
+    from supra.train import reexec_with_jemalloc
+    reexec_with_jemalloc()
+    main()

@@ -50,7 +50,10 @@ class Config:
     def __post_init__(self): self.validate()
     def validate(self): pass
 
+    _not_in_key: ClassVar[tuple] = ()   # fields that change how a product is computed, not what it is
+
     def to_dict(self) -> dict: return asdict(self)
+    def key_dict(self) -> dict: return {k: v for k, v in self.to_dict().items() if k not in self._not_in_key}
     def to_json(self, **kw) -> str: return json.dumps(self.to_dict(), sort_keys=True, **kw)
 
     @classmethod
@@ -62,7 +65,7 @@ class Config:
 
     def key(self, n:int=16) -> str:
         "Stable content hash: the cache key of whatever this config produces."
-        return stable_hash(self.to_dict(), n)
+        return stable_hash(self.key_dict(), n)
 
     def replace(self, **kw): return dataclasses.replace(self, **kw)
 
@@ -163,6 +166,7 @@ OPTIMIZERS, SCHEDULES, DEVICES = ('adamw', 'muon'), ('cosine', 'linear', 'wsd'),
 @dataclass(frozen=True)
 class TrainConfig(Config):
     "How a model is trained on a token pool."
+    _not_in_key: ClassVar[tuple] = ('compile', 'ckpt_every_s', 'log_every')   # speed and bookkeeping only
     epochs: int = 1
     tokens: int | None = None      # a token budget instead of whole epochs
     batch_size: int = 32           # sequences per optimiser step (global, across ranks and accumulation)
@@ -181,7 +185,7 @@ class TrainConfig(Config):
     ema: float | None = None       # weight EMA decay, e.g. 0.997
     seed: int = 0
     device: str = 'auto'
-    compile: bool = False
+    compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (on CUDA; on CPU for runs long enough to repay it)
     ckpt_every_s: float = 300.0    # also checkpoint at every epoch end
     log_every: int = 1
 
@@ -206,9 +210,11 @@ class TrainConfig(Config):
         if self.ema is not None: check_num('ema', self.ema, lo=0, hi=1, lo_open=True)
         check_int('seed', self.seed, lo=0)
         check_choice('device', self.device, DEVICES)
-        check(isinstance(self.compile, bool), 'compile', self.compile, 'True or False')
+        check(self.compile is True or self.compile is False or self.compile == 'auto', 'compile', self.compile, "True, False or 'auto'")
         check_num('ckpt_every_s', self.ckpt_every_s, lo=0, lo_open=True)
         check_int('log_every', self.log_every, lo=1)
+
+
 
 # %% ../nbs/00_config.ipynb #23a1e31d
 TASKS = ('blimp', 'arc_easy', 'boolq', 'wikitext')

@@ -128,7 +128,7 @@ def epochs_configs(params:dict) -> Preset:
 
 def run_dir(out_dir, pool, model_cfg, train_cfg) -> Path:
     "A run's directory, named by seed and by the hash of everything that determines it."
-    key = stable_hash(dict(pool=pool.key, model=model_cfg.to_dict(), train=train_cfg.to_dict()))
+    key = stable_hash(dict(pool=pool.key, model=model_cfg.to_dict(), train=train_cfg.key_dict()))
     return Path(out_dir) / 'runs' / f'seed{train_cfg.seed}-{key[:12]}'
 
 def _in_notebook() -> bool:

@@ -383,7 +383,7 @@ def proxy_tokens(plan:TopologyPlan) -> int:
 def study_name(plan:TopologyPlan, topology:str, pool_key:str) -> str:
     "The Optuna study of one topology's LR search: named by everything that determines its objective."
     ev = plan.eval
-    key = stable_hash(dict(pool=pool_key, model=plan.models[topology].to_dict(), train=plan.train.replace(seed=plan.seeds[0]).to_dict(),
+    key = stable_hash(dict(pool=pool_key, model=plan.models[topology].to_dict(), train=plan.train.replace(seed=plan.seeds[0]).key_dict(),
                            proxy_tokens=proxy_tokens(plan), lr=(plan.lr_lo, plan.lr_hi), bpb=(ev.bpb_context, ev.bpb_stride, ev.bpb_docs),
                            val_docs=plan.data.val_docs, code=code_key()))
     return f'topology-lr-{topology}-{key}'
@@ -394,7 +394,7 @@ def code_key() -> str:
     return getattr(supra, '__version__', '0')
 
 def _run_dir(kind:str, pool_key:str, mcfg:ModelConfig, tcfg:TrainConfig) -> Path:
-    return cache_dir('topology', kind, stable_hash(dict(pool=pool_key, model=mcfg.to_dict(), train=tcfg.to_dict(), code=code_key())))
+    return cache_dir('topology', kind, stable_hash(dict(pool=pool_key, model=mcfg.to_dict(), train=tcfg.key_dict(), code=code_key())))
 
 def proxy_objective(plan:TopologyPlan, pool, topology:str, texts:list[str]):
     "`lr -> dict(value=held-out loss after a proxy run, ...)`: the objective of one topology's LR search."

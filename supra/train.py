@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #00614b0c
 from __future__ import annotations
-import argparse, contextlib, hashlib, json, math, os, sys, time
+import argparse, contextlib, hashlib, json, math, os, shutil, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,16 +16,18 @@ from tqdm.auto import tqdm
 from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, resolve_device, stable_hash
 
 # %% auto #0
-__all__ = ['JEMALLOC_CANDIDATES', 'CKPT_FORMAT', 'IGNORED_ON_RESUME', 'jemalloc_path', 'jemalloc_loaded', 'with_jemalloc_env',
-           'reexec_with_jemalloc', 'lr_factor', 'make_optimizers', 'CheckpointError', 'save_checkpoint', 'read_meta',
-           'load_checkpoint', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'train_epochs', 'main',
-           'train_flops_per_token', 'bench_train', 'profile_train_step']
+__all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'CKPT_FORMAT', 'IGNORED_ON_RESUME', 'AUTO_COMPILE_FLOPS', 'jemalloc_path',
+           'jemalloc_loaded', 'with_jemalloc_env', 'reexec_with_jemalloc', 'lr_factor', 'make_optimizers',
+           'CheckpointError', 'save_checkpoint', 'read_meta', 'load_checkpoint', 'TrainingDiverged',
+           'train_flops_per_token', 'compile_wanted', 'train', 'wsd_branch_plan', 'train_epochs', 'main', 'bench_train',
+           'profile_train_step']
 
 # %% ../nbs/03_train.ipynb #7f4ae53a
 from .model import Transformer
 from .data import EpochLoader
 
 # %% ../nbs/03_train.ipynb #e70fade9
+JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'   # keep freed pages: no page faults on the next step's buffers
 JEMALLOC_CANDIDATES = ('/usr/lib/x86_64-linux-gnu/libjemalloc.so.2', '/usr/lib/aarch64-linux-gnu/libjemalloc.so.2',
                        '/usr/lib64/libjemalloc.so.2', '/usr/lib/libjemalloc.so.2', '/usr/local/lib/libjemalloc.so.2',
                        '/opt/homebrew/lib/libjemalloc.dylib', '/usr/local/lib/libjemalloc.dylib')
@@ -42,11 +44,12 @@ def jemalloc_loaded() -> bool:
     except OSError: return False
 
 def with_jemalloc_env(env:dict|None=None) -> dict:
-    "A copy of `env` (default `os.environ`) with jemalloc in `LD_PRELOAD`, unless `SUPRA_NO_JEMALLOC=1` or none is installed."
+    "A copy of `env` (default `os.environ`) with jemalloc in `LD_PRELOAD` (and `JEMALLOC_CONF`), unless `SUPRA_NO_JEMALLOC=1` or none is installed."
     env = dict(os.environ if env is None else env)
     p = jemalloc_path()
     if p is None or env.get('SUPRA_NO_JEMALLOC') == '1' or p in env.get('LD_PRELOAD', ''): return env
     env['LD_PRELOAD'] = ':'.join(x for x in (p, env.get('LD_PRELOAD')) if x)
+    env.setdefault('MALLOC_CONF', JEMALLOC_CONF)
     return env
 
 def reexec_with_jemalloc():
@@ -271,6 +274,22 @@ def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> di
     return meta
 
 # %% ../nbs/03_train.ipynb #8e02c25a
+AUTO_COMPILE_FLOPS = 1e14
+
+def train_flops_per_token(cfg:ModelConfig, seq_len:int) -> float:
+    "Training FLOPs per token: 6 × matmul params (+ tied head once) + 12 L d T for attention."
+    d, L = cfg.d_model, cfg.n_layer
+    n = L * (2 * d * d + 2 * d * cfg.head_dim * cfg.kv_heads + (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.hidden) + cfg.vocab_size * d
+    return 6 * n + 12 * L * d * seq_len
+
+def compile_wanted(cfg:TrainConfig, model_cfg:ModelConfig, device_type:str, tokens:int) -> bool:
+    "`cfg.compile` with `'auto'` resolved for a run of `tokens` training tokens on `device_type`."
+    if cfg.compile != 'auto': return bool(cfg.compile)
+    if device_type == 'cuda': return True
+    if device_type != 'cpu' or not shutil.which(os.environ.get('CXX') or 'g++'): return False
+    return tokens * train_flops_per_token(model_cfg, cfg.seq_len) >= AUTO_COMPILE_FLOPS
+
+# %% ../nbs/03_train.ipynb #32dddadc
 def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int|None, warmup:int, cooldown:int, stop:int,
          init=None, snapshots=(), phase:str='train', quiet:bool=False) -> dict:
     "Train from `run_dir/last` (or `init`, or scratch) up to optimiser step `stop` of a `total`-step schedule."
@@ -294,7 +313,8 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
         elif metrics.exists(): metrics.unlink()   # a fresh start (or a branch) owns a fresh log
     if ctx.world > 1 and src is None: torch.manual_seed(cfg.seed + 1000 * ctx.rank)  # per-rank dropout streams
     ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if ctx.world > 1 else model
-    fwd = torch.compile(ddp) if cfg.compile else ddp
+    compiled = compile_wanted(cfg, model_cfg, dev_type, (stop - step) * cfg.batch_size * cfg.seq_len * ctx.world)
+    fwd = torch.compile(ddp) if compiled else ddp
     params = [p for p in model.parameters() if p.requires_grad]
     ema_pairs = [(ema[n], p) for n, p in model.named_parameters()] if ema else []
     amp = torch.autocast('cuda', dtype=torch.bfloat16) if dev_type == 'cuda' else contextlib.nullcontext()
@@ -329,7 +349,12 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
                 sync = ddp.no_sync() if ctx.world > 1 and a < len(mbs) - 1 else contextlib.nullcontext()
                 w = x.size(0) / n_seq                                  # weight micro-batches by their sequences
                 with sync:
-                    with amp: _, loss = fwd(x, y, **loss_kw)
+                    with amp:
+                        try: _, loss = fwd(x, y, **loss_kw)
+                        except Exception as e:   # compile='auto' is a speed choice: without a working compiler, train eagerly
+                            if fwd is ddp or cfg.compile is True: raise
+                            warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training without it (compile='auto')")
+                            fwd = ddp; _, loss = fwd(x, y, **loss_kw)
                     (loss * w).backward()
                 loss_sum += loss.detach().float() * w
             want_ckpt = float(r0 and time.monotonic() - t_ckpt >= cfg.ckpt_every_s)
@@ -436,12 +461,13 @@ def main(argv=None):
     for k, t in [('epochs', int), ('tokens', int), ('batch_size', int), ('grad_accum', int), ('lr', float), ('muon_lr', float),
                  ('optimizer', str), ('schedule', str), ('seed', int), ('device', str), ('ckpt_every_s', float), ('ema', float)]:
         ap.add_argument(f'--{k}', type=t, default=None)
-    ap.add_argument('--compile', action='store_true'); ap.add_argument('--quiet', action='store_true')
+    ap.add_argument('--compile', action='store_true', help='always torch.compile (default: auto)')
+    ap.add_argument('--no-compile', action='store_true', help='never torch.compile'); ap.add_argument('--quiet', action='store_true')
     a = ap.parse_args(argv)
     p = get_preset(a.preset, a.device or 'auto')
     over = {k: getattr(a, k) for k in ('epochs', 'tokens', 'batch_size', 'grad_accum', 'lr', 'muon_lr', 'optimizer', 'schedule',
                                         'seed', 'device', 'ckpt_every_s', 'ema') if getattr(a, k) is not None}
-    if a.compile: over['compile'] = True
+    if a.compile or a.no_compile: over['compile'] = bool(a.compile)
     tcfg = p.train.replace(**over)
     mcfg = ModelConfig.named(a.model, vocab_size=p.model.vocab_size, seq_len=p.model.seq_len) if a.model else p.model
     from supra.data import build_pool
@@ -475,12 +501,6 @@ def _hf_llama(cfg:ModelConfig):
                      mlp_bias=False, attn_implementation='sdpa')
     return LlamaForCausalLM(hc)
 
-def train_flops_per_token(cfg:ModelConfig, seq_len:int) -> float:
-    "Training FLOPs per token: 6 × matmul params (+ tied head once) + 12 L d T for attention."
-    d, L = cfg.d_model, cfg.n_layer
-    n = L * (2 * d * d + 2 * d * cfg.head_dim * cfg.kv_heads + 3 * d * cfg.hidden) + cfg.vocab_size * d
-    return 6 * n + 12 * L * d * seq_len
-
 def _time_steps(model, x, y, steps:int, hf:bool) -> float:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     kw = {} if hf else _loss_kwargs(model)
@@ -493,8 +513,9 @@ def _time_steps(model, x, y, steps:int, hf:bool) -> float:
     return (time.perf_counter() - t) / steps
 
 def bench_train(configs='deep-narrow,balanced,shallow-wide', seq_len:int=256, batch_size:int=16, steps:int=3, rounds:int=3,
-                vocab:int=8192, seed:int=0) -> dict:
-    "Training tokens/s of Supra vs transformers' LlamaForCausalLM (same shapes, same process) and MFU vs measured matmul peak."
+                vocab:int=8192, compile:int=1, seed:int=0) -> dict:
+    """Training tokens/s of Supra vs transformers' LlamaForCausalLM (same shapes, same process), eager and (`compile=1`)
+    both under `torch.compile`, and MFU vs the measured matmul peak."""
     names = configs.split(',') if isinstance(configs, str) else list(configs)
     torch.manual_seed(seed)
     peaks, rows = [_matmul_peak()], []
@@ -506,23 +527,34 @@ def bench_train(configs='deep-narrow,balanced,shallow-wide', seq_len:int=256, ba
         assert sup.n_params() == sum(p.numel() for p in ref.parameters()), (name, sup.n_params())
         x = torch.randint(0, vocab, (batch_size, seq_len + 1))
         x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
-        ts, tr = [], []
-        for _ in range(rounds):   # alternate, so that noise from other processes hits both sides alike
-            ts.append(_time_steps(sup, x, y, steps, hf=False)); tr.append(_time_steps(ref, x, y, steps, hf=True))
-        tok = batch_size * seq_len
-        s, r = tok / min(ts), tok / min(tr)
+        sides = dict(supra=(sup, False), hf=(ref, True))
+        if compile: sides.update(supra_c=(torch.compile(sup), False), hf_c=(torch.compile(ref), True))
+        for m, hf in sides.values(): _time_steps(m, x, y, 1, hf)          # compile (when asked) before any timing
+        times = {k: [] for k in sides}
+        for _ in range(rounds):   # alternate, so that noise from other processes hits every side alike
+            for k, (m, hf) in sides.items(): times[k].append(_time_steps(m, x, y, steps, hf))
+        tps = {k: batch_size * seq_len / min(v) for k, v in times.items()}
         peaks.append(_matmul_peak())   # re-measured around every config: best of all is the peak (noise only ever slows)
-        rows.append(dict(config=name, params=sup.n_params(), tok_s=round(s), ref_tok_s=round(r), ratio=round(s / r, 3),
-                         flops_per_token=train_flops_per_token(cfg, seq_len)))
-        del sup, ref
+        r = dict(config=name, params=sup.n_params(), tok_s=round(tps['supra']), ref_tok_s=round(tps['hf']),
+                 ratio=round(tps['supra'] / tps['hf'], 3), flops_per_token=train_flops_per_token(cfg, seq_len))
+        if compile: r.update(tok_s_c=round(tps['supra_c']), ref_tok_s_c=round(tps['hf_c']), ratio_c=round(tps['supra_c'] / tps['hf_c'], 3),
+                             ratio_c_vs_eager=round(tps['supra_c'] / tps['hf'], 3))
+        rows.append(r)
+        del sup, ref, sides
     peak = max(peaks)
-    for r in rows: r['mfu'] = round(r['tok_s'] * r.pop('flops_per_token') / peak, 3)
+    for r in rows:
+        f = r.pop('flops_per_token')
+        r['mfu'] = round(max(r['tok_s'], r.get('tok_s_c', 0)) * f / peak, 3)
     print(f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (best of {len(peaks)} measurements: {', '.join(f'{p / 1e9:.1f}' for p in peaks)})")
-    print(f"{'config':<14}{'params':>11}{'supra tok/s':>13}{'HF tok/s':>10}{'ratio':>7}{'MFU':>7}")
-    for r in rows: print(f"{r['config']:<14}{r['params']:>11,}{r['tok_s']:>13,}{r['ref_tok_s']:>10,}{r['ratio']:>7.2f}{r['mfu']:>7.1%}")
-    main_row = next((r for r in rows if r['config'] == 'balanced'), rows[0])
-    print(f"bench=train config={main_row['config']} tok_s={main_row['tok_s']} ref_tok_s={main_row['ref_tok_s']} ratio={main_row['ratio']} "
-          f"mfu={main_row['mfu']} peak_gflops={peak / 1e9:.1f} jemalloc={int(jemalloc_loaded())}")
+    print(f"{'':25} {'eager (tokens/s)':^26}" + (f" {'torch.compile (tokens/s)':^26} {'compiled Supra':>15}" if compile else '') + f" {'MFU':>6}")
+    print(f"{'config':<14}{'params':>11} {'supra':>8}{'HF':>9}{'ratio':>9}" + (f" {'supra':>8}{'HF':>9}{'ratio':>9} {'vs eager HF':>15}" if compile else ''))
+    for r in rows:
+        print(f"{r['config']:<14}{r['params']:>11,} {r['tok_s']:>8,}{r['ref_tok_s']:>9,}{r['ratio']:>9.2f}" +
+              (f" {r['tok_s_c']:>8,}{r['ref_tok_s_c']:>9,}{r['ratio_c']:>9.2f} {r['ratio_c_vs_eager']:>15.2f}" if compile else '') + f" {r['mfu']:>6.1%}")
+    b = next((r for r in rows if r['config'] == 'balanced'), rows[0])
+    extra = f" ratio_compiled={b['ratio_c']} ratio_compiled_vs_eager_hf={b['ratio_c_vs_eager']}" if compile else ''
+    print(f"bench=train config={b['config']} tok_s={b['tok_s']} ref_tok_s={b['ref_tok_s']} ratio={b['ratio']}{extra} "
+          f"mfu={b['mfu']} peak_gflops={peak / 1e9:.1f} jemalloc={int(jemalloc_loaded())}")
     return dict(rows=rows, peak_flops=peak, jemalloc=jemalloc_loaded())
 
 # %% ../nbs/03_train.ipynb #5475f351
