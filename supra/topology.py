@@ -212,10 +212,12 @@ def topology_figures(results:dict, fig_dir) -> dict:
     return figs
 
 # %% ../nbs/08a_topology.ipynb #d720600b
-SEED_CLAIMS = dict(  # the seed write-up's published numbers (001), for the side-by-side in the paper
+SEED_CLAIMS = dict(  # the seed write-up's published numbers (001); copied into results.json, which the paper reads
+    source='seed write-up 001 (shared/seeds/001_b5a5626172029b58.txt): one GPU, bf16, 50M FineWeb-Edu tokens, one seed',
     wikitext_word_ppl={'deep-narrow': 817.8844, 'balanced': 585.5899, 'shallow-wide': 418.6314},
     samples_s={'deep-narrow': 218.7, 'balanced': 282.9, 'shallow-wide': 417.9},
-    arc_easy={'deep-narrow': 0.2917, 'balanced': 0.2963, 'shallow-wide': 0.2997})
+    arc_easy={'deep-narrow': 0.2917, 'balanced': 0.2963, 'shallow-wide': 0.2997},
+    lr=0.001178)
 
 def _best(summary, k):
     means = {t: summary[k][t]['mean'] for t in TOPOLOGIES}
@@ -242,16 +244,17 @@ def topology_findings(results:dict) -> list:
         vals = ', '.join(f'{LABELS[t].lower()} {format(m(k, t), f)}' for t in TOPOLOGIES)
         out.append((f'Language modelling ({what})', f'lowest for **{LABELS[b].lower()}** ({vals}): {_lead(comps, k, b)}.'))
     fast, slow = _best(s, 'samples_s'), min(TOPOLOGIES, key=lambda t: m('samples_s', t))
-    sc = SEED_CLAIMS['samples_s']
+    ref = results.get('seed_reference') or {}   # the seed's published numbers, as recorded in results.json by the run
+    sc = ref.get('samples_s')
+    seed_tp = f"; the seed reported ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} shallow-wide over deep-narrow on its GPU" if sc else ''
     out.append(('Throughput', f"**{LABELS[fast].lower()}** trains fastest: {m('samples_s', fast):.1f} vs {m('samples_s', slow):.1f} samples/s for "
-                f"{LABELS[slow].lower()} (×{m('samples_s', fast) / m('samples_s', slow):.2f}; the seed reported ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} "
-                f"shallow-wide over deep-narrow on its GPU); {_lead(comps, 'samples_s', fast)}."))
+                f"{LABELS[slow].lower()} (×{m('samples_s', fast) / m('samples_s', slow):.2f}{seed_tp}); {_lead(comps, 'samples_s', fast)}."))
     for k, name, chance in [('arc_easy', 'ARC-Easy', 0.25), ('blimp', 'BLiMP', 0.5)]:
         b = _best(s, k)
         out.append((name, f"best mean {m(k, b):.1%} ({LABELS[b].lower()}) against chance {chance:.0%}; {_lead(comps, k, b)}."))
     lrs = {t: results['topologies'][t]['lr'] for t in TOPOLOGIES}
     out.append(('Learning rate', 'tuned per topology: ' + ', '.join(f'{LABELS[t].lower()} {lrs[t]:.2e}' for t in TOPOLOGIES)
-                + f' (×{max(lrs.values()) / min(lrs.values()):.1f} between extremes; the seed used one LR, 1.178e-03, for all three).'))
+                + f" (×{max(lrs.values()) / min(lrs.values()):.1f} between extremes" + (f"; the seed used one LR, {ref['lr']:.3e}, for all three)." if 'lr' in ref else ').')))
     return out
 
 # %% ../nbs/08a_topology.ipynb #c8639826
@@ -508,7 +511,7 @@ def collect_results(plan:TopologyPlan, pool, tuned:dict, runs:list[dict], wall_s
                baselines=dict(arc_easy=dict(chance=0.25, majority=maj[0] if maj else None), blimp=dict(chance=0.5, majority=0.5)),
                compute=dict(train_s=sum(r['train_s'] for r in runs), eval_s=sum(r.get('eval_s', 0) for r in runs),
                             lr_search_s=sum(d for t in TOPOLOGIES for x in tuned[t]['trials'] if _finite(d := x.get('duration_s')))),
-               wall_s=wall_s)
+               seed_reference=SEED_CLAIMS, wall_s=wall_s)
     res.update(summarize(res))
     return res
 

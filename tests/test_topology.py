@@ -89,6 +89,19 @@ def test_paper(smoke):
             assert html.escape(r['generation'], quote=True) in page
     shown = f"{res['summary']['wikitext_word_ppl']['balanced']['mean']:,.2f}"   # table numbers are computed from results.json
     assert shown in page
+    ref = res['seed_reference']   # the seed's published numbers the paper quotes are recorded in results.json by the run
+    assert ref['lr'] == 0.001178 and ref['samples_s']['balanced'] == 282.9
+    assert f"{ref['lr']:.3e}" in page and f"×{ref['samples_s']['shallow-wide'] / ref['samples_s']['deep-narrow']:.2f}" in page
+
+
+def test_findings_quote_only_results():
+    "A results.json without the seed's reference numbers gives findings without them: nothing comes from constants."
+    from supra.topology import topology_findings
+    res = json.loads((ROOT / 'outputs' / 'topology' / 'results.json').read_text())
+    with_ref = ' '.join(t for _, t in topology_findings(dict(res, seed_reference={'lr': 0.5, 'samples_s': {'deep-narrow': 1.0, 'balanced': 2.0, 'shallow-wide': 4.0}})))
+    assert '5.000e-01' in with_ref and '×4.00' in with_ref
+    without = ' '.join(t for _, t in topology_findings({k: v for k, v in res.items() if k != 'seed_reference'}))
+    assert 'the seed' not in without
 
 def test_rerun_is_cached(smoke):
     "Same parameters again: nothing is trained, tuned or evaluated anew, and the numbers are identical."
