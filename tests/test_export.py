@@ -2,12 +2,13 @@
 import json, math
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig, GenerationConfig
 from supra.config import ModelConfig, ConfigError
 from supra.model import Transformer, EOS_TOKEN
+try: from tests.common import scaled, tiny_bpe
+except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
 from supra.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
 
 transformers.utils.logging.disable_progress_bar()
@@ -15,23 +16,7 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope='module')
-def tok():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    t.train_from_iterator(["Tiny language models learn the structure of text, one token at a time. " * 40],
-                          trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS_TOKEN, '<|bos|>'],
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return t
-
-
-def scaled(cfg, seed=0):
-    "Random weights with O(1) logits: at the 0.02 init logits are ~1e-2 and a 1e-4 tolerance would prove little."
-    torch.manual_seed(seed)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 1 / math.sqrt(p.shape[-1])) if p.dim() == 2 else p.normal_(1, 0.1)
-    return m
+def tok(): return tiny_bpe("Tiny language models learn the structure of text, one token at a time. " * 40, 400, specials=(EOS_TOKEN, '<|bos|>'))
 
 
 def max_diff(model, hf, idx):

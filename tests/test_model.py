@@ -8,6 +8,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
 from supra.config import ModelConfig, ConfigError
 from supra.model import Transformer, KVCache, count_params, generate_text, EOS_TOKEN
+try: from tests.common import scaled, tiny_bpe
+except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
 
 TINY = ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256, seq_len=32)
 VARIANTS = {
@@ -18,24 +20,8 @@ VARIANTS = {
 }
 
 
-def scaled(cfg, seed=0):
-    "A random model with O(1) logits (so greedy decoding is sensitive to small mistakes)."
-    torch.manual_seed(seed)
-    m = Transformer(cfg).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 1 / math.sqrt(p.shape[-1])) if p.dim() == 2 else p.normal_(1, 0.1)
-    return m
-
-
 @pytest.fixture(scope='module')
-def tok():
-    t = Tokenizer(models.BPE())
-    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    t.train_from_iterator(["The cat sat on the mat. A small model predicts the next token. " * 30],
-                          trainers.BpeTrainer(vocab_size=256, special_tokens=[EOS_TOKEN],
-                                              initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return t
+def tok(): return tiny_bpe("The cat sat on the mat. A small model predicts the next token. " * 30, 256)
 
 
 @pytest.mark.parametrize('name', VARIANTS)
