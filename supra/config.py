@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 __all__ = ['CORPORA', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TASKS', 'PRESETS', 'ConfigError', 'check',
            'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'DataConfig', 'ModelConfig',
            'TrainConfig', 'EvalConfig', 'resolve_device', 'resolve_preset', 'Preset', 'preset', 'as_int', 'as_ints',
-           'project_root', 'env_path', 'cache_dir']
+           'project_root', 'env_path', 'cache_dir', 'atomic_write']
 
 # %% ../nbs/00_config.ipynb #50bbce38
 class ConfigError(ValueError):
@@ -342,3 +342,24 @@ def cache_dir(*parts) -> Path:
     p = (env_path('SUPRA_CACHE') or project_root() / 'outputs' / 'cache').joinpath(*parts)
     p.mkdir(parents=True, exist_ok=True)
     return p
+
+# %% ../nbs/00_config.ipynb #dfdd26b1
+import contextlib, tempfile
+
+def atomic_write(path, data:bytes|str) -> Path:
+    "Write `data` (bytes, or text as UTF-8) to `path` via a fsync'd temporary file in the same folder and `os.replace`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data.encode('utf-8') if isinstance(data, str) else data); f.flush(); os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)                    # mkstemp's 0600 would hide results and papers from other users
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError): os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):          # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try: os.fsync(dfd)
+        finally: os.close(dfd)
+    return path

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Iterator, Iterable
 import numpy as np
 from .config import (ConfigError, DataConfig, CORPORA, check, check_int, check_choice,
-                          stable_hash, cache_dir, env_path)
+                          stable_hash, cache_dir, env_path, atomic_write)
 
 # %% auto #0
 __all__ = ['HUB', 'SHARDS', 'VAL_FILE', 'EOS', 'BOS', 'SPECIALS', 'TOKENIZER_FORMAT', 'MAGIC', 'VERSION', 'HEADER_INTS',
@@ -119,22 +119,13 @@ def write_corpus(root, corpus:str, train:Iterable[str], val:Iterable[str]=(), do
     d.mkdir(parents=True, exist_ok=True)
     def dump(path, texts):
         data = ''.join(json.dumps({'text': t, 'id': f'{path.stem}-{i}'}) + '\n' for i, t in enumerate(texts))
-        _atomic_write(path, zstandard.ZstdCompressor(level=3).compress(data.encode()))
+        atomic_write(path, zstandard.ZstdCompressor(level=3).compress(data.encode()))
     train = list(train)
     for s in range(0, len(train), docs_per_shard): dump(d / f'shard-{s // docs_per_shard:03d}.jsonl.zst', train[s:s + docs_per_shard])
     if val: dump(d / VAL_FILE, list(val))
     return d
 
-def _atomic_write(path:Path, data:bytes):
-    "Write bytes to `path` via a temporary file in the same folder and os.replace: readers see the old file or the new one."
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + '.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError): os.unlink(tmp)
-        raise
+
 
 # %% ../nbs/01_data.ipynb #5b015a82
 EOS, BOS = '<|endoftext|>', '<|bos|>'
@@ -229,9 +220,9 @@ def _tokenizer(cfg:DataConfig, root=None, cache=None):
         check(got == cfg.vocab_size, 'vocab_size', cfg.vocab_size,
               f"at most {got}: {stats['chars']:,} characters of {cfg.corpus} support only {got - 258} merges "
               f"(lower vocab_size or raise tokenizer_chars)")
-        _atomic_write(path, tok.to_str().encode())
+        atomic_write(path, tok.to_str().encode())
         secs = time.perf_counter() - t0
-        _atomic_write(d / 'meta.json', json.dumps(dict(key=key, corpus=cfg.corpus, vocab_size=got, train_s=round(secs, 3),
+        atomic_write(d / 'meta.json', json.dumps(dict(key=key, corpus=cfg.corpus, vocab_size=got, train_s=round(secs, 3),
                       source=_source(cfg.corpus, root), **stats), indent=1).encode())
         tok.encode_special_tokens = True
         return tok, path, key, secs
@@ -310,7 +301,7 @@ def write_pool(path, tokens:np.ndarray) -> Path:
     "Write uint16 `tokens` as a pool file, atomically."
     tokens = np.asarray(tokens)
     check(tokens.ndim == 1 and (tokens.size == 0 or (tokens.min() >= 0 and tokens.max() < 65536)), 'tokens', tokens.shape, 'a 1-d array of ids in [0, 65535]')
-    _atomic_write(Path(path), _header(len(tokens)) + tokens.astype(np.uint16).tobytes())
+    atomic_write(Path(path), _header(len(tokens)) + tokens.astype(np.uint16).tobytes())
     return Path(path)
 
 def _sha(a:np.ndarray) -> str: return hashlib.sha256(memoryview(np.ascontiguousarray(a)).cast('B')).hexdigest()
@@ -414,7 +405,7 @@ def build_pool(cfg:DataConfig, root=None, cache=None) -> TokenPool:
                     tokenizer_sha256=tok_sha, vocab_size=cfg.vocab_size, sha256=sha, config=cfg.to_dict(),
                     timing=dict(tokenizer_s=round(tok_s, 3), read_s=round(st['read_s'], 3), encode_s=round(st['encode_s'], 3),
                                 write_s=round(time.perf_counter() - t1, 3), total_s=round(time.perf_counter() - t0 + tok_s, 3)))
-        _atomic_write(meta_path, json.dumps(meta, indent=1).encode())
+        atomic_write(meta_path, json.dumps(meta, indent=1).encode())
         return TokenPool(read_pool(path, cfg.n_tokens), tok, cfg, key, path, meta)
 
 # %% ../nbs/01_data.ipynb #90f826f7

@@ -17,7 +17,7 @@ from lm_eval.tasks import TaskManager
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tokenizers import Tokenizer
 
-from .config import (ConfigError, EvalConfig, TASKS, cache_dir, check, check_int, env_path, stable_hash)
+from .config import (ConfigError, EvalConfig, TASKS, atomic_write, cache_dir, check, check_int, env_path, stable_hash)
 
 # %% auto #0
 __all__ = ['EOS', 'pack_rows', 'tree_mask', 'score_rows', 'load_model', 'SupraLM', 'blimp_paradigms', 'allowed_tasks',
@@ -311,11 +311,8 @@ def check_task_data(tasks, root=None):
             raise TaskDataError(f"task {t!r} needs its {split} split at {f}, which does not exist: looked under SUPRA_DATA={os.environ.get('SUPRA_DATA')!r} "
                                 f"(resolved to {root}; layout of shared/data, see its MANIFEST.md). Unset SUPRA_DATA to read the task from the Hugging Face Hub.")
 
-def _atomic_write(path:Path, text:str):
-    if path.exists() and path.read_text() == text: return
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.' + path.name)
-    with os.fdopen(fd, 'w') as f: f.write(text)
-    os.replace(tmp, path)
+def _write_if_changed(path:Path, text:str):
+    if not (path.exists() and path.read_text() == text): atomic_write(path, text)
 
 def task_dir(root=None) -> Path:
     "Write (idempotently) the task configs for data root `root` (default `$SUPRA_DATA`; None: the Hub) and return their directory."
@@ -328,8 +325,8 @@ def task_dir(root=None) -> Path:
             here = {s: str(root / sub / f) for s, f in files.items() if (root / sub / f).is_file() or s == split}
             cfg |= {'dataset_path': 'json', 'dataset_name': None, 'dataset_kwargs': {'data_files': here}}
             cfg |= {_SPLIT_KEY[s]: None for s in files if s not in here}
-        _atomic_write(d / f'{name}.yaml', yaml.safe_dump(cfg, sort_keys=False))
-    _atomic_write(d / '_blimp.yaml', yaml.safe_dump({'include': str(_STOCK / 'blimp' / '_blimp.yaml')}))
+        _write_if_changed(d / f'{name}.yaml', yaml.safe_dump(cfg, sort_keys=False))
+    _write_if_changed(d / '_blimp.yaml', yaml.safe_dump({'include': str(_STOCK / 'blimp' / '_blimp.yaml')}))
     return d
 
 def task_manager(root=None) -> TaskManager:

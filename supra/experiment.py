@@ -8,7 +8,7 @@ import json, os, platform, subprocess, time, math
 from pathlib import Path
 from datetime import datetime, timezone
 from .config import (ConfigError, check, check_choice, as_int, as_ints, preset as _preset, resolve_device,
-                          resolve_preset, Preset, CORPORA, PRESETS, stable_hash, cache_dir, project_root)
+                          resolve_preset, Preset, CORPORA, PRESETS, stable_hash, cache_dir, project_root, atomic_write)
 
 # %% auto #0
 __all__ = ['SUMMARY_METRICS', 'check_common', 'check_epochs_params', 'environment', 'write_json', 'read_json',
@@ -74,12 +74,8 @@ def _clean(o):
     return o
 
 def write_json(path, obj) -> Path:
-    "Write `obj` as JSON to `path` atomically (tmp + rename); non-finite floats become null."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-    tmp.write_text(json.dumps(_clean(obj), indent=1, sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    "Write `obj` as JSON to `path` atomically (`supra.config.atomic_write`); non-finite floats become null."
+    return atomic_write(path, json.dumps(_clean(obj), indent=1, sort_keys=False))
 
 def read_json(path): return json.loads(Path(path).read_text())
 

@@ -9,33 +9,17 @@ from pathlib import Path
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
-from .config import ConfigError, check, check_choice
+from .config import ConfigError, atomic_write, check, check_choice
 
 # %% auto #0
-__all__ = ['MISSING', 'FORMATS', 'PALETTE', 'SERIES_COLORS', 'KINDS', 'TONES', 'PAPER_CSS', 'atomic_write_bytes',
-           'atomic_write_text', 'Markup', 'esc', 'inline', 'fmt_num', 'fmt_pct', 'fmt_int', 'fmt_si', 'fmt_duration',
+__all__ = ['atomic_write_bytes', 'atomic_write_text', 'MISSING', 'FORMATS', 'PALETTE', 'SERIES_COLORS', 'KINDS', 'TONES',
+           'PAPER_CSS', 'Markup', 'esc', 'inline', 'fmt_num', 'fmt_pct', 'fmt_int', 'fmt_si', 'fmt_duration',
            'fmt_value', 'theme_rc', 'Fig', 'save_figure', 'line_chart', 'twin_axis_chart', 'bar_chart', 'curves_chart',
            'findings', 'row', 'table', 'table_from_frame', 'chart', 'samples', 'prose', 'stats', 'links', 'data_uri',
            'render_paper', 'write_paper']
 
 # %% ../nbs/05_report.ipynb #7e359492
-def atomic_write_bytes(path, data:bytes) -> Path:
-    "Write `data` to `path` via a temp file in the same directory + `os.replace`."
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    try:
-        with os.fdopen(fd, 'wb') as f: f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp): os.unlink(tmp)
-        raise
-    return path
-
-def atomic_write_text(path, text:str) -> Path:
-    "Write `text` (UTF-8) to `path` atomically."
-    return atomic_write_bytes(path, text.encode('utf-8'))
+atomic_write_bytes = atomic_write_text = atomic_write   # one implementation: supra.config.atomic_write
 
 # %% ../nbs/05_report.ipynb #f2d2508d
 class Markup(str):

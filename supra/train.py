@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file, load_file, save_model, load_model
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, resolve_device, stable_hash
+from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, resolve_device, stable_hash, atomic_write
 
 # %% auto #0
 __all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'CKPT_FORMAT', 'IGNORED_ON_RESUME', 'AUTO_COMPILE_FLOPS', 'jemalloc_path',
@@ -109,12 +109,6 @@ def _fsync_replace(tmp:Path, dst:Path):
     with open(tmp, 'rb+') as f: os.fsync(f.fileno())
     os.replace(tmp, dst)
 
-def _write_json_atomic(path:Path, obj):
-    tmp = path.with_name(path.name + '.tmp')
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    _fsync_replace(tmp, path)
-    with contextlib.suppress(OSError):   # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY); os.fsync(fd); os.close(fd)
 
 def _unwrap(model): return getattr(getattr(model, '_orig_mod', model), 'module', getattr(model, '_orig_mod', model))
 
@@ -142,7 +136,7 @@ def save_checkpoint(path, model:nn.Module, meta:dict|None=None, optimizers=(), s
     _fsync_replace(path / (sfile + '.tmp'), path / sfile)
     m = dict(meta or {}, format=CKPT_FORMAT, model_cfg=model.cfg.to_dict(), model_file=mfile, model_sha256=_sha256(path / mfile),
              state_file=sfile, state_sha256=_sha256(path / sfile), optim_scalars=scalars, n_optimizers=len(optimizers), saved_at=time.time())
-    _write_json_atomic(path / 'meta.json', m)   # the commit marker
+    atomic_write(path / 'meta.json', json.dumps(m, indent=1, default=str))   # the commit marker
     for f in path.iterdir():                      # only now drop the previous checkpoint's files
         if f.name not in (mfile, sfile, 'meta.json'): f.unlink()
     return path
