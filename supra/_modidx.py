@@ -301,6 +301,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'supra.model.chunked_cross_entropy': ('model.html#chunked_cross_entropy', 'supra/model.py'),
                              'supra.model.count_params': ('model.html#count_params', 'supra/model.py'),
                              'supra.model.generate': ('model.html#generate', 'supra/model.py'),
+                             'supra.model.generate_batch': ('model.html#generate_batch', 'supra/model.py'),
                              'supra.model.generate_text': ('model.html#generate_text', 'supra/model.py'),
                              'supra.model.make_norm': ('model.html#make_norm', 'supra/model.py')},
             'supra.report': { 'supra.report.Fig': ('report.html#fig', 'supra/report.py'),

@@ -18,6 +18,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tokenizers import Tokenizer
 
 from .config import (ConfigError, EvalConfig, TASKS, atomic_write, cache_dir, check, check_int, env_path, stable_hash)
+from .model import generate_batch
 
 # %% auto #0
 __all__ = ['EOS', 'pack_rows', 'tree_mask', 'score_rows', 'load_model', 'SupraLM', 'blimp_paradigms', 'allowed_tasks',
@@ -238,29 +239,32 @@ class SupraLM(TemplateLM):
 
     @torch.inference_mode()
     def generate_until(self, requests, disable_tqdm:bool=False) -> list[str]:
-        "Greedy decoding (sampling when `do_sample`), cut at the first stop string or end-of-text."
-        out = []
-        for ctx, kw in (r.args for r in requests):
+        """Greedy decoding (sampling when `do_sample`), prompts with the same settings decoded together in batches
+        (`supra.model.generate_batch`), each row stopping at its first stop string or end-of-text."""
+        jobs, groups = [], {}
+        for i, (ctx, kw) in enumerate(r.args for r in requests):
             kw = dict(kw or {})
             until = kw.get('until') or []
-            until = [until] if isinstance(until, str) else list(until)
+            until = tuple(u for u in ([until] if isinstance(until, str) else until) if u)
             n_new = max(1, min(int(kw.get('max_gen_toks', self.max_gen_toks)), self.max_length - 1))
             temp = float(kw.get('temperature', 0.0)) if kw.get('do_sample') else 0.0
             ids = self.tok_encode(ctx)[-(self.max_length - n_new):] or [self.prefix_token_id]
-            x = torch.tensor([ids], device=self.device)
-            if hasattr(self.model, 'generate'): y = self.model.generate(x, n_new, temperature=temp)[0, len(ids):].tolist()
-            else:
-                for _ in range(n_new):
-                    lg = self.model(x[:, -self.max_length:])[0][:, -1].float()
-                    nxt = lg.argmax(-1, keepdim=True) if temp == 0 else torch.multinomial(F.softmax(lg / temp, -1), 1)
-                    x = torch.cat([x, nxt], 1)
-                y = x[0, len(ids):].tolist()
-            if self._eot in y: y = y[:y.index(self._eot)]
-            s = self.tokenizer.decode(y)
-            for u in until:
-                if u and u in s: s = s[:s.index(u)]
-            out.append(s)
-            self.cache_hook.add_partial('generate_until', (ctx, kw), s)
+            jobs.append((ctx, kw)); groups.setdefault((n_new, temp, until), []).append((i, ids))
+        out = [None] * len(jobs)
+        for (n_new, temp, until), rows in groups.items():
+            stop = (lambda new, until=until: any(u in self.tokenizer.decode(new) for u in until)) if until else None
+            rows.sort(key=lambda r: -len(r[1]))                               # similar lengths together: less padding
+            for s in range(0, len(rows), self.batch_size):
+                chunk = rows[s:s + self.batch_size]
+                new = generate_batch(self.model, [ids for _, ids in chunk], n_new, temperature=temp, eos_id=self._eot,
+                                     stop=stop, pad_id=self._eot)
+                for (i, _), y in zip(chunk, new):
+                    if self._eot in y: y = y[:y.index(self._eot)]
+                    txt = self.tokenizer.decode(y)
+                    for u in until:
+                        if u in txt: txt = txt[:txt.index(u)]
+                    out[i] = txt
+                    self.cache_hook.add_partial('generate_until', jobs[i], txt)
         return out
 
 # %% ../nbs/04_eval.ipynb #ce202394

@@ -12,7 +12,7 @@ from .config import ModelConfig, ConfigError, check, check_int, check_num
 
 # %% auto #0
 __all__ = ['EOS_TOKEN', 'RMSNorm', 'make_norm', 'Rotary', 'CausalSelfAttention', 'MLP', 'Block', 'Transformer',
-           'chunked_cross_entropy', 'count_params', 'KVCache', 'generate', 'generate_text']
+           'chunked_cross_entropy', 'count_params', 'KVCache', 'generate', 'generate_batch', 'generate_text']
 
 # %% ../nbs/02_model.ipynb #155d499a
 class RMSNorm(nn.Module):
@@ -278,6 +278,39 @@ def generate(self:Transformer, idx, max_new_tokens:int, temperature:float=1.0, t
     return idx
 
 Transformer.generate = generate
+
+# %% ../nbs/02_model.ipynb #7df1b8c4
+@torch.no_grad()
+def generate_batch(model:Transformer, prompts:list, max_new_tokens:int, temperature:float=0.0, top_k:int|None=None,
+                   eos_id:int|None=None, stop=None, pad_id:int=0, generator:torch.Generator|None=None) -> list[list[int]]:
+    "The new tokens of each prompt (a list of token ids), decoded together; a row ends at `eos_id` (kept) or once `stop(new_tokens)`."
+    check_int('max_new_tokens', max_new_tokens, lo=1)
+    check(len(prompts) > 0 and all(len(p) > 0 for p in prompts), 'prompts', f'{len(prompts)} prompts', 'one or more non-empty token lists')
+    S, P, B = model.cfg.seq_len, max(map(len, prompts)), len(prompts)
+    check(P + max_new_tokens <= S, 'max_new_tokens', max_new_tokens, f'<= seq_len - longest prompt = {S - P} (crop the prompts)')
+    device = next(model.parameters()).device
+    pad = torch.tensor([P - len(p) for p in prompts], device=device)                        # (B,) left padding
+    x = torch.tensor([[pad_id] * (P - len(p)) + list(p) for p in prompts], device=device)    # (B, P)
+    cols = torch.arange(P + max_new_tokens, device=device)                                # (L,) every column
+    real = cols[None, :] >= pad[:, None]                                                  # (B, L) not padding
+    pos = (cols[None, :P] - pad[:, None]).clamp_min(0)                                    # (B, P) positions in each row
+    causal = cols[:P, None] >= cols[None, :P]                                             # (P, P)
+    mask = (real[:, None, :P] & causal) | torch.eye(P, dtype=torch.bool, device=device)  # (B, P, P); padding sees itself
+    was_training, cache = model.training, KVCache(model.cfg.n_layer, P + max_new_tokens)
+    model.eval()
+    out, done = [[] for _ in prompts], [False] * B
+    try:
+        h = model.body(x, cache, pos=pos, mask=mask[:, None])                             # prefill: (B, P, d)
+        for t in range(max_new_tokens):
+            nxt = _next_token(model.logits(h[:, -1]), temperature, top_k, generator)      # (B, 1)
+            for b, v in enumerate(nxt[:, 0].tolist()):
+                if done[b]: continue
+                out[b].append(v)
+                done[b] = v == eos_id or (stop is not None and bool(stop(out[b])))
+            if all(done) or t == max_new_tokens - 1: break
+            h = model.body(nxt, cache, pos=pos[:, -1:] + t + 1, mask=real[:, None, None, :P + t + 1])  # (B, 1, d)
+    finally: model.train(was_training)
+    return out
 
 # %% ../nbs/02_model.ipynb #3a66d71e
 EOS_TOKEN = '<|endoftext|>'   # the document separator of supra.data's tokenizer

@@ -80,11 +80,13 @@ def test_loglikelihood_parity_requests(tok, hf_dir, model):
 def test_generate_until_matches_hf(tok, hf_dir, model):
     "Greedy generation, cut at the stop string, agrees with lm-eval's `hf` backend."
     from lm_eval.api.instance import Instance
-    reqs = [Instance('generate_until', {}, (p, {'until': ['\n\n'], 'max_gen_toks': 12, 'do_sample': False}), i)
-            for i, p in enumerate(["The history of", "In 1990, the"])]
-    ours = E.SupraLM(model, tok).generate_until(reqs)
+    prompts = ["The history of", "In 1990, the", "A", "The city is known for its long and", "She said that the"]
+    reqs = [Instance('generate_until', {}, (p, {'until': ['\n\n', ' the '], 'max_gen_toks': 12, 'do_sample': False}), i)
+            for i, p in enumerate(prompts)]
+    ours = E.SupraLM(model, tok, batch_size=3).generate_until(reqs)   # batches of 3 prompts of different lengths
     ref = E.hf_lm(hf_dir, tok, model.cfg.seq_len, batch_size=1).generate_until(reqs)
-    assert ours == ref and all(isinstance(o, str) and o for o in ours), (ours, ref)
+    assert ours == ref and all(isinstance(o, str) for o in ours), (ours, ref)
+    assert any(o for o in ours) and not any(' the ' in o for o in ours)
 
 
 def test_task_parity_with_hf(tok, hf_dir, model):
