@@ -17,13 +17,13 @@ from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, res
 
 # %% auto #0
 __all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'CKPT_FORMAT', 'IGNORED_ON_RESUME', 'AUTO_COMPILE_FLOPS', 'jemalloc_path',
-           'jemalloc_loaded', 'with_jemalloc_env', 'reexec_with_jemalloc', 'lr_factor', 'make_optimizers',
+           'jemalloc_loaded', 'with_jemalloc_env', 'reexec_with_jemalloc', 'lr_factor', 'SplitMuon', 'make_optimizers',
            'CheckpointError', 'save_checkpoint', 'read_meta', 'load_checkpoint', 'TrainingDiverged',
            'train_flops_per_token', 'compile_wanted', 'train', 'wsd_branch_plan', 'train_epochs', 'main', 'bench_train',
            'profile_train_step']
 
 # %% ../nbs/03_train.ipynb #7f4ae53a
-from .model import Transformer
+from .model import Transformer, CausalSelfAttention
 from .data import EpochLoader
 
 # %% ../nbs/03_train.ipynb #e70fade9
@@ -75,6 +75,34 @@ def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='ws
     return min_frac + (1 - min_frac) * max(0.0, total - step) / max(1, total - start)
 
 # %% ../nbs/03_train.ipynb #770aee8e
+from torch.optim._muon import _zeropower_via_newtonschulz, _adjust_lr
+
+class SplitMuon(torch.optim.Muon):
+    "`torch.optim.Muon` whose `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
+    def __init__(self, params, splits:dict|None=None, **kw):
+        super().__init__(params, **kw)
+        self.splits = dict(splits or {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad(): loss = closure()
+        for g in self.param_groups:
+            for p in g['params']:
+                if p.grad is None: continue
+                st = self.state[p]
+                if 'momentum_buffer' not in st: st['momentum_buffer'] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
+                buf = st['momentum_buffer']
+                buf.lerp_(p.grad, 1 - g['momentum'])                                    # momentum
+                upd = p.grad.lerp(buf, g['momentum']) if g['nesterov'] else buf          # Nesterov look-ahead
+                rows = self.splits.get(id(p), [p.size(0)])
+                p.mul_(1 - g['lr'] * g['weight_decay'])                                  # decoupled weight decay
+                for u, w in zip(upd.split(rows), p.split(rows)):                        # each block its own matrix
+                    u = _zeropower_via_newtonschulz(u, g['ns_coefficients'], g['ns_steps'], g['eps'])
+                    w.add_(u, alpha=-_adjust_lr(g['lr'], g['adjust_lr_fn'], w.shape))
+        return loss
+
 def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimizer]:
     "AdamW for everything (`cfg.optimizer='adamw'`), or Muon for block matrices + AdamW for the rest."
     in_blocks = {id(m.weight) for ml in model.modules() if isinstance(ml, nn.ModuleList)
@@ -88,10 +116,13 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
     fused = dict(fused=True) if next(model.parameters()).device.type in ('cpu', 'cuda') else {}
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opts = [torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.lr, betas=tuple(cfg.betas), **fused)]
-    if muon: opts.append(torch.optim.Muon(muon, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
+    splits = {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    if muon: opts.append(SplitMuon(muon, splits=splits, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
     for o in opts:
         for g in o.param_groups: g['peak_lr'] = g['lr']
     return opts
+
+
 
 # %% ../nbs/03_train.ipynb #b91778a9
 CKPT_FORMAT = 'supra-checkpoint/1'

@@ -142,6 +142,8 @@ def test_muon_split_and_learning(pool_file, tmp_path):
                      for m in blk.modules() if isinstance(m, torch.nn.Linear)]
     assert in_muon == {id(p) for p in block_linears} and len(in_muon) > 0
     assert all(p.ndim == 2 for p in block_linears)
+    assert muon.splits == {id(b.attn.c_attn.weight): [b.attn.nh * b.attn.hd, b.attn.nkv * b.attn.hd, b.attn.nkv * b.attn.hd]
+                           for b in model.blocks}   # q, k and v orthogonalised apart
     n_adamw = sum(p.numel() for g in adamw.param_groups for p in g['params'])
     assert n_adamw + sum(p.numel() for p in block_linears) == sum(p.numel() for p in model.parameters())
     res = train(np.load(pool_file), MCFG, TCFG.replace(epochs=1, optimizer='muon'), tmp_path / 'muon', quiet=True)
