@@ -299,7 +299,7 @@ def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> di
     return meta
 
 # %% ../nbs/03_train.ipynb #8e02c25a
-AUTO_COMPILE_FLOPS = 1e14
+AUTO_COMPILE_FLOPS = {'cpu': 1e14, 'cuda': 3e15}   # training FLOPs from which compiling repays its ~20-40 s
 
 def train_flops_per_token(cfg:ModelConfig, seq_len:int) -> float:
     "Training FLOPs per token: 6 × matmul params (+ tied head once) + 12 L d T for attention."
@@ -310,9 +310,9 @@ def train_flops_per_token(cfg:ModelConfig, seq_len:int) -> float:
 def compile_wanted(cfg:TrainConfig, model_cfg:ModelConfig, device_type:str, tokens:int) -> bool:
     "`cfg.compile` with `'auto'` resolved for a run of `tokens` training tokens on `device_type`."
     if cfg.compile != 'auto': return bool(cfg.compile)
-    if device_type == 'cuda': return True
-    if device_type != 'cpu' or not shutil.which(os.environ.get('CXX') or 'g++'): return False
-    return tokens * train_flops_per_token(model_cfg, cfg.seq_len) >= AUTO_COMPILE_FLOPS
+    if device_type not in AUTO_COMPILE_FLOPS: return False
+    if device_type == 'cpu' and not shutil.which(os.environ.get('CXX') or 'g++'): return False
+    return tokens * train_flops_per_token(model_cfg, cfg.seq_len) >= AUTO_COMPILE_FLOPS[device_type]
 
 # %% ../nbs/03_train.ipynb #32dddadc
 def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int|None, warmup:int, cooldown:int, stop:int,
