@@ -185,7 +185,7 @@ class TrainConfig(Config):
     ema: float | None = None       # weight EMA decay, e.g. 0.997
     seed: int = 0
     device: str = 'auto'
-    compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (on CUDA; on CPU for runs long enough to repay it)
+    compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (runs long enough to repay it: supra.train.compile_wanted)
     ckpt_every_s: float = 300.0    # also checkpoint at every epoch end
     log_every: int = 1
 
