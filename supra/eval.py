@@ -88,20 +88,23 @@ def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, cap:int|None=
     pk, nd, tg, jb = map(np.asarray, (pk, nd, tg, jb))
     lp = torch.zeros(len(jobs), dtype=torch.float64, device=device)
     hit = torch.zeros(len(jobs), dtype=torch.long, device=device)
-    order = sorted(range(len(packs)), key=lambda k: -len(packs[k][0]))  # longest first: least padding
-    slot = np.empty(len(packs), np.int64)                               # pack -> row of its batch
-    i = 0
-    while i < len(order):
-        T = len(packs[order[i]][0])
-        batch = order[i:i + max(1, batch_tokens // T)]; i += len(batch)
+    order, batches, i = sorted(range(len(packs)), key=lambda k: -len(packs[k][0])), [], 0   # longest first: least padding
+    while i < len(order):                                               # batches of ~batch_tokens padded tokens
+        batches.append(order[i:i + max(1, batch_tokens // len(packs[order[i]][0]))]); i += len(batches[-1])
+    slot, batch_of = np.empty(len(packs), np.int64), np.empty(len(packs), np.int64)   # pack -> its row, its batch
+    for n, batch in enumerate(batches): slot[batch], batch_of[batch] = np.arange(len(batch)), n
+    by_batch = np.argsort(batch_of[pk], kind='stable')                  # scored tokens grouped by batch
+    starts = np.searchsorted(batch_of[pk][by_batch], np.arange(len(batches) + 1))
+    for n, batch in enumerate(batches):
+        T = len(packs[batch[0]][0])
         x = np.full((len(batch), T), pad_id, np.int64)                  # (B, T), right-padded
-        for b, k in enumerate(batch): x[b, :len(packs[k][0])], slot[k] = packs[k][0], b
+        for b, k in enumerate(batch): x[b, :len(packs[k][0])] = packs[k][0]
         if all(packs[k][1][-1] == len(packs[k][1]) - 1 for k in batch): pos = mask = None   # one row per pack: causal
         else:
             pos, mask = np.zeros((len(batch), T), np.int64), np.empty((len(batch), 1, T, T), bool)
             for b, k in enumerate(batch): pos[b, :len(packs[k][1])], mask[b, 0] = packs[k][1], tree_mask(packs[k][2], T)
             pos, mask = _to(pos, device), _to(mask, device)
-        sel = np.flatnonzero(np.isin(pk, batch))                        # scored tokens that live in this batch
+        sel = by_batch[starts[n]:starts[n + 1]]                         # scored tokens that live in this batch
         if not len(sel): continue
         node, inv = np.unique(slot[pk[sel]] * T + nd[sel], return_inverse=True)   # the head runs once per scored node
         o = np.argsort(inv, kind='stable'); sel, inv = sel[o], inv[o]
