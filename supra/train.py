@@ -75,9 +75,10 @@ def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='ws
     return min_frac + (1 - min_frac) * max(0.0, total - step) / max(1, total - start)
 
 # %% ../nbs/03_train.ipynb #770aee8e
-from torch.optim._muon import _zeropower_via_newtonschulz, _adjust_lr
+try: from torch.optim._muon import _zeropower_via_newtonschulz, _adjust_lr
+except ImportError: _zeropower_via_newtonschulz = None    # torch < 2.9 has no Muon; AdamW still works
 
-class SplitMuon(torch.optim.Muon):
+class SplitMuon(getattr(torch.optim, 'Muon', torch.optim.Optimizer)):
     "`torch.optim.Muon` whose `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
     def __init__(self, params, splits:dict|None=None, **kw):
         super().__init__(params, **kw)
@@ -117,6 +118,7 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opts = [torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.lr, betas=tuple(cfg.betas), **fused)]
     splits = {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    if muon: check(_zeropower_via_newtonschulz is not None, 'optimizer', 'muon', f"'adamw': Muon needs torch >= 2.9 (this is {torch.__version__})")
     if muon: opts.append(SplitMuon(muon, splits=splits, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
     for o in opts:
         for g in o.param_groups: g['peak_lr'] = g['lr']
