@@ -168,7 +168,8 @@ class SupraLM(TemplateLM):
         check(self.max_length <= model.cfg.seq_len, 'max_length', self.max_length, f"<= the model's seq_len={model.cfg.seq_len}")
         self.batch_size = 64 if batch_size in (None, 'auto') or str(batch_size).startswith('auto') else int(batch_size)
         check_int('batch_size', self.batch_size, lo=1)
-        # padded tokens per forward: a batch_size of full-length rows, capped so the (tokens x vocab) logits stay ~128 MB
+        # padded tokens per forward: a batch_size of full-length rows, at most 2^25 / V (4096 at V=8192); the logits are
+        # chunked inside score_rows, so this only bounds activations (batches of 4k-16k tokens measured equally fast on CPU)
         self.batch_tokens = int(batch_tokens or max(self.max_length, min(self.batch_size * self.max_length, 2**25 // V)))
         self._device = next(model.parameters()).device
 
