@@ -10,15 +10,14 @@ from pathlib import Path
 
 import numpy as np, torch, torch.nn as nn
 import torch.distributed as dist
-from safetensors.torch import save_file, load_file, save_model, load_model
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, resolve_device, stable_hash, atomic_write
 
 # %% auto #0
-__all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'CKPT_FORMAT', 'IGNORED_ON_RESUME', 'AUTO_COMPILE_FLOPS', 'jemalloc_path',
-           'jemalloc_loaded', 'with_jemalloc_env', 'reexec_with_jemalloc', 'lr_factor', 'SplitMuon', 'make_optimizers',
-           'CheckpointError', 'save_checkpoint', 'read_meta', 'load_checkpoint', 'TrainingDiverged',
+__all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'IGNORED_ON_RESUME', 'AUTO_COMPILE_FLOPS', 'jemalloc_path', 'jemalloc_loaded',
+           'with_jemalloc_env', 'reexec_with_jemalloc', 'lr_factor', 'SplitMuon', 'make_optimizers', 'TrainingDiverged',
            'train_flops_per_token', 'compile_wanted', 'train', 'wsd_branch_plan', 'train_epochs', 'main', 'bench_train',
            'profile_train_step']
 
@@ -127,83 +126,8 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
 
 
 # %% ../nbs/03_train.ipynb #b91778a9
-CKPT_FORMAT = 'supra-checkpoint/1'
-
-class CheckpointError(RuntimeError):
-    "A checkpoint that is missing, corrupted, or does not fit the model/run it is loaded into."
-
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for b in iter(lambda: f.read(1 << 22), b''): h.update(b)
-    return h.hexdigest()
-
-def _fsync_replace(tmp:Path, dst:Path):
-    with open(tmp, 'rb+') as f: os.fsync(f.fileno())
-    os.replace(tmp, dst)
-
-
-def _unwrap(model): return getattr(getattr(model, '_orig_mod', model), 'module', getattr(model, '_orig_mod', model))
-
-def _opt_tensors(opts) -> tuple[dict, dict]:
-    "Optimiser state split into tensors (→ safetensors) and scalars (→ JSON)."
-    tensors, scalars = {}, {}
-    for i, o in enumerate(opts):
-        for pid, st in o.state_dict()['state'].items():
-            for k, v in st.items():
-                (tensors if torch.is_tensor(v) else scalars)[f'opt{i}.{pid}.{k}'] = v
-    return tensors, scalars
-
-def save_checkpoint(path, model:nn.Module, meta:dict|None=None, optimizers=(), state:dict|None=None) -> Path:
-    "Write `model` (+ optimiser state and extra `state` tensors) to checkpoint directory `path`, atomically."
-    path = Path(path); path.mkdir(parents=True, exist_ok=True)
-    model = _unwrap(model)
-    tag = f'{time.time_ns():x}'
-    mfile, sfile = f'model-{tag}.safetensors', f'state-{tag}.safetensors'
-    save_model(model, str(path / (mfile + '.tmp')), metadata={'format': 'pt'})
-    _fsync_replace(path / (mfile + '.tmp'), path / mfile)
-    tensors, scalars = _opt_tensors(optimizers)
-    tensors.update({k: v.detach().contiguous() for k, v in (state or {}).items()})
-    tensors = {k: v.cpu() for k, v in tensors.items()}
-    save_file(tensors, str(path / (sfile + '.tmp')), metadata={'format': 'pt'})
-    _fsync_replace(path / (sfile + '.tmp'), path / sfile)
-    m = dict(meta or {}, format=CKPT_FORMAT, model_cfg=model.cfg.to_dict(), model_file=mfile, model_sha256=_sha256(path / mfile),
-             state_file=sfile, state_sha256=_sha256(path / sfile), optim_scalars=scalars, n_optimizers=len(optimizers), saved_at=time.time())
-    atomic_write(path / 'meta.json', json.dumps(m, indent=1, default=str))   # the commit marker
-    for f in path.iterdir():                      # only now drop the previous checkpoint's files
-        if f.name not in (mfile, sfile, 'meta.json'): f.unlink()
-    return path
-
-def read_meta(path) -> dict:
-    "The verified `meta.json` of checkpoint directory `path` (both tensor files present and matching their sha256)."
-    path = Path(path)
-    if path.name == 'meta.json': path = path.parent
-    mf = path / 'meta.json'
-    if not mf.is_file(): raise CheckpointError(f"{mf}: missing — {path} is not a (committed) Supra checkpoint")
-    try: meta = json.loads(mf.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e: raise CheckpointError(f"{mf}: corrupted JSON ({e})") from None
-    if meta.get('format') != CKPT_FORMAT: raise CheckpointError(f"{mf}: format {meta.get('format')!r}, expected {CKPT_FORMAT!r}")
-    for k in ('model', 'state'):
-        f = path / meta[f'{k}_file']
-        if not f.is_file(): raise CheckpointError(f"{f}: missing (named by {mf})")
-        if _sha256(f) != meta[f'{k}_sha256']: raise CheckpointError(f"{f}: corrupted — its sha256 does not match the one recorded in {mf}")
-    meta['path'] = str(path)
-    return meta
-
-def load_checkpoint(path, device='cpu') -> tuple[nn.Module, dict]:
-    "Rebuild the `Transformer` saved in checkpoint directory `path`: `(model, meta)`; refuses a corrupted or mismatched file."
-    meta = read_meta(path)
-    try: cfg = ModelConfig.from_dict(meta['model_cfg'])
-    except (ConfigError, TypeError, KeyError) as e: raise CheckpointError(f"{Path(meta['path'])/'meta.json'}: bad model_cfg ({e})") from None
-    model = Transformer(cfg)
-    _load_weights(model, Path(meta['path']) / meta['model_file'])
-    return model.to(device), meta
-
-def _load_weights(model, file:Path):
-    try: missing, unexpected = load_model(_unwrap(model), str(file), strict=False)
-    except Exception as e: raise CheckpointError(f"{file}: cannot be loaded into {type(_unwrap(model)).__name__}({_unwrap(model).cfg}): {e}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{file}: does not match the model — missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+from .checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_meta, load_checkpoint, register_family,
+                              _load_weights, _unwrap)
 
 # %% ../nbs/03_train.ipynb #850a2665
 class TrainingDiverged(FloatingPointError):
