@@ -9,8 +9,8 @@ from dataclasses import dataclass, field, fields, asdict
 from typing import Any, ClassVar
 
 # %% auto #0
-__all__ = ['CORPORA', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TASKS', 'PRESETS', 'ConfigError', 'check',
-           'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'DataConfig', 'ModelConfig',
+__all__ = ['CORPORA', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TRACKERS', 'TASKS', 'PRESETS', 'ConfigError',
+           'check', 'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'DataConfig', 'ModelConfig',
            'TrainConfig', 'EvalConfig', 'resolve_device', 'resolve_preset', 'Preset', 'preset', 'as_int', 'as_ints',
            'project_root', 'env_path', 'cache_dir', 'atomic_write']
 
@@ -162,11 +162,12 @@ ModelConfig.NAMED.update({
 
 # %% ../nbs/00_config.ipynb #e124bf31
 OPTIMIZERS, SCHEDULES, DEVICES = ('adamw', 'muon'), ('cosine', 'linear', 'wsd'), ('auto', 'cpu', 'cuda', 'mps')
+TRACKERS = ('trackio', 'tensorboard', 'wandb')   # experiment trackers supra.trackers can open
 
 @dataclass(frozen=True)
 class TrainConfig(Config):
     "How a model is trained on a token pool."
-    _not_in_key: ClassVar[tuple] = ('compile', 'ckpt_every_s', 'log_every')   # speed and bookkeeping only
+    _not_in_key: ClassVar[tuple] = ('compile', 'ckpt_every_s', 'log_every', 'eval_every', 'tracker')   # speed and bookkeeping only
     epochs: int = 1
     tokens: int | None = None      # a token budget instead of whole epochs
     batch_size: int = 32           # sequences per optimiser step (global, across ranks and accumulation)
@@ -188,6 +189,8 @@ class TrainConfig(Config):
     compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (runs long enough to repay it: supra.train.compile_wanted)
     ckpt_every_s: float = 300.0    # also checkpoint at every epoch end
     log_every: int = 1
+    eval_every: int | None = None  # optimiser steps between calls of train()'s eval_hook (None: only at the end)
+    tracker: tuple = ()            # experiment trackers to mirror metrics.jsonl into, names from TRACKERS
 
     def validate(self):
         check_int('epochs', self.epochs, lo=1)
@@ -213,6 +216,11 @@ class TrainConfig(Config):
         check(self.compile is True or self.compile is False or self.compile == 'auto', 'compile', self.compile, "True, False or 'auto'")
         check_num('ckpt_every_s', self.ckpt_every_s, lo=0, lo_open=True)
         check_int('log_every', self.log_every, lo=1)
+        if self.eval_every is not None: check_int('eval_every', self.eval_every, lo=1)
+        check(isinstance(self.tracker, tuple) and all(isinstance(t, str) for t in self.tracker), 'tracker', self.tracker,
+              f"a tuple of names from {TRACKERS}, e.g. ('tensorboard',)")
+        for t in self.tracker: check_choice('tracker', t, TRACKERS)
+        check(len(set(self.tracker)) == len(self.tracker), 'tracker', self.tracker, 'each tracker named once')
 
 
 

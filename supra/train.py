@@ -133,7 +133,7 @@ from .checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_met
 class TrainingDiverged(FloatingPointError):
     "The loss (or gradient norm) became NaN/inf."
 
-IGNORED_ON_RESUME = ('ckpt_every_s', 'log_every', 'device', 'compile')   # fields a resumed run may change
+IGNORED_ON_RESUME = ('ckpt_every_s', 'log_every', 'device', 'compile', 'eval_every', 'tracker')   # fields a resumed run may change
 
 @dataclass
 class _Ctx:

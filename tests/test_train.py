@@ -235,3 +235,12 @@ def test_cli_smoke_preset(tmp_path):
     ls = metrics(tmp_path / 'cli')
     assert len(ls) == out['result']['step'] and ls[-1]['loss'] < ls[0]['loss']
     load_checkpoint(out['result']['checkpoint'])
+
+
+def test_train_config_eval_every_and_tracker():
+    "eval_every and tracker are validated, naming field, value and what is allowed, and stay out of the cache key."
+    assert TrainConfig(eval_every=5, tracker=('wandb', 'tensorboard')).key() == TrainConfig().key()
+    for kw, msg in [(dict(eval_every=0), 'eval_every=0'), (dict(eval_every=2.5), 'eval_every=2.5'), (dict(tracker=('mlflow',)), "tracker='mlflow'"),
+                    (dict(tracker='wandb'), "tracker='wandb'"), (dict(tracker=('wandb', 'wandb')), 'named once')]:
+        with pytest.raises(ConfigError, match=msg): TrainConfig(**kw)
+    assert TrainConfig.from_dict(json.loads(TrainConfig(tracker=('trackio',)).to_json())).tracker == ('trackio',)
