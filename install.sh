@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install Supra into ./.venv and register its Jupyter kernel. Idempotent: re-running is cheap.
 #   ./install.sh          the package, JupyterLab, papermill and the kernel
-#   ./install.sh --dev    also the test tools, and headless Chromium for the browser tests
+#   ./install.sh --dev    also the test tools (trackio, TensorBoard, W&B, psycopg2), headless Chromium for the browser
+#                         tests and PostgreSQL for the shared-sweep test
 # Where the machine allows it (root with apt), it also installs jemalloc, which speeds up CPU
 # training by 40-60%; Supra's kernel, CLI and torchrun runs preload it automatically.
 set -euo pipefail
@@ -9,10 +10,12 @@ cd "$(dirname "$0")"
 DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3}
 
-# System libraries (optional): jemalloc always, chromium for the browser tests.
+# System libraries (optional): jemalloc always; with --dev chromium and postgresql for the tests.
 pkgs=""
 ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || pkgs="libjemalloc2"
 [ $DEV = 1 ] && ! command -v chromium >/dev/null 2>&1 && pkgs="$pkgs chromium"
+# PostgreSQL server binaries for the two-worker shared-sweep test (tests/test_sweep.py starts a throwaway cluster)
+[ $DEV = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 && pkgs="$pkgs postgresql"
 if [ -n "$pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install.sh: apt-get install $pkgs"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null) \
