@@ -17,27 +17,31 @@ def papermill(out_dir, *params, check=True, **kw):
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp('epochs')
-    papermill(out, '-p', 'epochs', 2)
+    r = papermill(out, '-p', 'epochs', 2)
+    (out / 'stderr.txt').write_text(r.stderr)
     return out
 
 def finite(x): return isinstance(x, (int, float)) and math.isfinite(x)
 
 def test_results_json_has_every_metric(smoke):
     res = json.loads((smoke / 'results.json').read_text())
-    assert res['corpus'] == 'wikipedia-en' and res['preset'] == 'smoke' and res['seeds'] == [0]
+    from supra.experiment import ENVELOPE_KEYS
+    assert list(res) == list(ENVELOPE_KEYS)
+    assert res['corpus'] == 'wikipedia-en' and res['preset'] == 'smoke' and res['plan']['seeds'] == [0]
     assert [r['epochs'] for r in res['runs']] == [1, 2]
     for r in res['runs']:
         for m in ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'boolq', 'wikitext_byte_ppl', 'wikitext_word_ppl'):
             assert finite(r[m]), (m, r[m])
         assert 0 <= r['blimp'] <= 1 and r['blimp_stderr'] > 0
         assert isinstance(r['generation_greedy'], str)
-        assert Path(r['checkpoint'], 'meta.json').exists()
+        assert not Path(r['checkpoint']).is_absolute() and Path(smoke, r['checkpoint'], 'meta.json').exists()
     # the 2-epoch model has seen twice the tokens of the 1-epoch model, and trained them further
     assert res['runs'][1]['tokens'] == 2 * res['runs'][0]['tokens']
     assert res['runs'][1]['train_loss'] < res['runs'][0]['train_loss']
-    assert set(res['baselines']) >= {'blimp', 'arc_easy', 'boolq'}
-    assert res['baselines']['boolq']['majority'] >= 0.5
-    assert set(res['status']) == {'1', '2'}
+    assert set(res['summary']['baselines']) >= {'blimp', 'arc_easy', 'boolq'}
+    assert res['summary']['baselines']['boolq']['majority'] >= 0.5
+    assert set(res['status']['labels']) == {'1', '2'} and res['status']['state'] == 'complete'
+    assert res['curves']['0']['stable']['loss'] and res['curves']['0']['epochs2']['tokens']
     assert res['environment']['hardware'] and res['environment']['torch']
 
 def test_paper_is_self_contained_and_states_its_scale(smoke):
@@ -46,12 +50,20 @@ def test_paper_is_self_contained_and_states_its_scale(smoke):
     assert 'wikipedia-en' in html and 'FineWeb-Edu tokens' not in html
     assert html.count('<table') >= 1 and 'data:image/' in html
     assert 'src="http' not in html and "src='http" not in html and '<script src' not in html
-    assert f"{res['model']['n_params']:,}" in html and res['environment']['hardware'] in html
+    assert f"{res['summary']['model']['n_params']:,}" in html and res['environment']['hardware'] in html
     # a number of the table comes from results.json
-    assert f"{res['summary'][0]['heldout_loss']:.3f}" in html
+    assert f"{res['summary']['by_epochs'][0]['heldout_loss']:.3f}" in html
     import html as h
     g = res['runs'][0]['generation_greedy']
     assert h.escape(g, quote=False).strip()[:20] in html
+
+def test_terminal_shows_progress(smoke):
+    "The command's terminal (papermill's stderr, which the kernel's own stderr reaches) shows each stage, not only 'Executing'."
+    err = (smoke / 'stderr.txt').read_text()
+    lines = [l for l in err.splitlines() if l.startswith('[supra ')]
+    assert any('[epochs] plan:' in l for l in lines) and any('training seed 0' in l for l in lines), err[-2000:]
+    assert any('evaluating 2/2' in l for l in lines) and any('paper:' in l for l in lines)
+    assert len(lines) < 100, 'progress must not flood the terminal'
 
 def test_rerun_reuses_everything(smoke):
     metrics = sorted(smoke.glob('runs/*/*/metrics.jsonl'))
@@ -79,8 +91,9 @@ def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
     assert [r['train_loss'] for r in b] == pytest.approx([r['train_loss'] for r in a], abs=1e-6)
     assert [r['heldout_loss'] for r in b] == pytest.approx([r['heldout_loss'] for r in a], abs=1e-6)
 
-@pytest.mark.parametrize('name,value', [('epochs', 0), ('epochs', 'abc'), ('preset', 'fast'), ('corpus', 'c4'), ('seeds', 'x')])
-def test_bad_parameter_stops_the_first_cell(tmp_path, name, value):
+@pytest.mark.parametrize('name,value,field', [('epochs', 0, 'epochs'), ('epochs', 'abc', 'epochs'), ('preset', 'fast', 'preset'), ('corpus', 'c4', 'corpus'),
+                                              ('seeds', 'x', 'seeds'), ('epoch', 8, 'parameter'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper')])
+def test_bad_parameter_stops_the_first_cell(tmp_path, name, value, field):
     params = {'epochs': 2, name: value}
     args = [a for k, v in params.items() for a in ('-p', k, str(v))]
     r = papermill(tmp_path, *args, check=False)
@@ -91,7 +104,7 @@ def test_bad_parameter_stops_the_first_cell(tmp_path, name, value):
     # cells: 0 parameters, 1 injected parameters, 2 validation
     assert failed == [2], failed
     err = next(o for o in code[2].outputs if o.output_type == 'error')
-    assert err.ename == 'ConfigError' and f'{name}=' in err.evalue, err.evalue
+    assert err.ename == 'ConfigError' and f'{field}=' in err.evalue, err.evalue
     assert not (tmp_path / 'runs').exists()
 
 def test_smoke_paper_renders_in_chromium_offline(smoke):
@@ -105,9 +118,9 @@ def test_smoke_paper_renders_in_chromium_offline(smoke):
         rows = page.eval('[...document.querySelectorAll("table")].map(t => t.rows.length)')
         assert rows and max(rows) >= 1 + 9 + 1, rows            # header, the metric rows, the status row
         cols = page.eval('document.querySelector("table").rows[0].cells.length')
-        assert cols == 1 + len(res['summary']) + 2, cols        # metric, one per epoch count, chance, majority
+        assert cols == 1 + len(res['summary']['by_epochs']) + 2, cols        # metric, one per epoch count, chance, majority
         imgs = page.eval('[...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])')
         assert len(imgs) >= 3 and all(c and w > 100 and bw > 100 for c, w, bw in imgs), imgs
         text = page.eval('document.body.innerText')
-        assert 'wikipedia-en' in text and f"{res['summary'][-1]['heldout_loss']:.3f}" in text
+        assert 'wikipedia-en' in text and f"{res['summary']['by_epochs'][-1]['heldout_loss']:.3f}" in text
     assert foreign_requests(page.requests) == [], page.requests
