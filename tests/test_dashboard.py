@@ -187,7 +187,8 @@ def branched(out, epochs=2, spe=40, frac=0.25, upto=None, start=0, run_json=True
     if run_json:
         (out).mkdir(parents=True, exist_ok=True)
         (out / 'run.json').write_text(json.dumps(dict(name='branched', epochs=epochs, steps_per_epoch=spe,
-                                      total_steps=plan[-1][1] + sum(d for *_, d in plan), branches=[f'epochs{k}' for k, *_ in plan])))
+                                      total_steps=plan[-1][1] + sum(d for *_, d in plan),
+                                      branches=[dict(dir=f'epochs{k}', epochs=k, branch_step=b, end_step=k * spe) for k, b, _ in plan])))
     n, s0 = 0, 0
     def rows(d, steps, phase, lr):
         nonlocal n
