@@ -12,6 +12,7 @@ from lm_eval.api.registry import register_model, model_registry
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tokenizers import Tokenizer
 
+from .checkpoint import load_checkpoint
 from .config import ConfigError, check, check_int
 from .model import generate_batch
 from .score import EOS, _eos_id, score_rows
@@ -29,13 +30,11 @@ def _as_tokenizer(tokenizer) -> Tokenizer:
     raise ConfigError('tokenizer', type(tokenizer).__name__, 'a tokenizers.Tokenizer or the path of a tokenizer.json')
 
 def load_model(checkpoint, tokenizer=None, device:str='cpu'):
-    """`(model, tokenizer)` from a Supra checkpoint via `supra.train.load_checkpoint`; the tokenizer is `tokenizer`
+    """`(model, tokenizer)` from a Supra checkpoint via `supra.checkpoint.load_checkpoint` (any registered model family); the tokenizer is `tokenizer`
     (a `Tokenizer` or a path), else the `tokenizer.json` beside the checkpoint."""
     p = Path(checkpoint)
     if not p.exists(): raise FileNotFoundError(f"checkpoint {str(p)!r} not found (looked at {p.resolve()})")
-    try: from supra.train import load_checkpoint
-    except ImportError as e: raise ImportError(f"loading checkpoint {str(p)!r} needs supra.train.load_checkpoint, which is not available: {e}") from e
-    try: model, meta = load_checkpoint(p)
+    try: model, meta = load_checkpoint(p, device)
     except Exception as e: raise ValueError(f"checkpoint {str(p)!r} could not be loaded ({type(e).__name__}: {e})") from e
     if tokenizer is None:
         cands = [q / 'tokenizer.json' for q in ([p] if p.is_dir() else []) + [p.parent]]
@@ -52,7 +51,7 @@ if getattr(model_registry._objs.get('supra'), '__name__', None) == 'SupraLM': mo
 class SupraLM(TemplateLM):
     "lm-eval backend for an in-memory Supra model (or a checkpoint) and its `tokenizers.Tokenizer`."
     def __init__(self, model=None, tokenizer=None, checkpoint:str|None=None, batch_size:int|str=64,
-                 batch_tokens:int|None=None, max_length:int|None=None, device:str|None=None, **kwargs):
+                 batch_tokens:int|None=None, max_length:int|None=None, device:str|None=None, encodings:dict|None=None, **kwargs):
         super().__init__()
         if model is None:
             check(checkpoint is not None, 'model', None, 'an in-memory model, or checkpoint=<path>')
@@ -70,6 +69,7 @@ class SupraLM(TemplateLM):
         # chunked inside score_rows, so this only bounds activations (batches of 4k-16k tokens measured equally fast on CPU)
         self.batch_tokens = int(batch_tokens or max(self.max_length, min(self.batch_size * self.max_length, 2**25 // V)))
         self._device = next(model.parameters()).device
+        self._enc = {} if encodings is None else encodings   # string -> ids; shared by backends with the same tokenizer
 
     @property
     def eot_token_id(self): return self._eot
@@ -86,8 +86,10 @@ class SupraLM(TemplateLM):
         return self.tokenizer.encode(string, add_special_tokens=False).ids
 
     def _encode_many(self, strings) -> dict:
-        uniq = list(dict.fromkeys(strings))
-        return dict(zip(uniq, (e.ids for e in self.tokenizer.encode_batch(uniq, add_special_tokens=False))))
+        "`{string: ids}`, each new string tokenized once (in one `encode_batch`) and remembered in `self._enc`."
+        new = [s for s in dict.fromkeys(strings) if s not in self._enc]
+        if new: self._enc.update(zip(new, (e.ids for e in self.tokenizer.encode_batch(new, add_special_tokens=False))))
+        return self._enc
 
     def loglikelihood(self, requests, disable_tqdm:bool=False):
         "`TemplateLM.loglikelihood` (same splitting of context and continuation), with all strings tokenized in one batch."

@@ -4,11 +4,12 @@
 
 # %% ../nbs/04_eval.ipynb #c43c0513
 from __future__ import annotations
-import json, logging, math, os
+import hashlib, json, logging, math, os, random
+from pathlib import Path
 from contextlib import contextmanager, redirect_stderr
 
-import numpy as np, pandas as pd
-import lm_eval
+import numpy as np, pandas as pd, torch
+import lm_eval, lm_eval.evaluator
 from lm_eval.api.model import LM
 
 from .config import EvalConfig, check_int
@@ -16,9 +17,10 @@ from .score import EOS, pack_rows, tree_mask, score_rows
 from .backend import SupraLM, hf_lm, load_model
 from .tasks import (TaskDataError, allowed_tasks, blimp_paradigms, check_task_data, expand_tasks, task_dir, task_manager)
 from .heldout import heldout_bpb
+from .requests import FEWSHOT_SEED, prepare_requests
 
 # %% auto #0
-__all__ = ['tidy_results', 'evaluate', 'bench_eval']
+__all__ = ['tidy_results', 'evaluate', 'evaluate_many', 'bench_eval']
 
 # %% ../nbs/04_eval.ipynb #543538ba
 @contextmanager
@@ -100,6 +102,51 @@ def evaluate(model, tokenizer=None, cfg:EvalConfig|None=None, tasks=None, limit:
     df = tidy_results(res)
     df.attrs['lm_eval'] = _jsonable(res)
     return df
+
+# %% ../nbs/04_eval.ipynb #62d9f83a
+def _tasks(names):
+    "lm-eval's task list for Supra task names: the whole of BLiMP as its group, so that results carry lm-eval's own group mean."
+    whole = set(names) >= {f'blimp_{u}' for u in blimp_paradigms()}
+    return (['blimp'] if whole else []) + [t for t in names if not (whole and t.startswith('blimp_'))]
+
+def _tok_id(tokenizer) -> str:
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()
+
+def _as_lm(m, batch_size:int, device:str, encodings:dict) -> LM:
+    "An lm-eval `LM` for `m`: an `LM` as is, `(model, tokenizer)`, a checkpoint path or `(path, tokenizer)`."
+    if isinstance(m, LM): return m
+    model, tokenizer = m if isinstance(m, tuple) else (m, None)
+    if isinstance(model, (str, Path)): model, tokenizer = load_model(model, tokenizer, device=device)
+    lm = SupraLM(model, tokenizer, batch_size=batch_size)
+    lm._enc = encodings.setdefault(_tok_id(lm.tokenizer), {})
+    return lm
+
+def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|None=None, batch_size:int|None=None,
+                  device:str='cpu', cache:bool=True, verbose:bool=False) -> dict:
+    """Evaluate every model of `models` (`{name: (model, tokenizer) | checkpoint path | (path, tokenizer) | lm-eval LM}`)
+    on the same requests, built once. Returns `{name: tidy table}`, each equal to `evaluate` of that model alone;
+    `df.attrs['lm_eval']` holds lm-eval's raw results and `df.attrs['requests']` `{task: 'built' | 'cached'}`."""
+    cfg = cfg or EvalConfig()
+    names = expand_tasks(tasks if tasks is not None else cfg.tasks)
+    limit = cfg.limit if limit is None else limit
+    if limit is not None: check_int('limit', limit, lo=1)
+    check_task_data(names)
+    out, encodings = {}, {}
+    with _quiet(verbose):
+        loaded = task_manager().load(_tasks(names))
+        for t in loaded['tasks'].values():   # what simple_evaluate sets before evaluating
+            if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
+            t.set_fewshot_seed(seed=FEWSHOT_SEED)
+        how = prepare_requests(loaded, limit, cache=cache)
+        for name, m in models.items():
+            lm = _as_lm(m, batch_size or cfg.batch_size, device, encodings)
+            random.seed(0); np.random.seed(1234); torch.manual_seed(1234)   # simple_evaluate's seeds
+            res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
+            df = tidy_results(res)
+            df.attrs['lm_eval'], df.attrs['requests'] = _jsonable(res), dict(how)
+            out[name] = df
+            del lm
+    return out
 
 # %% ../nbs/04_eval.ipynb #b9e1ab0a
 def bench_eval(**kwargs):

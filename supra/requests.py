@@ -11,6 +11,7 @@ import lm_eval
 from lm_eval.api.instance import Instance
 from lm_eval.evaluator_utils import get_sample_size
 
+from .cache import code_fingerprint
 from .config import atomic_write, cache_dir, stable_hash
 
 # %% auto #0
@@ -38,17 +39,12 @@ def task_files(task) -> list[str]:
     files = files.values() if isinstance(files, dict) else [files]
     return sorted(str(f) for fs in files for f in ([fs] if isinstance(fs, (str, Path)) else fs))
 
-def _code_fingerprint():
-    try: from supra.cache import code_fingerprint
-    except ImportError: return None        # before supra.cache existed: the format number alone versions the code
-    return code_fingerprint('requests')
-
 def request_key(task, limit:int|None=None, samples:list|None=None) -> str:
     "Cache key of the requests of a loaded lm-eval `task` for `limit` examples (or the `samples` indices)."
     cfg = json.dumps(task.dump_config(), sort_keys=True, default=str)
     return stable_hash({'format': REQUESTS_FORMAT, 'task': cfg, 'files': {f: file_sha256(f) for f in task_files(task)},
                         'limit': limit, 'samples': samples, 'fewshot_seed': FEWSHOT_SEED, 'lm_eval': lm_eval.__version__,
-                        'code': _code_fingerprint()}, n=24)
+                        'code': code_fingerprint('requests')}, n=24)
 
 # %% ../nbs/04e_requests.ipynb #707413bf
 def _encode(inst:Instance) -> dict:

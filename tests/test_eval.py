@@ -166,9 +166,9 @@ def test_bad_input(tok, model, tmp_path, monkeypatch):
 
 
 def test_checkpoint(tok, model, tmp_path):
-    train = pytest.importorskip('supra.train', reason='supra.train (checkpoints) not available')
+    from supra.checkpoint import save_checkpoint
     ck = tmp_path / 'ck'
-    train.save_checkpoint(ck, model)
+    save_checkpoint(ck, model)
     lm = E.SupraLM(checkpoint=str(ck), tokenizer=tok)
     from lm_eval.api.instance import Instance
     r = [Instance('loglikelihood', {}, ("The", " cat"), 0)]
@@ -199,3 +199,47 @@ def test_prefix_tree_scoring_matches_unpacked(model):
         lp, ok = E.score_rows(model, rows, jobs, batch_tokens=bt, cap=cap, head_chunk=3)
         np.testing.assert_allclose(lp, [a for a, _ in ref], rtol=0, atol=1e-4)
         assert list(ok) == [b for _, b in ref]
+
+
+MANY = ['blimp_adjunct_island', 'blimp_anaphor_gender_agreement', 'arc_easy', 'boolq', 'wikitext']
+
+def test_evaluate_many_equals_each_alone(tok, model, tmp_path, monkeypatch):
+    "Checkpoints scored together on requests built once get exactly lm-eval's results of evaluating each alone."
+    import pandas as pd
+    from supra.checkpoint import save_checkpoint
+    monkeypatch.setenv('SUPRA_CACHE', str(tmp_path / 'cache'))
+    torch.manual_seed(3); other = Transformer(model.cfg).eval()
+    save_checkpoint(tmp_path / 'ck', other); tok.save(str(tmp_path / 'ck' / 'tokenizer.json'))
+    models = {'trained': (model, tok), 'random': str(tmp_path / 'ck')}
+    got = E.evaluate_many(models, tasks=MANY, limit=8)
+    assert list(got) == ['trained', 'random']
+    for name, m in [('trained', model), ('random', other)]:
+        alone = E.evaluate(m, tok, tasks=MANY, limit=8)
+        pd.testing.assert_frame_equal(got[name], alone, check_exact=True)   # values, stderr, n, baselines: bit for bit
+        assert got[name].attrs['lm_eval']['results'] == alone.attrs['lm_eval']['results']
+    assert not got['trained'].value.equals(got['random'].value)
+    assert set(got['trained'].attrs['requests'].values()) == {'built'}
+    assert set(E.evaluate_many({'t': (model, tok)}, tasks=MANY, limit=8)['t'].attrs['requests'].values()) == {'cached'}
+
+
+def test_request_cache_rebuilds_on_changed_data_or_limit(tok, model, tmp_path, monkeypatch):
+    "A changed data file (same path) or another limit builds new requests; unchanged ones are read back."
+    root = tmp_path / 'data'; (root / 'boolq').mkdir(parents=True)
+    lines = (DATA / 'boolq' / 'validation.jsonl').read_text().splitlines(keepends=True)[:40]
+    f = root / 'boolq' / 'validation.jsonl'; f.write_text(''.join(lines))
+    monkeypatch.setenv('SUPRA_DATA', str(root)); monkeypatch.setenv('SUPRA_CACHE', str(tmp_path / 'cache'))
+    how = lambda **kw: E.evaluate_many({'m': (model, tok)}, tasks=['boolq'], **kw)['m'].attrs['requests']['boolq']
+    assert how(limit=5) == 'built'
+    assert how(limit=5) == 'cached'
+    assert how(limit=6) == 'built'
+    doc = json.loads(lines[0]); q = doc['question']
+    doc['question'] = q[::-1]                                      # same path, different content
+    f.write_text(json.dumps(doc) + '\n' + ''.join(lines[1:]))
+    got = E.evaluate_many({'m': (model, tok)}, tasks=['boolq'], limit=5)['m']
+    assert got.attrs['requests']['boolq'] == 'built'
+    assert got.equals(E.evaluate(model, tok, tasks=['boolq'], limit=5))
+    from supra.requests import build_requests
+    task = E.task_manager().load(['boolq'])['tasks']['boolq']; task.set_config(key='num_fewshot', value=0)
+    reqs, hit = build_requests(task, limit=5)
+    assert hit and q[::-1] in reqs[0]['args'][0] and q not in reqs[0]['args'][0]   # the new requests are the new data's
+    assert how(limit=5) == 'cached'
