@@ -11,6 +11,7 @@ import torch
 
 from supra.config import ConfigError, DataConfig
 import supra.data as D
+import supra.tokenizers as T
 from supra.data import (EOS, BOS, EpochLoader, build_pool, count_bytes, decode_bytes, get_tokenizer, iter_docs,
                         read_pool, token_byte_lengths, tokenizer_key, val_texts, write_corpus, write_pool)
 
@@ -204,7 +205,8 @@ def test_pool_is_reproducible_from_scratch(mid_pool, tmp_path):
 @needs_wiki
 def test_cache_hit_reads_no_corpus_and_trains_nothing(mid_pool, cache, monkeypatch):
     def boom(*a, **k): raise AssertionError("cache hit touched the corpus or the trainer")
-    monkeypatch.setattr(D, 'iter_docs', boom); monkeypatch.setattr(D, 'new_tokenizer', boom)
+    for mod in (D, T): monkeypatch.setattr(mod, 'iter_docs', boom)
+    monkeypatch.setattr(T, 'new_tokenizer', boom); monkeypatch.setattr(T, 'train_superbpe', boom)
     p = build_pool(MID, cache=cache)
     assert p.path == mid_pool.path and p.meta['sha256'] == mid_pool.meta['sha256']
 
@@ -362,3 +364,59 @@ def test_bench_data_tiny(capsys):
     kv = dict(p.split('=') for p in last.split())
     assert kv['bench'] == 'data' and int(kv['tokens']) == 20_000 and float(kv['build_s']) > 0 and float(kv['mb_s']) > 0
     assert r['tokens'] == 20_000
+
+# ---------------------------------------------------------------- wide pools (vocabularies beyond 65,535 ids)
+
+def test_pool_dtype_follows_vocab():
+    assert [D.pool_dtype(v) for v in (260, 65_535, 65_536)] == [np.uint16] * 3
+    assert [D.pool_dtype(v) for v in (65_537, 70_000, 200_005)] == [np.uint32] * 3
+
+
+def test_wide_pool_round_trips_ids_beyond_uint16(tmp_path):
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 70_000, 20_000); ids[:4] = [65_535, 65_536, 65_537, 69_999]
+    p = write_pool(tmp_path / 'w.bin', ids, dtype=D.pool_dtype(70_000))
+    back = read_pool(p, len(ids))
+    assert back.dtype == np.uint32 and np.array_equal(np.asarray(back, dtype=np.int64), ids)
+    assert (ids > 65_535).sum() > 1000
+    assert np.fromfile(p, np.int32, 4).tolist() == [D.MAGIC, D.VERSION_WIDE, len(ids), 4]
+    assert p.stat().st_size == D.HEADER_BYTES + 4 * len(ids)
+
+
+def test_ids_beyond_the_dtype_raise_not_wrap(tmp_path):
+    big = np.array([1, 65_536, 2])
+    with pytest.raises(ConfigError, match=r"ids in \[0, 65535\]"): write_pool(tmp_path / 'a.bin', big)          # uint16: 65,536 would wrap to 0
+    with pytest.raises(ConfigError, match=r"ids in \[0, 4294967295\]"): write_pool(tmp_path / 'b.bin', np.array([2 ** 32]), dtype=np.uint32)
+    with pytest.raises(ConfigError, match=r"ids in \[0, 4294967295\]"): write_pool(tmp_path / 'c.bin', np.array([-1]), dtype=np.uint32)
+    with pytest.raises(ConfigError, match="dtype='int8'"): write_pool(tmp_path / 'd.bin', np.array([1]), dtype=np.int8)
+    assert not list(tmp_path.iterdir())
+    out = np.zeros(3, dtype=np.uint16)                                       # numpy itself refuses to wrap a Python int into the pool's buffer
+    with pytest.raises(OverflowError): out[0:3] = [1, 65_536, 2]
+
+
+def test_uint16_pool_format_unchanged(tmp_path):
+    "A uint16 pool is byte for byte the version-1 file the published papers' pools are: header, then the ids."
+    p = write_pool(tmp_path / 'x.bin', np.arange(7))
+    raw = p.read_bytes()
+    h = np.zeros(256, np.int32); h[:3] = 20240520, 1, 7
+    assert raw == h.tobytes() + np.arange(7, dtype=np.uint16).tobytes()
+    wide = bytearray(raw); wide[4:8] = np.int32(2).tobytes()                # version 2 without the 4-byte width is not a pool
+    (tmp_path / 'y.bin').write_bytes(bytes(wide))
+    with pytest.raises(D.PoolError, match="bytes per token"): read_pool(tmp_path / 'y.bin')
+
+
+def test_build_pool_wide_path(tmp_path, monkeypatch):
+    "The uint32 path of build_pool end to end (forced for a small vocabulary): same ids, its own key, dtype in header and sidecar."
+    root, _ = tiny_root(tmp_path)
+    narrow = build_pool(TINY, root=root, cache=tmp_path / 'c')
+    assert narrow.meta['dtype'] == 'uint16' and narrow.tokens.dtype == np.uint16
+    monkeypatch.setattr(D, 'pool_dtype', lambda v: np.dtype(np.uint32))
+    wide = build_pool(TINY, root=root, cache=tmp_path / 'c')
+    assert wide.tokens.dtype == np.uint32 and wide.meta['dtype'] == 'uint32' and wide.key != narrow.key
+    assert np.array_equal(np.asarray(wide.tokens), np.asarray(narrow.tokens))
+    assert wide.path.stat().st_size == 1024 + 4 * TINY.n_tokens and np.fromfile(wide.path, np.int32, 4).tolist()[1:] == [2, TINY.n_tokens, 4]
+    assert build_pool(TINY, root=root, cache=tmp_path / 'c').path == wide.path                    # a cache hit
+    assert wide.key == D.pool_key(TINY, wide.meta['tokenizer_sha256'], root, np.uint32)
+    assert narrow.key == D.pool_key(TINY, narrow.meta['tokenizer_sha256'], root)                 # no dtype in a uint16 key
+    x, y = next(EpochLoader(wide, 4, 16).batches(0))
+    assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
