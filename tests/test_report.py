@@ -90,3 +90,51 @@ def test_missing_figure_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match='nope.svg'):
         render_paper(spec)
     assert not (tmp_path / 'p.html').exists()
+
+
+def _matrix_paper(d: Path) -> Path:
+    "The epoch matrix's shape: 8 epoch columns, two baselines, ± stderr on every cell, a status row; one constant row."
+    cols = [f'Epoch {k}' for k in range(1, 9)]
+    rows = [row('Final train loss (↓)', [6.6 - 0.3 * i for i in range(8)], [0.01] * 8, best='min'),
+            row('Held-out bits/byte (↓)', [2.8 - 0.07 * i for i in range(8)], [0.004] * 8, best='min'),
+            row('BLiMP (↑)', [0.49 + 0.001 * i for i in range(8)], [0.0073] * 8, fmt='pct', best='max', chance=0.5, majority=0.5),
+            row('ARC-Easy (↑)', [0.16, 0.2, 0.22, 0.18, 0.2, 0.34, 0.22, 0.2], [0.055] * 8, fmt='pct', best='max', chance=0.25, majority=0.32),
+            row('BoolQ (↑)', [0.22] * 8, [0.059] * 8, fmt='pct', best='max', chance=0.5),
+            row('WikiText PPL (↓)', [900 - 10 * i for i in range(8)], best='min', informative=False, note='one seed: within noise')]
+    t = table(cols, rows, title='The 8-epoch matrix', baselines=('chance', 'majority'), highlight_col=7,
+              status=[('under-trained (1 seed)', None)] * 7 + [('best held-out (1 seed)', 'success')])
+    return write_paper(d / 'matrix.html', dict(title='Matrix', sections=[t]))
+
+
+def test_wide_table_fits_the_seed_width_and_badges_only_real_winners(tmp_path):
+    path = _matrix_paper(tmp_path)
+    html = path.read_text()
+    assert html.count('class="winner-badge"') == 3        # train loss, bits/byte, ARC-Easy (34% > majority 32%)
+    assert html.count('class="uninformative"') == 2       # BLiMP (never above its majority baseline), WikiText (flagged)
+    with Page(width=1000, height=900) as page:             # the seed pages' width
+        page.goto(path.as_uri())
+        sizes = page.eval('[...document.querySelectorAll(".table-container")].map(c => [c.scrollWidth, c.clientWidth])')
+        assert sizes and all(s <= c for s, c in sizes), sizes   # no horizontal scrolling
+        badges = page.eval('[...document.querySelectorAll("td.winner-badge")].map(td => td.closest("tr").cells[0].textContent)')
+        assert [b.split(' (')[0] for b in badges] == ['Final train loss', 'Held-out bits/byte', 'ARC-Easy']
+        muted = page.eval('getComputedStyle(document.querySelector("tr.uninformative td")).color')
+        assert muted == 'rgb(136, 136, 136)'
+
+
+def test_index_renders_in_chromium_offline(tmp_path):
+    from supra.index import write_index
+    papers, outputs = tmp_path / 'papers', tmp_path / 'outputs'
+    _matrix_paper(papers); (papers / 'matrix.html').rename(papers / 'golf.html')
+    (outputs / 'golf').mkdir(parents=True)
+    (outputs / 'golf' / 'results.json').write_text(json.dumps(dict(experiment='golf', question='How small? ' + XSS[0], headline=XSS[1], preset='cpu')))
+    idx = write_index(papers, outputs)
+    with Page(width=1000) as page:
+        page.goto(idx.as_uri())
+        cards = page.eval('[...document.querySelectorAll("article.paper-card")].map(a => [a.querySelector("h3").textContent, a.querySelector(".headline").textContent])')
+        assert cards == [['How small? ' + XSS[0], XSS[1]]]
+        assert page.eval('typeof window.__pwned') == 'undefined'
+        hrefs = page.eval('[...document.querySelectorAll("article a")].map(a => a.getAttribute("href"))')
+        assert hrefs == ['golf.html', 'golf.html', '../outputs/golf/results.json']
+        page.goto((papers / 'golf.html').as_uri())
+        assert page.eval('document.querySelector(".logo-area a").getAttribute("href")') == 'index.html'
+    assert foreign_requests(page.requests) == [], page.requests
