@@ -4,17 +4,21 @@
 
 # %% ../nbs/08_sweep.ipynb #ec0c9f42
 from __future__ import annotations
-import math, os, warnings
+import contextlib, hashlib, math, os, time, warnings
 from pathlib import Path
 from typing import Callable
 import optuna
 from optuna.distributions import BaseDistribution, FloatDistribution, IntDistribution, CategoricalDistribution
 from optuna.trial import TrialState
+try: import fcntl
+except ImportError: fcntl = None                          # Windows: SQLite studies fall back to the count check alone
+try: from optuna.storages._heartbeat import get_heartbeat_thread   # what Study.optimize uses to keep a trial's heartbeat
+except ImportError: get_heartbeat_thread = None
 from .config import ConfigError, check, check_int, check_num, check_choice
 
 # %% auto #0
-__all__ = ['SCHEMES', 'storage_url', 'open_storage', 'log_uniform', 'check_space', 'suggest', 'n_complete', 'tune',
-           'trials_frame', 'lr_grid', 'tune_lr']
+__all__ = ['SCHEMES', 'storage_url', 'open_storage', 'log_uniform', 'check_space', 'suggest', 'n_complete', 'n_running',
+           'study_lock', 'tune', 'trials_frame', 'lr_grid', 'tune_lr']
 
 # %% ../nbs/08_sweep.ipynb #6f05e004
 SCHEMES = ('sqlite', 'postgresql', 'mysql', 'oracle', 'mssql')
@@ -93,9 +97,50 @@ def _objective(fn, space):
         return r
     return f
 
+def n_running(study:optuna.Study) -> int:
+    "How many of the study's trials are RUNNING (here or on another worker)."
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+@contextlib.contextmanager
+def study_lock(storage:optuna.storages.RDBStorage, url:str, study_name:str):
+    "Serialise 'count the trials, then start one' between all workers of `study_name` (a database lock, or a file lock for SQLite)."
+    scheme = url.split('://', 1)[0].split('+', 1)[0].lower()
+    key = int.from_bytes(hashlib.sha256(f'supra.sweep:{study_name}'.encode()).digest()[:8], 'big', signed=True)
+    if scheme == 'postgresql':
+        import sqlalchemy as sa
+        with storage.engine.connect() as con:
+            con.execute(sa.text('SELECT pg_advisory_lock(:k)'), {'k': key}); con.commit()
+            try: yield
+            finally: con.execute(sa.text('SELECT pg_advisory_unlock(:k)'), {'k': key}); con.commit()
+    elif scheme == 'mysql':
+        import sqlalchemy as sa
+        with storage.engine.connect() as con:
+            con.execute(sa.text('SELECT GET_LOCK(:k, -1)'), {'k': str(key)}); con.commit()
+            try: yield
+            finally: con.execute(sa.text('SELECT RELEASE_LOCK(:k)'), {'k': str(key)}); con.commit()
+    elif scheme == 'sqlite' and fcntl is not None and url.split('://', 1)[1].lstrip('/') not in ('', ':memory:'):
+        path = url.split('://', 1)[1][1:]
+        with open(f'{path}.{key & 0xffffffff:08x}.lock', 'a') as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try: yield
+            finally: fcntl.flock(f, fcntl.LOCK_UN)
+    else: yield   # other databases: the count check alone (a rare race can add one extra trial)
+
+def _run_trial(study:optuna.Study, fn, trial) -> TrialState:
+    "Run `fn` on an asked trial with heartbeats; tell the result. An exception is told as FAIL and re-raised."
+    with (get_heartbeat_thread(trial._trial_id, study._storage) if get_heartbeat_thread else contextlib.nullcontext()):
+        try: value = fn(trial)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        return study.tell(trial, value, skip_if_finished=True).state if math.isfinite(value) else study.tell(trial, state=TrialState.FAIL).state
+
 def tune(objective:Callable[[dict], float|dict], space:dict, n_trials:int, study_name:str, storage:str|None=None,
          seed:int=0, direction:str='minimize', out_dir=None, init:list[dict]|None=None,
-         max_fail:int|None=None, verbose:bool=False, n_startup:int=3, heartbeat_interval:int=30, grace_period:int=120) -> optuna.Study:
+         max_fail:int|None=None, verbose:bool=False, n_startup:int=3, heartbeat_interval:int=30, grace_period:int=120,
+         poll_s:float=0.5) -> optuna.Study:
     "Run `objective(params)` over `space` until `study_name` in `storage` holds `n_trials` COMPLETE trials."
     check_int('n_trials', n_trials, lo=1)
     check(isinstance(study_name, str) and len(study_name) > 0, 'study_name', study_name, 'a non-empty string')
@@ -106,17 +151,30 @@ def tune(objective:Callable[[dict], float|dict], space:dict, n_trials:int, study
     max_fail = n_trials if max_fail is None else max_fail
     url = storage_url(storage, out_dir)
     if not verbose: optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(storage=open_storage(url, heartbeat_interval, grace_period), study_name=study_name, direction=direction,
+    rdb = open_storage(url, heartbeat_interval, grace_period)
+    study = optuna.create_study(storage=rdb, study_name=study_name, direction=direction,
                                 load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=seed))
-    if init and not study.trials:
-        for p in init: study.enqueue_trial(p)
+    if init:
+        with study_lock(rdb, url, study_name):
+            if not study.trials:
+                for p in init: study.enqueue_trial(p)
     fn, fails = _objective(objective, space), 0
-    while n_complete(study) < n_trials and fails < max_fail:
-        # the next proposal is a function of (seed, stored history): resume == uninterrupted
-        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=n_startup)
-        before = n_complete(study)
-        study.optimize(fn, n_trials=1)
-        fails += n_complete(study) == before
+    while fails < max_fail:
+        with study_lock(rdb, url, study_name):
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
+                optuna.storages.fail_stale_trials(study)       # a dead worker's RUNNING trial: FAIL, its params queued again
+            states = [t.state for t in study.get_trials(deepcopy=False)]   # one read: a trial is counted once, running or complete
+            done, trial = states.count(TrialState.COMPLETE), None
+            if done + states.count(TrialState.RUNNING) < n_trials:
+                # the next proposal is a function of (seed, stored history): resume == uninterrupted
+                study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), n_startup_trials=n_startup)
+                with warnings.catch_warnings():
+                    warnings.simplefilter('ignore', UserWarning)   # "heartbeat is supposed to be used with optimize": _run_trial keeps it
+                    trial = study.ask()                    # RUNNING before the lock is released: the next worker counts it
+        if done >= n_trials: break
+        if trial is None: time.sleep(poll_s); continue     # the remaining trials are running elsewhere: wait for them (or their failure)
+        fails += _run_trial(study, fn, trial) != TrialState.COMPLETE
     return study
 
 # %% ../nbs/08_sweep.ipynb #51fef695
