@@ -62,6 +62,25 @@ def test_escapes_everything_from_the_log(tmp_path):
     assert '<b>metric' not in html and '<img src=x' not in html and html.count('<script>') == 1   # only the reload script
 
 
+def test_hostile_log_is_inert_in_chromium(tmp_path):
+    "Strings from the log and run.json (branch, phase, metric names, the run's name) show as text and run nothing."
+    run = fresh(tmp_path / 'r'); append(run, 1, 3, evals=(2,))
+    hostile = '<img src=x onerror="window.__pwned=1">'
+    with open(run / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps({'step': 4, 'loss': 1.0, 'phase': hostile, hostile: 2.0}) + '\n')
+        f.write(json.dumps({'step': 4, 'eval': {'<script>window.__pwned=2</script>': 1.0}}) + '\n')
+    (run / 'run.json').write_text(json.dumps({'name': '<script>window.__pwned=3</script>'}))
+    path = write_dashboard(run)
+    from supra.pages import stylesheet
+    assert stylesheet('dash').strip()[:60] in path.read_text()          # the one shared stylesheet, inline
+    with Page(width=1200, height=800) as page:
+        page.goto(path.as_uri())
+        assert page.eval('typeof window.__pwned') == 'undefined'
+        assert page.eval('document.querySelector(".supra-dash h1").textContent').startswith('<script>window.__pwned=3</script>')
+        assert page.eval('document.querySelectorAll(".supra-dash img").length') == 0
+    assert foreign_requests(page.requests) == [], page.requests
+
+
 def test_long_run_is_downsampled_and_keeps_spikes(tmp_path):
     run = fresh(tmp_path / 'long'); run.mkdir()
     with open(run / 'metrics.jsonl', 'w') as f:
