@@ -420,3 +420,151 @@ def test_build_pool_wide_path(tmp_path, monkeypatch):
     assert narrow.key == D.pool_key(TINY, narrow.meta['tokenizer_sha256'], root)                 # no dtype in a uint16 key
     x, y = next(EpochLoader(wide, 4, 16).batches(0))
     assert x.dtype == torch.int64 and torch.equal(x[:, 1:], y[:, :-1])
+
+# ---------------------------------------------------------------- SuperBPE
+
+SB_T = 1843                                                   # ~90% of MID's 2048
+
+
+@pytest.fixture(scope='module')
+def superbpe(cache):
+    if not HAVE_WIKI: pytest.skip("needs wikipedia-en under SUPRA_DATA")
+    return get_tokenizer(MID, cache=cache, kind='superbpe', transition=SB_T)
+
+
+@needs_wiki
+def test_superbpe_round_trip(superbpe):
+    tok = superbpe
+    assert tok.get_vocab_size() == 2048 and tok.token_to_id(EOS) == 0 and tok.token_to_id(BOS) == 1
+    rng = random.Random(0)
+    junk = [''.join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0x80, 0x800), rng.randrange(0x3000, 0x9fff),
+                                     rng.randrange(0x1F300, 0x1FAFF), rng.choice([9, 10, 13, 32])])) for _ in range(200)) for _ in range(30)]
+    digits = ["0", "007", "3.14159265358979", "1,234,567.89", "2024-05-20 12:34:56", "+44 (0)20 7946 0958"]
+    spaces = [" " * k + "x" + " " * k for k in range(1, 9)] + ["\n" * k + "y" for k in range(1, 6)] + [" \n \n\t\t end. Next!  ?"]
+    for t in val_texts(MID) + WEIRD + junk + digits + spaces:
+        ids = tok.encode(t).ids
+        assert tok.decode(ids) == t, repr(t[:80])
+        assert 0 not in ids and 1 not in ids
+        assert count_bytes(tok, ids) == len(t.encode()) == D.doc_bytes(tok, ids)
+
+
+@needs_wiki
+def test_superbpe_is_bpe_then_superwords(superbpe, mid_pool):
+    "Stage 1 is the ordinary BPE at the transition size; stage 2 adds tokens that cross spaces, never sentence ends or newlines."
+    from supra.tokenizers import train_bpe, _head_chars
+    texts = [t for b in _head_chars(iter_docs('wikipedia-en'), MID.tokenizer_chars) for t in b]
+    s1 = train_bpe([texts], SB_T)
+    assert [superbpe.id_to_token(i) for i in range(SB_T)] == [s1.id_to_token(i) for i in range(SB_T)]
+    assert [mid_pool.tokenizer.id_to_token(i) for i in range(SB_T)] == [s1.id_to_token(i) for i in range(SB_T)]   # BPE is greedy: a prefix of the 2048 one
+    new = [superbpe.id_to_token(i) for i in range(SB_T, 2048)]
+    supers = [t for t in new if 'Ġ' in t[1:]]
+    assert len(supers) > len(new) // 3, supers[:20]
+    assert not any('Ċ' in t and t.strip('Ċ') for t in new)                                  # newlines stay their own pieces
+    assert not any(re_sentence_cut(t) for t in new)
+
+
+def re_sentence_cut(t):
+    "A token that continues after sentence punctuation (., !, ?) — stage 2 never builds one."
+    import re
+    return re.search(r'[.!?]+[^.!?]', t) is not None
+
+
+@needs_wiki
+def test_superbpe_more_chars_per_token_at_equal_vocab(superbpe, mid_pool):
+    val = val_texts(MID)
+    chars = sum(map(len, val))
+    cpt = {k: chars / sum(len(e.ids) for e in t.encode_batch(val)) for k, t in (('bpe', mid_pool.tokenizer), ('superbpe', superbpe))}
+    assert superbpe.get_vocab_size() == mid_pool.tokenizer.get_vocab_size() == MID.vocab_size
+    assert cpt['superbpe'] > 1.02 * cpt['bpe'], cpt
+
+
+def test_tokenizer_kind_is_part_of_the_key(tmp_path):
+    root, _ = tiny_root(tmp_path)
+    k = tokenizer_key(TINY, root)
+    assert k == tokenizer_key(TINY, root, kind='bpe') == tokenizer_key(TINY, root, kind='bpe', transition=280)   # transition means nothing to BPE
+    sb = {t: tokenizer_key(TINY, root, kind='superbpe', transition=t) for t in (270, 280, 300)}
+    assert len(set(sb.values()) | {k}) == 4
+    assert tokenizer_key(TINY, root, kind='superbpe') == tokenizer_key(TINY, root, kind='superbpe', transition=270)   # default: 90% of 300
+    with pytest.raises(ConfigError, match="tokenizer='unigram'"): tokenizer_key(TINY, root, kind='unigram')
+    with pytest.raises(ConfigError, match="superbpe_transition=301"): tokenizer_key(TINY, root, kind='superbpe', transition=301)
+    with pytest.raises(ConfigError, match="superbpe_transition=100"): tokenizer_key(TINY, root, kind='superbpe', transition=100)
+
+
+def test_tokenizer_kind_from_config_fields(tmp_path):
+    "Once DataConfig has `tokenizer` / `superbpe_transition`, they are read from it (simulated with a stand-in config)."
+    from dataclasses import dataclass
+    from supra.tokenizers import tokenizer_spec
+    @dataclass(frozen=True)
+    class Cfg:
+        corpus: str = 'wikipedia-en'; vocab_size: int = 300; tokenizer_chars: int = 5000; val_docs: int = 3
+        tokenizer: str = 'superbpe'; superbpe_transition: int | None = 290
+    assert tokenizer_spec(Cfg()) == dict(kind='superbpe', vocab_size=300, transition=290)
+    assert tokenizer_spec(Cfg(), kind='bpe') == dict(kind='bpe', vocab_size=300, transition=None)
+    assert tokenizer_spec(TINY) == dict(kind='bpe', vocab_size=300, transition=None)
+    root, _ = tiny_root(tmp_path)
+    assert tokenizer_key(Cfg(), root) == tokenizer_key(TINY, root, kind='superbpe', transition=290)
+
+
+def test_superbpe_pool_and_cache(tmp_path, monkeypatch):
+    root, _ = tiny_root(tmp_path, n=120)
+    cfg = TINY.replace(n_tokens=2000)
+    bpe = build_pool(cfg, root=root, cache=tmp_path / 'c')
+    sb = build_pool(cfg, root=root, cache=tmp_path / 'c', kind='superbpe', transition=280)
+    assert sb.key != bpe.key and sb.meta['tokenizer'] == 'superbpe' and sb.meta['superbpe_transition'] == 280
+    assert bpe.meta['tokenizer'] == 'bpe' and 'superbpe_transition' not in bpe.meta
+    some = list(itertools.islice(iter_docs('wikipedia-en', root=root), 20))
+    assert sum(len(sb.tokenizer.encode(d).ids) for d in some) <= sum(len(bpe.tokenizer.encode(d).ids) for d in some)   # same vocabulary, no more tokens (random words: few phrases to learn)
+    toks = np.asarray(sb.tokens)
+    eos = np.flatnonzero(toks == sb.eos_id)
+    docs = list(itertools.islice(iter_docs('wikipedia-en', root=root), len(eos)))
+    for seg, doc in zip(np.split(toks, eos + 1), docs): assert sb.tokenizer.decode(seg[seg != sb.eos_id].tolist()) == doc
+    assert sb.meta['bytes'] == count_bytes(sb.tokenizer, toks)
+    def boom(*a, **k): raise AssertionError("cache hit retrained")
+    monkeypatch.setattr(T, 'train_superbpe', boom)
+    again = build_pool(cfg, root=root, cache=tmp_path / 'c', kind='superbpe', transition=280)
+    assert again.path == sb.path and again.tokenizer.to_str() == sb.tokenizer.to_str()
+
+# ---------------------------------------------------------------- bytes of held-out text, any tokenizer
+
+def _llama_style(texts, vocab_size):
+    "A SentencePiece-style tokenizer (Llama's layout): character BPE, byte-fallback tokens <0x00>..<0xFF>, Metaspace prefix space, a decoder that strips it."
+    from tokenizers import Tokenizer, models, trainers, pre_tokenizers, decoders
+    sp = Tokenizer(models.BPE())
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement='▁', prepend_scheme='first')
+    sp.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=['<unk>', '<s>'], show_progress=False))
+    m = json.loads(sp.to_str())['model']
+    vocab = dict(m['vocab']); vocab.update({f'<0x{b:02X}>': len(vocab) + b for b in range(256)})
+    sp.model = models.BPE(vocab=vocab, merges=[tuple(x) for x in m['merges']], byte_fallback=True)
+    sp.decoder = decoders.Sequence([decoders.Replace('▁', ' '), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(' ', 1, 0)])
+    return sp
+
+
+def test_doc_bytes_byte_level_first_token(tmp_path):
+    from tests.common import tiny_bpe
+    tok = tiny_bpe("the cat sat on the mat; naïve café 東京 " * 50, 300, specials=(EOS, BOS))
+    tok.encode_special_tokens = True                                                         # as the pool's tokenizers: specials in text are text
+    for t in [" leading space", "x", "東", "東京 and more", "\n\nnewlines first", "🙂", "the cat"] + WEIRD:
+        ids = tok.encode(t).ids
+        assert D.doc_bytes(tok, ids) == len(t.encode()) == count_bytes(tok, ids)
+        if ids:
+            first = D.decode_bytes(tok, ids[:1])
+            assert D.doc_bytes(tok, ids[:1]) == len(first)                                  # the first token alone: its own bytes, no prefix
+    assert D.doc_bytes(tok, [0, 1] + tok.encode("ab").ids) == 2
+
+
+def test_doc_bytes_sentencepiece_style_byte_fallback():
+    rng = random.Random(3)
+    words = "the of and to in is was for on that by with as at from".split()
+    sp = _llama_style([' '.join(rng.choice(words) for _ in range(50)) for _ in range(50)], 120)
+    checked_fallback_first = 0
+    for t in ["東京 is not in the vocabulary", "é", "🙂🙂 and", "the end", "naïve café", "a  b\n\nc", "x"] + WEIRD[4:7]:
+        enc = sp.encode(t)
+        assert sp.decode(enc.ids) == t
+        assert D.doc_bytes(sp, enc.ids) == len(t.encode())
+        assert count_bytes(sp, enc.ids) == len(t.encode()) + enc.tokens[0].startswith('▁')      # the raw table counts the stripped prefix space
+        if enc.tokens[0] == '▁' and enc.tokens[1].startswith('<0x'): checked_fallback_first += 1
+    assert checked_fallback_first >= 3
+    assert D.doc_bytes(sp, sp.encode("東").ids[:1]) == 0                                      # a lone prefix-space token decodes to nothing
+    from transformers import PreTrainedTokenizerFast                                          # a transformers tokenizer works too
+    hf = PreTrainedTokenizerFast(tokenizer_object=sp)
+    assert D.doc_bytes(hf, sp.encode("東京 x").ids) == len("東京 x".encode())
