@@ -27,7 +27,7 @@ def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) a
 def _snapshot(cache_root:Path, out:Path) -> dict:
     "mtimes of every checkpoint file the experiment made, and the Optuna trials (number, state, value)."
     import optuna
-    files = {str(p): p.stat().st_mtime_ns for p in (cache_root / 'topology').rglob('*.safetensors')}
+    files = {str(p): p.stat().st_mtime_ns for p in (out / 'runs').rglob('*.safetensors')}
     trials = {s.study_name: [(t.number, t.state.name, t.value) for t in optuna.load_study(study_name=s.study_name, storage=f'sqlite:///{out}/optuna.db').trials]
               for s in optuna.get_all_study_summaries(storage=f'sqlite:///{out}/optuna.db')}
     return dict(files=files, trials=trials)
@@ -53,13 +53,13 @@ def test_results_complete_and_finite(smoke):
     for key, r in runs.items():
         for m in RUN_METRICS: assert _finite(r[m]), (key, m, r.get(m))
         assert 0 <= r['arc_easy'] <= 1 and 0 <= r['blimp'] <= 1 and r['wikitext_word_ppl'] > 1 and r['heldout_bpb'] > 0
-        assert r['params'] == res['topologies'][key[0]]['params'] and r['lr'] == res['topologies'][key[0]]['lr']
-        assert isinstance(r['generation'], str)
+        assert r['params'] == res['summary']['topologies'][key[0]]['params'] and r['lr'] == res['summary']['topologies'][key[0]]['lr']
+        assert isinstance(r['generation_greedy'], str) and not Path(r['checkpoint']).is_absolute()
         curve = res['curves'][key[0]][str(key[1])]
         assert len(curve['loss']) == r['steps'] and curve['loss'][-1] == r['step_loss']
         assert abs(sum(curve['loss']) / len(curve['loss']) - r['train_loss']) < 1e-9
     # the shapes keep the seed's ratios: layers 4:2:1, widths 2:3:4
-    t = res['topologies']
+    t = res['summary']['topologies']
     assert [t[x]['n_layer'] for x in TOPOLOGIES] == [4 * t['shallow-wide']['n_layer'], 2 * t['shallow-wide']['n_layer'], t['shallow-wide']['n_layer']]
     assert [4 * t[x]['d_model'] // t['shallow-wide']['d_model'] for x in TOPOLOGIES] == [2, 3, 4]
     for x in TOPOLOGIES:   # every topology has its own completed LR search, and the chosen LR is its best trial
@@ -68,13 +68,16 @@ def test_results_complete_and_finite(smoke):
         assert res['plan']['lr_lo'] <= t[x]['lr'] <= res['plan']['lr_hi']
         assert t[x]['lr_objective'] == min(tr['value'] for tr in done)
         assert t[x]['lr'] == next(tr['lr'] for tr in done if tr['value'] == t[x]['lr_objective'])
+    from supra.experiment import ENVELOPE_KEYS
+    assert list(res) == list(ENVELOPE_KEYS)
+    S = {s['topology']: s for s in res['summary']['by_topology']}
     for m in ('wikitext_word_ppl', 'heldout_bpb', 'samples_s', 'arc_easy', 'blimp'):
         for x in TOPOLOGIES:
-            s = res['summary'][m][x]
-            assert s['n'] == len(seeds) and _finite(s['mean'])
-            assert abs(s['mean'] - sum(runs[(x, sd)][m] for sd in seeds) / len(seeds)) < 1e-9
-    assert {(c['metric'], c['a'], c['b']) for c in res['comparisons']} >= {('wikitext_word_ppl', 'deep-narrow', 'balanced')}
-    assert all(c['verdict'] in ('resolved', 'within noise') for c in res['comparisons'])
+            assert S[x]['n_seeds'] == len(seeds) and _finite(S[x][m])
+            assert abs(S[x][m] - sum(runs[(x, sd)][m] for sd in seeds) / len(seeds)) < 1e-9
+    comps = res['summary']['comparisons']
+    assert {(c['metric'], c['a'], c['b']) for c in comps} >= {('wikitext_word_ppl', 'deep-narrow', 'balanced')}
+    assert all(c['verdict'] in ('resolved', 'not resolved') for c in comps) and 'tokens_s' not in {c['metric'] for c in comps}
     assert all(_finite(v) and v > 0 for v in res['compute'].values()), res['compute']
 
 def test_paper(smoke):
@@ -85,22 +88,25 @@ def test_paper(smoke):
     assert page.count('data:image/svg+xml;base64,') == 5      # word PPL, bpb, throughput, loss curves, LR search
     assert '<script' not in page and 'smoke' in page and 'CPU' in page
     for r in res['runs']:
-        if r['seed'] == res['plan']['seeds'][0] and r['generation']:
-            assert html.escape(r['generation'], quote=True) in page
-    shown = f"{res['summary']['wikitext_word_ppl']['balanced']['mean']:,.2f}"   # table numbers are computed from results.json
+        if r['seed'] == res['plan']['seeds'][0] and r['generation_greedy']:
+            assert html.escape(r['generation_greedy'], quote=True) in page
+    shown = f"{next(s for s in res['summary']['by_topology'] if s['topology'] == 'balanced')['wikitext_word_ppl']:,.2f}"   # table numbers are computed from results.json
     assert shown in page
-    ref = res['seed_reference']   # the seed's published numbers the paper quotes are recorded in results.json by the run
+    assert "The seed's claims" in html.unescape(page) and 'Throughput, Throughput' not in page
+    ref = res['summary']['seed_reference']   # the seed's published numbers the paper quotes are recorded in results.json by the run
     assert ref['lr'] == 0.001178 and ref['samples_s']['balanced'] == 282.9
     assert f"{ref['lr']:.3e}" in page and f"×{ref['samples_s']['shallow-wide'] / ref['samples_s']['deep-narrow']:.2f}" in page
 
 
-def test_findings_quote_only_results():
+def test_findings_quote_only_results(smoke):
     "A results.json without the seed's reference numbers gives findings without them: nothing comes from constants."
-    from supra.topology import topology_findings
-    res = json.loads((ROOT / 'outputs' / 'topology' / 'results.json').read_text())
-    with_ref = ' '.join(t for _, t in topology_findings(dict(res, seed_reference={'lr': 0.5, 'samples_s': {'deep-narrow': 1.0, 'balanced': 2.0, 'shallow-wide': 4.0}})))
+    from supra.experiments.topology import findings
+    res = smoke['results']
+    ref = {'lr': 0.5, 'samples_s': {'deep-narrow': 1.0, 'balanced': 2.0, 'shallow-wide': 4.0}}
+    with_ref = ' '.join(t for l, t in findings(dict(res, summary=dict(res['summary'], seed_reference=ref))) if not l.startswith('Seed claim'))
     assert '5.000e-01' in with_ref and '×4.00' in with_ref
-    without = ' '.join(t for _, t in topology_findings({k: v for k, v in res.items() if k != 'seed_reference'}))
+    sm = {k: v for k, v in res['summary'].items() if k != 'seed_reference'}
+    without = ' '.join(t for l, t in findings(dict(res, summary=sm)) if not l.startswith('Seed claim'))
     assert 'the seed' not in without
 
 def test_rerun_is_cached(smoke):
@@ -112,10 +118,11 @@ def test_rerun_is_cached(smoke):
     assert r.returncode == 0, r.stderr[-4000:]
     assert _snapshot(smoke['cache_root'], tmp / 'out') == before
     again = json.loads((tmp / 'out' / 'results.json').read_text())
-    assert again['runs'] == smoke['results']['runs'] and again['topologies'] == smoke['results']['topologies']
+    assert again['runs'] == smoke['results']['runs'] and again['summary']['topologies'] == smoke['results']['summary']['topologies']
 
-@pytest.mark.parametrize('param,value', [('seeds', 'abc'), ('preset', 'fast'), ('storage', 'redis://localhost/0'), ('n_trials', 0)])
-def test_bad_parameter_fails_first(tmp_path, param, value):
+@pytest.mark.parametrize('param,value,field', [('seeds', 'abc', 'seeds'), ('preset', 'fast', 'preset'), ('storage', 'redis://localhost/0', 'storage'),
+                                               ('n_trials', 0, 'n_trials'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper')])
+def test_bad_parameter_fails_first(tmp_path, param, value, field):
     params = {**dict(preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html'), param: value}
     r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', **params)
     assert r.returncode != 0
@@ -123,6 +130,6 @@ def test_bad_parameter_fails_first(tmp_path, param, value):
     errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
     assert len(errs) == 1
     i, err = errs[0]
-    assert 'topology_plan(' in ''.join(nb['cells'][i]['source'])          # the validation cell, before any compute
-    assert err['ename'] == 'ConfigError' and f'{param}=' in err['evalue'], err['evalue']
+    assert 'exp.plan(' in ''.join(nb['cells'][i]['source'])          # the validation cell, before any compute
+    assert err['ename'] == 'ConfigError' and f'{field}=' in err['evalue'], err['evalue']
     assert not (tmp_path / 'out' / 'optuna.db').exists() and not (tmp_path / 'p.html').exists()
