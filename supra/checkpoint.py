@@ -15,7 +15,7 @@ from .model import Transformer
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'DEFAULT_FAMILY', 'FAMILIES', 'CheckpointError', 'register_family', 'family_of', 'save_checkpoint',
-           'read_meta', 'build_model', 'load_checkpoint']
+           'read_meta', 'build_model', 'model_from_config', 'load_checkpoint']
 
 # %% ../nbs/02a_checkpoint.ipynb #e80759fd
 CKPT_FORMAT = 'supra-checkpoint/1'
@@ -124,6 +124,12 @@ def build_model(meta:dict) -> nn.Module:
     try: cfg = config_cls.from_dict(meta['model_cfg'])
     except (ConfigError, TypeError, KeyError) as e: raise CheckpointError(f"{mf}: bad model_cfg ({e})") from None
     return cls(cfg)
+
+def model_from_config(cfg) -> nn.Module:
+    "A freshly initialised model of the family whose config class is `type(cfg)` (a `ModelConfig` builds a `Transformer`)."
+    for cls, config_cls in FAMILIES.values():
+        if type(cfg) is config_cls: return cls(cfg)
+    raise ConfigError('model_cfg', type(cfg).__name__, f"the config of a registered family: {', '.join(f'{c.__name__} ({n})' for n, (_, c) in FAMILIES.items())}")
 
 def load_checkpoint(path, device='cpu') -> tuple[nn.Module, dict]:
     "Rebuild the model saved in checkpoint directory `path`, of whatever registered family: `(model, meta)`; refuses a corrupted or mismatched file."

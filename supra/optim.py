@@ -12,7 +12,7 @@ from .config import ConfigError, check, TrainConfig
 from .model import CausalSelfAttention
 
 # %% auto #0
-__all__ = ['lr_factor', 'SplitMuon', 'make_optimizers']
+__all__ = ['GROUP_KEYS', 'lr_factor', 'SplitMuon', 'default_optimizers', 'model_param_groups', 'make_optimizers']
 
 # %% ../nbs/03b_optim.ipynb #c1c953b9
 def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='wsd', min_frac:float=0.0) -> float:
@@ -29,6 +29,10 @@ def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='ws
 # %% ../nbs/03b_optim.ipynb #770aee8e
 try: from torch.optim._muon import _zeropower_via_newtonschulz, _adjust_lr
 except ImportError: _zeropower_via_newtonschulz = None    # torch < 2.9 has no Muon; AdamW still works
+
+def _qkv_splits(model) -> dict:
+    "Row splits of every fused q/k/v matrix: `{id(weight): [q rows, k rows, v rows]}`."
+    return {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
 
 class SplitMuon(getattr(torch.optim, 'Muon', torch.optim.Optimizer)):
     "`torch.optim.Muon` whose `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
@@ -56,7 +60,7 @@ class SplitMuon(getattr(torch.optim, 'Muon', torch.optim.Optimizer)):
                     w.add_(u, alpha=-_adjust_lr(g['lr'], g['adjust_lr_fn'], w.shape))
         return loss
 
-def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimizer]:
+def default_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimizer]:
     "AdamW for everything (`cfg.optimizer='adamw'`), or Muon for block matrices + AdamW for the rest."
     in_blocks = {id(m.weight) for ml in model.modules() if isinstance(ml, nn.ModuleList)
                  for m in ml.modules() if isinstance(m, nn.Linear)}
@@ -69,7 +73,7 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
     fused = dict(fused=True) if next(model.parameters()).device.type in ('cpu', 'cuda') else {}
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opts = [torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.lr, betas=tuple(cfg.betas), **fused)]
-    splits = {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
+    splits = _qkv_splits(model)
     if muon: check(_zeropower_via_newtonschulz is not None, 'optimizer', 'muon', f"'adamw': Muon needs torch >= 2.9 (this is {torch.__version__})")
     if muon: opts.append(SplitMuon(muon, splits=splits, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
     for o in opts:
@@ -77,3 +81,44 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
     return opts
 
 
+# %% ../nbs/03b_optim.ipynb #16ef6512
+GROUP_KEYS = ('params', 'optimizer', 'lr', 'weight_decay', 'betas', 'momentum', 'name')
+
+def model_param_groups(model:nn.Module, cfg:TrainConfig) -> list[dict] | None:
+    "`model.param_groups(cfg)`, validated (known keys and optimisers, every trainable parameter exactly once); None if the model has none."
+    m = getattr(getattr(model, '_orig_mod', model), 'module', getattr(model, '_orig_mod', model))
+    fn = getattr(m, 'param_groups', None)
+    if not callable(fn): return None
+    names = {id(p): n for n, p in m.named_parameters() if p.requires_grad}
+    groups, owner = [], {}
+    for i, g in enumerate(fn(cfg)):
+        g = dict(g, params=list(g['params']), optimizer=g.get('optimizer', 'adamw'), name=str(g.get('name', f'group{i}')))
+        unknown = sorted(set(g) - set(GROUP_KEYS))
+        check(not unknown, 'param_groups', f"{g['name']}: {unknown}", f"keys from {GROUP_KEYS}")
+        check(g['optimizer'] in ('adamw', 'muon'), 'param_groups', f"{g['name']}: optimizer={g['optimizer']!r}", "'adamw' or 'muon'")
+        for p in g['params']:
+            check(id(p) in names, 'param_groups', g['name'], 'trainable parameters of this model only')
+            if id(p) in owner: raise ConfigError('param_groups', names[id(p)], f"in one group only (it is in {owner[id(p)]!r} and {g['name']!r})")
+            owner[id(p)] = g['name']
+            if g['optimizer'] == 'muon': check(p.ndim == 2, 'param_groups', f"{g['name']}: {names[id(p)]} {tuple(p.shape)}", 'matrices only in a Muon group')
+        groups.append(g)
+    missing = [n for i, n in names.items() if i not in owner]
+    check(not missing, 'param_groups', missing[:5], 'every trainable parameter in a group')
+    return groups
+
+def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimizer]:
+    "The model's own `param_groups(cfg)` as an AdamW and/or a `SplitMuon`; without them, `default_optimizers(model, cfg)`."
+    groups = model_param_groups(model, cfg)
+    if groups is None: return default_optimizers(model, cfg)
+    fused = dict(fused=True) if next(model.parameters()).device.type in ('cpu', 'cuda') else {}
+    adam = [dict(params=g['params'], name=g['name'], lr=g.get('lr', cfg.lr), weight_decay=g.get('weight_decay', cfg.weight_decay),
+                 betas=tuple(g.get('betas', cfg.betas))) for g in groups if g['optimizer'] == 'adamw' and g['params']]
+    muon = [dict(params=g['params'], name=g['name'], lr=g.get('lr', cfg.muon_lr), weight_decay=g.get('weight_decay', cfg.weight_decay),
+                 momentum=g.get('momentum', 0.95)) for g in groups if g['optimizer'] == 'muon' and g['params']]
+    opts = [torch.optim.AdamW(adam, lr=cfg.lr, betas=tuple(cfg.betas), **fused)] if adam else []
+    if muon:
+        check(_zeropower_via_newtonschulz is not None, 'param_groups', 'muon', f"'adamw' groups only: Muon needs torch >= 2.9 (this is {torch.__version__})")
+        opts.append(SplitMuon(muon, splits=_qkv_splits(model), lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
+    for o in opts:
+        for g in o.param_groups: g['peak_lr'] = g['lr']
+    return opts

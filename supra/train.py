@@ -13,21 +13,23 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, stable_hash
+from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, stable_hash, atomic_write
 
 # %% auto #0
-__all__ = ['IGNORED_ON_RESUME', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'train_epochs', 'main']
+__all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan', 'train_epochs',
+           'main']
 
 # %% ../nbs/03_train.ipynb #7f4ae53a
 from .model import Transformer
 from .data import EpochLoader
+from .loader import EpochSteps, Stage, StageLoader
 from .runtime import (JEMALLOC_CONF, jemalloc_path, jemalloc_loaded, with_jemalloc_env, reexec_with_jemalloc, dist_context,
                            loss_kwargs, AUTO_COMPILE_FLOPS, train_flops_per_token, compile_wanted)
 from .optim import lr_factor, SplitMuon, make_optimizers
 from .bench_train import bench_train, profile_train_step   # `python -m supra.bench train` finds it here too
 
 # %% ../nbs/03_train.ipynb #b91778a9
-from .checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_meta, load_checkpoint, register_family,
+from .checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_meta, load_checkpoint, register_family, model_from_config,
                               _load_weights, _unwrap)
 
 # %% ../nbs/03_train.ipynb #850a2665
@@ -35,11 +37,12 @@ class TrainingDiverged(FloatingPointError):
     "The loss (or gradient norm) became NaN/inf."
 
 IGNORED_ON_RESUME = ('ckpt_every_s', 'log_every', 'device', 'compile', 'eval_every', 'tracker')   # fields a resumed run may change
+ROW_KEYS = ('step', 'epoch', 'tokens', 'loss', 'lr', 'grad_norm', 'tok_s', 'elapsed', 'train_s', 'phase')   # a train row's own keys
 
 @dataclass
 class _Ctx:
     "What a run needs to know about its world: ranks, device, data."
-    rank: int; world: int; device: str; tokens: object; loader: object; accum: int; micro: int; spe: int; pool_key: str
+    rank: int; world: int; device: str; tokens: object; loader: object; spe: int; pool_key: str
 
 def _pool_tokens(pool):
     "The uint16 token array of a `TokenPool` (or a bare array) and a key that identifies it."
@@ -47,7 +50,7 @@ def _pool_tokens(pool):
     key = getattr(pool, 'key', None) or stable_hash([len(tokens), int(tokens[:4096].astype(np.int64).sum())])
     return tokens, str(key)
 
-def _context(pool, model_cfg:ModelConfig, cfg:TrainConfig) -> _Ctx:
+def _context(pool, model_cfg:ModelConfig, cfg:TrainConfig, loader=None) -> _Ctx:
     rank, world, device = dist_context(cfg.device)
     tokens, key = _pool_tokens(pool)
     check(cfg.seq_len <= model_cfg.seq_len, 'seq_len', cfg.seq_len, f"<= the model's seq_len={model_cfg.seq_len}")
@@ -55,21 +58,27 @@ def _context(pool, model_cfg:ModelConfig, cfg:TrainConfig) -> _Ctx:
     check(top < model_cfg.vocab_size, 'vocab_size', model_cfg.vocab_size, f"> every token id in the pool (max id {top})")
     check(cfg.batch_size % (world * cfg.grad_accum) == 0, 'batch_size', cfg.batch_size,
           f"a multiple of world_size × grad_accum = {world} × {cfg.grad_accum}")
-    micro = cfg.batch_size // cfg.grad_accum     # sequences per micro-step, over all ranks
-    loader = EpochLoader(tokens, micro, cfg.seq_len, seed=cfg.seed, rank=rank, world_size=world)
-    spe = -(-loader.steps_per_epoch // cfg.grad_accum)   # the epoch's last step may hold a partial batch
+    if loader is None: loader = EpochSteps(tokens, cfg.batch_size, cfg.seq_len, cfg.grad_accum, seed=cfg.seed, rank=rank, world_size=world)
+    elif not hasattr(loader, 'next') and callable(loader): loader = loader(tokens, cfg, rank, world)   # a factory
+    check(all(hasattr(loader, a) for a in ('steps_per_epoch', 'seek', 'next', 'state')), 'loader', type(loader).__name__,
+          'a step loader: steps_per_epoch, seek(step, state), next() and state() (see supra.loader)')
+    longest = getattr(loader, 'max_seq_len', cfg.seq_len)
+    check(longest <= model_cfg.seq_len, 'loader', f'windows of {longest} tokens', f"<= the model's seq_len={model_cfg.seq_len}")
+    spe = loader.steps_per_epoch
     check(spe >= 1, 'batch_size', cfg.batch_size, f"small enough that one epoch of the {len(tokens):,}-token pool holds at least one step of {cfg.batch_size} × {cfg.seq_len} tokens")
-    return _Ctx(rank, world, device, tokens, loader, cfg.grad_accum, micro, spe, key)
+    return _Ctx(rank, world, device, tokens, loader, spe, key)
+
 
 # %% ../nbs/03_train.ipynb #36707b75
 def _metrics_truncate(path:Path, step:int):
-    "Keep only the metrics lines of steps <= `step` (what the checkpoint we resume from had seen)."
+    "Keep only the metrics lines a checkpoint at `step` had seen: rows of steps <= `step`, event rows of steps before it."
     if not path.exists(): return
     keep = []
     for line in path.read_text().splitlines():
         try: rec = json.loads(line)
         except json.JSONDecodeError: continue   # a line cut by the kill
-        if rec.get('step', 0) <= step: keep.append(line)
+        seen = rec['at_step'] < step if 'at_step' in rec else rec.get('step', 0) <= step   # a stage row is written before its step
+        if seen: keep.append(line)
     tmp = path.with_name(path.name + '.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, path)
 
 def _rng_state(device, world:int) -> dict:
@@ -79,6 +88,22 @@ def _rng_state(device, world:int) -> dict:
     if world == 1: return mine
     every = [None] * world; dist.all_gather_object(every, mine)
     return {f'{k}.rank{r}': v for r, m in enumerate(every) for k, v in m.items()}
+
+def _evaluate(hook, model, step:int, device) -> dict:
+    "`hook(model, step)` in eval mode, without gradients, with the RNG untouched afterwards (a resumed run stays bitwise)."
+    was = model.training; model.eval()
+    devs = [torch.device(device).index or 0] if str(device).startswith('cuda') else []
+    try:
+        with torch.random.fork_rng(devices=devs), torch.no_grad(): out = hook(model, step)
+    finally: model.train(was)
+    check(isinstance(out, dict) and all(isinstance(k, str) for k in out), 'eval_hook', type(out).__name__, 'a function returning a dict {metric name: number}')
+    return {k: float(v) for k, v in out.items()}
+
+def _open_trackers(cfg:TrainConfig, run_dir:Path, config:dict):
+    "The experiment trackers `cfg.tracker` names (supra.trackers, imported only when asked for), or None."
+    if not cfg.tracker: return None
+    from supra.trackers import open_trackers
+    return open_trackers(cfg.tracker, run_dir, config)
 
 def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> dict:
     "Load weights, optimiser state, EMA and RNG from `ckpt` into the live objects; returns its meta."
@@ -112,23 +137,25 @@ def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> di
 
 # %% ../nbs/03_train.ipynb #32dddadc
 def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int|None, warmup:int, cooldown:int, stop:int,
-         init=None, snapshots=(), phase:str='train', quiet:bool=False) -> dict:
+         init=None, snapshots=(), phase:str='train', quiet:bool=False, eval_hook=None) -> dict:
     "Train from `run_dir/last` (or `init`, or scratch) up to optimiser step `stop` of a `total`-step schedule."
     run_dir = Path(run_dir); r0 = ctx.rank == 0
     if r0: run_dir.mkdir(parents=True, exist_ok=True)
     last, metrics = run_dir / 'last', run_dir / 'metrics.jsonl'
     device, dev_type = ctx.device, torch.device(ctx.device).type
     torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(device)
+    model = model_from_config(model_cfg).to(device)
     opts = make_optimizers(model, cfg)
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema else None
     schedule = dict(kind=cfg.schedule if total is not None else 'wsd', total=total, warmup=warmup, cooldown=cooldown, min_frac=cfg.min_lr_frac)
     expect = dict(model_cfg=model_cfg.to_dict(), train_cfg=cfg.to_dict(), pool_key=ctx.pool_key, world_size=ctx.world)
-    step, seen, elapsed, loss_v, src = 0, 0, 0.0, float('nan'), None
+    step, seen, elapsed, train_s, loss_v, src, at = 0, 0, 0.0, 0.0, float('nan'), None, None
     for cand in ([last] if (last / 'meta.json').exists() else []) + ([Path(init)] if init else []):
         meta = _restore(cand, model, opts, ema, device, expect, ctx.rank)
         step, seen, elapsed, loss_v, src = meta['step'], meta['tokens'], meta['elapsed'], meta.get('loss', float('nan')), cand
+        train_s, at = meta.get('train_s', elapsed), meta.get('loader')   # older checkpoints: no separate step time, no loader state
         break
+    ctx.loader.seek(step, at)
     if r0:
         if src == last: _metrics_truncate(metrics, step)
         elif metrics.exists(): metrics.unlink()   # a fresh start (or a branch) owns a fresh log
@@ -142,7 +169,8 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     loss_kw = loss_kwargs(model)
 
     def meta_now(): return dict(step=step, epoch=step / ctx.spe, data_cursor=dict(epoch=step // ctx.spe, step=step % ctx.spe),
-                                tokens=seen, elapsed=elapsed, loss=loss_v, schedule=schedule, phase=phase, **expect)
+                                tokens=seen, elapsed=elapsed, train_s=train_s, loss=loss_v, schedule=schedule, phase=phase,
+                                loader=ctx.loader.state(), **expect)
     def state_now():
         s = _rng_state(device, ctx.world)
         if ema: s.update({f'ema.{n}': t for n, t in ema.items()})
@@ -153,35 +181,45 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
 
     bar = tqdm(total=stop, initial=step, desc=phase, disable=quiet or not r0, dynamic_ncols=True, leave=False)
     log = open(metrics, 'a') if r0 else None
-    batches, t_ckpt, t_start, el0 = None, time.monotonic(), time.perf_counter(), elapsed
+    trk = _open_trackers(cfg, run_dir, dict(expect, phase=phase, run_dir=str(run_dir))) if r0 and step < stop else None
+    def emit(rec:dict, at:int):   # one row of metrics.jsonl, mirrored into the trackers
+        log.write(json.dumps(rec) + '\n'); log.flush()
+        if trk is not None: trk.log(rec, at)
+    t_ckpt, t_start, el0, eval_s = time.monotonic(), time.perf_counter(), elapsed, 0.0
     try:
         while step < stop:
             t0 = time.perf_counter()
-            epoch, estep = divmod(step, ctx.spe)
-            if batches is None: batches = ctx.loader.batches(epoch, estep * ctx.accum)
+            epoch = step // ctx.spe
+            mbs, info = ctx.loader.next()                       # this step's micro-batches (fewer at a ragged epoch end)
+            if r0 and info.get('boundary'):
+                emit(dict(event='stage', at_step=step, phase=phase, **{k: v for k, v in info.items() if k != 'boundary'}), step)
             f = lr_factor(step, total, warmup, cooldown, schedule['kind'], cfg.min_lr_frac)
+            if info.get('lr_scale', 1.0) != 1.0: f = f * info['lr_scale']
             for o in opts:
                 for g in o.param_groups: g['lr'] = g['peak_lr'] * f
-            mbs = [mb for _, mb in zip(range(ctx.accum), batches)]   # this step's micro-batches (fewer at a ragged epoch end)
             n_seq = sum(x.size(0) for x, _ in mbs)
-            loss_sum = torch.zeros((), device=device)
+            loss_sum, aux_sum = torch.zeros((), device=device), {}
             for a, (x, y) in enumerate(mbs):
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 sync = ddp.no_sync() if ctx.world > 1 and a < len(mbs) - 1 else contextlib.nullcontext()
                 w = x.size(0) / n_seq                                  # weight micro-batches by their sequences
                 with sync:
                     with amp:
-                        try: _, loss = fwd(x, y, **loss_kw)
+                        try: out = fwd(x, y, **loss_kw)
                         except Exception as e:   # compile='auto' is a speed choice: without a working compiler, train eagerly
                             if fwd is ddp or cfg.compile is True: raise
                             warnings.warn(f"torch.compile failed ({type(e).__name__}: {str(e)[:300]}); training without it (compile='auto')")
-                            fwd = ddp; _, loss = fwd(x, y, **loss_kw)
+                            fwd = ddp; out = fwd(x, y, **loss_kw)
+                    loss = out[1]
                     (loss * w).backward()
                 loss_sum += loss.detach().float() * w
+                for k, v in (out[2] if len(out) > 2 and out[2] else {}).items():   # the model's auxiliary metrics, logged
+                    aux_sum[k] = aux_sum.get(k, 0.0) + torch.as_tensor(v, device=device).detach().float() * w
             want_ckpt = float(r0 and time.monotonic() - t_ckpt >= cfg.ckpt_every_s)
-            red = torch.stack([loss_sum, torch.tensor(want_ckpt, device=device)])
+            red = torch.stack([loss_sum, torch.tensor(want_ckpt, device=device), *aux_sum.values()])
             if ctx.world > 1: dist.all_reduce(red)
             loss_v, want_ckpt = red[0].item() / ctx.world, red[1].item() > 0
+            aux_v = {k: red[2 + i].item() / ctx.world for i, k in enumerate(aux_sum)}
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float('inf'), foreach=True).item()
             if not (math.isfinite(loss_v) and math.isfinite(gn)):
                 what = f"loss is {loss_v}" if not math.isfinite(loss_v) else f"gradient norm is {gn} (loss {loss_v:.4f})"
@@ -194,16 +232,26 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
             for o in opts: o.zero_grad(set_to_none=True)
             if ema_pairs:
                 with torch.no_grad(): torch._foreach_lerp_([e for e, _ in ema_pairs], [p for _, p in ema_pairs], 1 - cfg.ema)
-            step += 1; step_tokens = n_seq * cfg.seq_len * ctx.world; seen += step_tokens
-            if step % ctx.spe == 0: batches = None        # epoch finished: the next step opens the next epoch's order
+            step += 1; step_tokens = sum(x.numel() for x, _ in mbs) * ctx.world; seen += step_tokens
             dt = time.perf_counter() - t0
-            elapsed = el0 + time.perf_counter() - t_start
+            train_s += dt                                                        # step time only, summed over every segment
+            elapsed = el0 + time.perf_counter() - t_start - eval_s
             if r0 and (step % cfg.log_every == 0 or step == stop):
                 rec = dict(step=step, epoch=round(step / ctx.spe, 6), tokens=seen, loss=loss_v, lr=f * cfg.lr,
-                           grad_norm=gn, tok_s=step_tokens / dt, elapsed=round(elapsed, 4), phase=phase)
-                log.write(json.dumps(rec) + '\n'); log.flush()
+                           grad_norm=gn, tok_s=step_tokens / dt, elapsed=round(elapsed, 4), train_s=round(train_s, 4), phase=phase)
+                clash = sorted(set(aux_v) & set(rec))
+                check(not clash, 'aux', clash, f"auxiliary metric names other than the trainer's own {ROW_KEYS}")
+                rec.update(aux_v)
+                emit(rec, step)
                 bar.set_postfix(loss=f'{loss_v:.4f}', lr=f'{f * cfg.lr:.2e}', refresh=False)
             bar.update(1)
+            if eval_hook is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == stop):
+                t_ev = time.perf_counter()
+                if r0:
+                    ev = _evaluate(eval_hook, model, step, device)
+                    emit(dict(step=step, epoch=round(step / ctx.spe, 6), tokens=seen, phase=phase, eval=ev,
+                              eval_s=round(time.perf_counter() - t_ev, 4)), step)
+                eval_s += time.perf_counter() - t_ev                             # not training time
             if step in snapshots: save(run_dir / f'step{step}')
             if step % ctx.spe == 0 or want_ckpt or step == stop:
                 save(last); t_ckpt = time.monotonic()
@@ -211,32 +259,45 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     finally:
         bar.close()
         if log: log.close()
+        if trk is not None: trk.close()
     if total is not None and step >= total and r0 and not (run_dir / 'final' / 'meta.json').exists():
         if ema:
             with torch.no_grad():
                 for n, p in model.named_parameters(): p.copy_(ema[n])
         save_checkpoint(run_dir / 'final', model, dict(meta_now(), ema=bool(ema)))
     return dict(out_dir=str(run_dir), checkpoint=str(run_dir / ('final' if total is not None and step >= total else 'last')),
-                step=step, epochs=step / ctx.spe, tokens=seen, loss=loss_v, elapsed=elapsed, steps_per_epoch=ctx.spe)
+                step=step, epochs=step / ctx.spe, tokens=seen, loss=loss_v, elapsed=elapsed, train_s=train_s, steps_per_epoch=ctx.spe)
+
 
 # %% ../nbs/03_train.ipynb #20f96c66
 def _summary(res:dict, metrics:Path, rank:int, steps:int) -> dict:
     "Add `loss_tail`, the mean loss over the run's last 5% of `steps` (at least 1) — less noisy than one step's loss."
     if rank == 0 and metrics.exists():
-        losses = [json.loads(l)['loss'] for l in metrics.read_text().splitlines() if '"loss"' in l]
+        rows = [json.loads(l) for l in metrics.read_text().splitlines() if '"loss"' in l]
+        losses = [r['loss'] for r in rows if 'loss' in r]          # train rows (not eval or stage rows)
         n = max(1, math.ceil(0.05 * steps))
         res['loss_tail'] = float(np.mean(losses[-n:])) if losses else float('nan')
     return res
 
-def train(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, quiet:bool=False) -> dict:
-    "Train a `Transformer(model_cfg)` on `pool` as `train_cfg` says; resumes from `out_dir`; returns a summary dict."
-    ctx = _context(pool, model_cfg, train_cfg)
-    total = (math.ceil(train_cfg.tokens / (train_cfg.batch_size * train_cfg.seq_len)) if train_cfg.tokens
-             else train_cfg.epochs * ctx.spe)
+def _write_run_json(run_dir, plan:dict, rank:int):
+    "The run's plan for the dashboard and progress lines (`run.json`): written by the trainer, before its first step."
+    if rank == 0:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(run_dir) / 'run.json', json.dumps(plan, indent=1))
+
+def train(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, quiet:bool=False, *, loader=None, eval_hook=None) -> dict:
+    """Train a model of `model_cfg`'s family on `pool` as `train_cfg` says; resumes from `out_dir`; returns a summary dict.
+    `loader`: a step loader (or a factory `(tokens, train_cfg, rank, world) -> loader`; default `EpochSteps`); `eval_hook(model, step)
+    -> dict`: called every `train_cfg.eval_every` steps and at the end, written as eval rows."""
+    ctx = _context(pool, model_cfg, train_cfg, loader)
+    total = (getattr(ctx.loader, 'total_steps', None) or
+             (math.ceil(train_cfg.tokens / (train_cfg.batch_size * train_cfg.seq_len)) if train_cfg.tokens else train_cfg.epochs * ctx.spe))
     warmup = round(train_cfg.warmup_frac * total)
     cooldown = round(train_cfg.cooldown_frac * total) if train_cfg.schedule == 'wsd' else 0
-    res = _run(ctx, model_cfg, train_cfg, out_dir, total=total, warmup=warmup, cooldown=cooldown, stop=total, quiet=quiet)
+    _write_run_json(out_dir, dict(name=f'train, seed {train_cfg.seed}', steps_per_epoch=ctx.spe, total_steps=total), ctx.rank)
+    res = _run(ctx, model_cfg, train_cfg, out_dir, total=total, warmup=warmup, cooldown=cooldown, stop=total, quiet=quiet, eval_hook=eval_hook)
     return _summary(res, Path(out_dir) / 'metrics.jsonl', ctx.rank, total)
+
 
 # %% ../nbs/03_train.ipynb #13bb2c5a
 def wsd_branch_plan(steps_per_epoch:int, epochs:int, cooldown_frac:float) -> list[tuple[int, int, int]]:
@@ -244,7 +305,15 @@ def wsd_branch_plan(steps_per_epoch:int, epochs:int, cooldown_frac:float) -> lis
     return [(k, k * steps_per_epoch - round(cooldown_frac * k * steps_per_epoch), round(cooldown_frac * k * steps_per_epoch))
             for k in range(1, epochs + 1)]
 
-def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, epochs:int|None=None, quiet:bool=False) -> list[dict]:
+def epochs_run_plan(steps_per_epoch:int, epochs:int, cooldown_frac:float, seed:int=0) -> dict:
+    "`run.json` of a `train_epochs` run: epochs, steps per epoch, every branch's directory, branch point and end, and the total steps."
+    plan = wsd_branch_plan(steps_per_epoch, epochs, cooldown_frac)
+    return dict(name=f'epochs 1..{epochs}, seed {seed}', epochs=epochs, steps_per_epoch=steps_per_epoch,
+                branches=[dict(dir=f'epochs{k}', epochs=k, branch_step=b, end_step=k * steps_per_epoch) for k, b, _ in plan],
+                total_steps=plan[-1][1] + sum(d for _, _, d in plan))
+
+def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, epochs:int|None=None, quiet:bool=False, *,
+                 eval_hook=None) -> list[dict]:
     "One WSD run with a cooldown branched for every epoch count 1..`epochs`: one fully annealed model per epoch count."
     epochs = train_cfg.epochs if epochs is None else epochs
     check_int('epochs', epochs, lo=1)
@@ -255,21 +324,23 @@ def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, ep
     out, spe = Path(out_dir), ctx.spe
     warmup = round(cfg.warmup_frac * spe)
     plan = wsd_branch_plan(spe, epochs, cfg.cooldown_frac)
+    _write_run_json(out, epochs_run_plan(spe, epochs, cfg.cooldown_frac, cfg.seed), ctx.rank)
     results = []
     for k, b, d in plan:
         branch_dir = out / f'epochs{k}'
         if not (branch_dir / 'final' / 'meta.json').exists():
             s = _run(ctx, model_cfg, cfg, out / 'stable', total=None, warmup=warmup, cooldown=0, stop=b,
-                     snapshots={bb for _, bb, _ in plan}, phase='stable', quiet=quiet)
+                     snapshots={bb for _, bb, _ in plan}, phase='stable', quiet=quiet, eval_hook=eval_hook)
             if ctx.world > 1: dist.barrier()   # rank 0 has written the branch point
             _run(ctx, model_cfg, cfg, branch_dir, total=k * spe, warmup=warmup, cooldown=d, stop=k * spe,
-                 init=out / 'stable' / f'step{b}', phase=f'cooldown{k}', quiet=quiet)
+                 init=out / 'stable' / f'step{b}', phase=f'cooldown{k}', quiet=quiet, eval_hook=eval_hook)
             if ctx.world > 1: dist.barrier()
         meta = read_meta(branch_dir / 'final') if ctx.rank == 0 else {}
         r = dict(epochs=k, checkpoint=str(branch_dir / 'final'), stable_steps=b, cooldown_steps=d, steps=k * spe,
-                 tokens=meta.get('tokens'), loss=meta.get('loss'), elapsed=meta.get('elapsed'))
+                 tokens=meta.get('tokens'), loss=meta.get('loss'), elapsed=meta.get('elapsed'), train_s=meta.get('train_s', meta.get('elapsed')))
         results.append(_summary(r, branch_dir / 'metrics.jsonl', ctx.rank, k * spe))
     return results
+
 
 # %% ../nbs/03_train.ipynb #0e553102
 def main(argv=None):
