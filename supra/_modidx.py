@@ -397,6 +397,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'supra.model.Transformer._init_weights': ('model.html#transformer._init_weights', 'supra/model.py'),
                              'supra.model.Transformer.body': ('model.html#transformer.body', 'supra/model.py'),
                              'supra.model.Transformer.forward': ('model.html#transformer.forward', 'supra/model.py'),
+                             'supra.model.Transformer.head_input': ('model.html#transformer.head_input', 'supra/model.py'),
                              'supra.model.Transformer.head_weight': ('model.html#transformer.head_weight', 'supra/model.py'),
                              'supra.model.Transformer.logits': ('model.html#transformer.logits', 'supra/model.py'),
                              'supra.model.Transformer.n_params': ('model.html#transformer.n_params', 'supra/model.py'),

@@ -568,3 +568,79 @@ def test_doc_bytes_sentencepiece_style_byte_fallback():
     from transformers import PreTrainedTokenizerFast                                          # a transformers tokenizer works too
     hf = PreTrainedTokenizerFast(tokenizer_object=sp)
     assert D.doc_bytes(hf, sp.encode("東京 x").ids) == len("東京 x".encode())
+
+# ---------------------------------------------------------------- n-gram floor
+
+from supra.ngram import NGramLM, ngram_bpb, score_pairs
+
+
+def _ref_kn(toks, V, n):
+    "Interpolated Kneser-Ney written out with dictionaries, one probability at a time: the reference for the vectorised model."
+    from collections import Counter
+    toks = [int(t) for t in toks]
+    cnt = {n: Counter(tuple(toks[i:i + n]) for i in range(len(toks) - n + 1))}
+    for k in range(n - 1, 0, -1): cnt[k] = Counter(g[1:] for g in cnt[k + 1])          # continuation counts: distinct left extensions
+    def disc(vals):
+        n1, n2 = sum(v == 1 for v in vals), sum(v == 2 for v in vals)
+        return 0.5 if n1 + 2 * n2 == 0 else min(0.9, max(0.1, n1 / (n1 + 2 * n2)))
+    D = {k: disc(list(c.values())) for k, c in cnt.items()}
+    tot = {k: Counter() for k in cnt}; typ = {k: Counter() for k in cnt}
+    for k, c in cnt.items():
+        for g, v in c.items(): tot[k][g[:-1]] += v; typ[k][g[:-1]] += 1
+    def P(k, h, w):
+        if k == 1: return (max(cnt[1].get((w,), 0) - D[1], 0) + D[1] * len(cnt[1]) / V) / sum(cnt[1].values())
+        lower = P(k - 1, h[1:], w)
+        if any(t < 0 for t in h) or tot[k][h] == 0: return lower
+        return (max(cnt[k].get(h + (w,), 0) - D[k], 0) + D[k] * typ[k][h] * lower) / tot[k][h]
+    return lambda h, w: P(n, tuple(int(t) for t in h), int(w))
+
+
+@pytest.mark.parametrize('n', [1, 2, 3])
+def test_ngram_matches_reference_and_normalises(n):
+    rng = np.random.default_rng(n)
+    V = 30
+    toks = np.minimum(rng.zipf(1.5, 3000) - 1, V - 3)                                  # skewed, ids V-2 and V-1 never seen
+    toks[::17] = rng.integers(0, V - 2, len(toks[::17]))
+    lm, ref = NGramLM.fit(toks, V, n), _ref_kn(toks, V, n)
+    ctx = rng.integers(-1, V, (300, n - 1)); ctx[:100] = np.lib.stride_tricks.sliding_window_view(toks, n)[:100, :-1]   # seen ones too
+    w = rng.integers(0, V, 300)
+    got = lm.prob(ctx, w)
+    want = np.array([ref(h, t) for h, t in zip(ctx, w)])
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    for h in ctx[::15]:                                                                  # a distribution over the whole vocabulary
+        p = lm.prob(np.repeat(h[None], V, 0), np.arange(V))
+        assert abs(p.sum() - 1) < 1e-12 and (p > 0).all()
+
+
+def test_ngram_deterministic_sequence_near_zero_bits():
+    cyc = np.tile(np.array([5, 3, 8, 1, 9, 0, 2]), 1000)
+    for n in (2, 3):
+        lm = NGramLM.fit(cyc, 10, n)
+        ctx = np.lib.stride_tricks.sliding_window_view(cyc, n)[:, :-1]
+        assert -np.log2(lm.prob(ctx, cyc[n - 1:])).mean() < 0.01
+    lp = score_pairs(NGramLM.fit(cyc, 10, 3), [([5, 3], [8, 1, 9, 0]), ([5, 3], [1, 1, 1, 1])])
+    assert lp[0] > -0.02 and lp[1] < -10
+
+
+def test_ngram_wide_vocabulary():
+    "Ids beyond 65,535 (a uint32 pool) count and score like any others."
+    base = np.tile(np.array([69_999, 65_536, 3, 65_535]), 500)
+    lm = NGramLM.fit(base.astype(np.uint32), 70_000, 3)
+    assert lm.prob([[69_999, 65_536]], [3])[0] > 0.99
+    assert abs(lm.prob(np.full((70_000, 2), 3), np.arange(70_000)).sum() - 1) < 1e-9
+    with pytest.raises(ConfigError, match="order=4 is invalid"): NGramLM.fit(base, 2_000_000, 4)
+
+
+@needs_wiki
+def test_ngram_floor_on_real_pool(mid_pool):
+    tok, texts = mid_pool.tokenizer, val_texts(MID)
+    res = {n: ngram_bpb(NGramLM.fit(mid_pool, MID.vocab_size, n), tok, texts) for n in (1, 2, 3)}
+    assert res[3]['bpb'] < res[2]['bpb'] < res[1]['bpb'] < 6
+    assert res[1]['bytes'] == sum(len(t.encode()) for t in texts) and res[1]['tokens'] == sum(len(tok.encode(t).ids) for t in texts)
+    lm = NGramLM.fit(mid_pool, MID.vocab_size, 3)
+    ids = tok.encode(texts[0]).ids[:40]
+    a, b = ids[:15], ids[15:]
+    whole, first, rest = score_pairs(lm, [([0], ids), ([0], a), ([0] + a, b)])
+    assert abs(whole - (first + rest)) < 1e-9                                            # log-probabilities add along a text
+    nll = -score_pairs(lm, [([0], tok.encode(t).ids) for t in texts]).sum()
+    assert abs(nll / np.log(2) / res[3]['bytes'] - res[3]['bpb']) < 1e-12
