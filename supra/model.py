@@ -8,7 +8,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from .config import ModelConfig, ConfigError, check, check_int, check_num
+from .config import ModelConfig, ConfigError, check, check_int, check_num, MLPS, NORMS
 
 # %% auto #0
 __all__ = ['EOS_TOKEN', 'RMSNorm', 'make_norm', 'Rotary', 'CausalSelfAttention', 'MLP', 'Block', 'Transformer',
@@ -125,13 +125,13 @@ class Transformer(nn.Module):
         self.drop = nn.Dropout(cfg.dropout) if cfg.dropout > 0 else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.norm_f = make_norm(cfg, d)
-        self.lm_head = None if self.tied else nn.Linear(d, V, bias=False)       # tied: logits = x @ wte.weight.T
+        self.lm_head = None if self.tied else nn.Linear(d, V, bias=False)       # tied: logits = x @ wte.weight.T (factorised: x @ P @ wte.T)
         self.apply(self._init_weights)
         for name, p in self.named_parameters():                                 # residual projections: scaled down
             if name.endswith('c_proj.weight'): nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
 
     @property
-    def tied(self) -> bool: return self.cfg.tie_embeddings and not self.cfg.embed_rank
+    def tied(self) -> bool: return self.cfg.tie_embeddings
 
     def _init_weights(self, m):
         if isinstance(m, (nn.Linear, nn.Embedding)): nn.init.normal_(m.weight, mean=0.0, std=0.02)
@@ -142,7 +142,11 @@ class Transformer(nn.Module):
         return n - self.wte.weight.numel() if non_embedding else n
 
     @property
-    def head_weight(self): return self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d)
+    def head_weight(self): return self.wte.weight if self.lm_head is None else self.lm_head.weight  # (V, d), tied factorised (V, r)
+
+    def head_input(self, x):
+        "Hidden states (..., d) as the head multiplies them: (..., r) through the projection transposed when a factorised embedding is tied."
+        return x @ self.emb_proj.weight if self.lm_head is None and self.emb_proj is not None else x   # (..., d) @ (d, r)
 
     def body(self, idx, cache:KVCache|None=None, pos=None, mask=None):
         """idx (B, T) token ids -> final hidden states (B, T, d), normed, before the head. By default position t is
@@ -160,7 +164,7 @@ class Transformer(nn.Module):
 
     def logits(self, x):
         "Hidden states (..., d) -> fp32 logits (..., V), softcapped when the config says so."
-        logits = F.linear(x, self.head_weight).float()
+        logits = F.linear(self.head_input(x), self.head_weight).float()
         return self.cfg.softcap * torch.tanh(logits / self.cfg.softcap) if self.cfg.softcap else logits
 
     def forward(self, idx, targets=None, cache:KVCache|None=None, return_logits:bool=True):
@@ -168,7 +172,7 @@ class Transformer(nn.Module):
         B, T = idx.shape
         x = self.body(idx, cache)                                               # (B, T, d)
         if targets is not None and not return_logits:                           # training: loss only (below)
-            return None, chunked_cross_entropy(x.reshape(B * T, -1), self.head_weight, targets.reshape(-1), self.cfg.softcap)
+            return None, chunked_cross_entropy(self.head_input(x.reshape(B * T, -1)), self.head_weight, targets.reshape(-1), self.cfg.softcap)
         logits = self.logits(x)                                                 # (B, T, V)
         loss = None if targets is None else F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
         return logits, loss
@@ -222,7 +226,7 @@ def count_params(cfg:ModelConfig) -> int:
     attn = d * cfg.n_head * hd + 2 * d * cfg.kv_heads * hd + cfg.n_head * hd * d + (2 * hd if cfg.qk_norm else 0)
     mlp = (3 if cfg.mlp == 'swiglu' else 2) * d * h
     emb = V * cfg.embed_rank + cfg.embed_rank * d if cfg.embed_rank else V * d
-    head = 0 if (cfg.tie_embeddings and not cfg.embed_rank) else d * V
+    head = 0 if cfg.tie_embeddings else d * V                              # tied: the head reuses the embedding (factorised too)
     return emb + head + L * (attn + mlp + 2 * d) + d
 
 # %% ../nbs/02_model.ipynb #8ffbf546

@@ -74,9 +74,11 @@ def loss_kwargs(model) -> dict:
 AUTO_COMPILE_FLOPS = {'cpu': 1e14, 'cuda': 3e15}   # training FLOPs from which compiling repays its ~20-40 s
 
 def train_flops_per_token(cfg:ModelConfig, seq_len:int) -> float:
-    "Training FLOPs per token: 6 × matmul params (+ tied head once) + 12 L d T for attention."
+    "Training FLOPs per token: 6 × matmul params (the head, and a factorised embedding's projection, included) + 12 L d T for attention."
     d, L = cfg.d_model, cfg.n_layer
-    n = L * (2 * d * d + 2 * d * cfg.head_dim * cfg.kv_heads + (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.hidden) + cfg.vocab_size * d
+    r = cfg.embed_rank
+    head = cfg.vocab_size * d if not r else (cfg.vocab_size * r + r * d if cfg.tie_embeddings else cfg.vocab_size * d)
+    n = L * (2 * d * d + 2 * d * cfg.head_dim * cfg.kv_heads + (3 if cfg.mlp == 'swiglu' else 2) * d * cfg.hidden) + head + (r * d if r else 0)
     return 6 * n + 12 * L * d * seq_len
 
 def compile_wanted(cfg:TrainConfig, model_cfg:ModelConfig, device_type:str, tokens:int) -> bool:

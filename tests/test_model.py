@@ -16,7 +16,8 @@ VARIANTS = {
     'base': {}, 'gqa': dict(n_kv_head=2), 'mqa': dict(n_kv_head=1), 'qk_norm': dict(qk_norm=True),
     'partial_rope': dict(rotary_frac=0.25), 'no_rope': dict(rotary_frac=0.0), 'softcap': dict(softcap=5.0),
     'relu2_layernorm': dict(mlp='relu2', norm='layernorm'), 'gelu': dict(mlp='gelu', mlp_hidden=96),
-    'factorised': dict(embed_rank=16), 'untied': dict(tie_embeddings=False),
+    'factorised': dict(embed_rank=16), 'factorised_untied': dict(embed_rank=16, tie_embeddings=False),
+    'untied': dict(tie_embeddings=False),
 }
 
 
@@ -28,6 +29,36 @@ def tok(): return tiny_bpe("The cat sat on the mat. A small model predicts the n
 def test_param_count_formula(name):
     cfg = TINY.replace(**VARIANTS[name])
     assert Transformer(cfg).n_params() == count_params(cfg)
+
+
+def test_count_params_every_combination():
+    "count_params equals the built model's sum(p.numel()) for every combination of norm, MLP, GQA, rank, tying, QK-norm, RoPE, softcap."
+    import itertools
+    from supra.config import MLPS, NORMS
+    opts = dict(norm=NORMS, mlp=MLPS, n_kv_head=(None, 2, 1), embed_rank=(None, 1, 8, 64), tie_embeddings=(True, False),
+                qk_norm=(False, True), rotary_frac=(1.0, 0.5), softcap=(None, 30.0), mlp_hidden=(None, 40))
+    n = 0
+    for combo in itertools.product(*opts.values()):
+        cfg = TINY.replace(n_layer=1, **dict(zip(opts, combo)))
+        m = Transformer(cfg)
+        assert count_params(cfg) == sum(p.numel() for p in m.parameters()) == m.n_params(), cfg
+        n += 1
+    assert n == 2 * 3 * 3 * 4 * 2 * 2 * 2 * 2 * 2
+
+
+def test_tied_factorised_embedding_saves_parameters_in_and_out():
+    "embed_rank=r, tied: V*r + r*d embedding parameters in all, the head reads the table back, no lm_head."
+    cfg = TINY.replace(embed_rank=16)
+    m = Transformer(cfg)
+    body = count_params(TINY) - TINY.vocab_size * TINY.d_model
+    assert count_params(cfg) == body + 256 * 16 + 16 * 64 and m.lm_head is None
+    idx = torch.randint(0, 256, (2, 8))
+    with torch.no_grad():
+        h = m.body(idx)
+        torch.testing.assert_close(m(idx)[0], F.linear(h, m.wte.weight @ m.emb_proj.weight.T), atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(m(idx, idx, return_logits=False)[1], m(idx, idx)[1], atol=1e-5, rtol=1e-5)   # chunked path too
+    u = Transformer(cfg.replace(tie_embeddings=False))
+    assert u.lm_head.weight.shape == (256, 64) and count_params(cfg.replace(tie_embeddings=False)) == count_params(cfg) + 256 * 64
 
 
 @pytest.mark.parametrize('name', VARIANTS)
