@@ -15,10 +15,13 @@ __all__ = ['TRACKERS', 'PACKAGES', 'BACKENDS', 'scalars', 'tracker_names', 'requ
 TRACKERS = ('trackio', 'tensorboard', 'wandb')
 PACKAGES = {'trackio': 'trackio', 'tensorboard': 'tensorboard', 'wandb': 'wandb'}   # tracker -> PyPI package (= supra extra)
 
-def scalars(row:dict) -> dict:
-    "The finite numeric fields of a metrics row, except `step`."
-    return {k: float(v) for k, v in row.items()
-            if k != 'step' and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+def scalars(row:dict, prefix:str='') -> dict:
+    "The finite numeric fields of a metrics row, except `step`; nested dicts (an eval row's `eval`) as 'eval/bpb'."
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict): out.update(scalars(v, f'{prefix}{k}/'))
+        elif (prefix or k != 'step') and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v): out[prefix + k] = float(v)
+    return out
 
 # %% ../nbs/03t_trackers.ipynb #9bc5221e
 def tracker_names(tracker) -> tuple:

@@ -14,13 +14,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(model=dict(n_layer=2, d_model=32), train=dict(lr=0.003, batch_size=8), corpus='wikipedia-en')
 ROWS = [dict(step=s, epoch=s / 40, tokens=s * 256, loss=5.0 * math.exp(-s / 25), lr=0.003 * (1 - s / 50),
              grad_norm=1.0 + s / 100, tok_s=1000.0 + s, elapsed=s * 0.1, phase='train') for s in (5, 10, 15, 20)]
+EVAL = dict(step=20, eval=dict(heldout_loss=4.25, bpb=1.875), phase='train')   # an eval row, as the trainer's eval hook writes it
 
 
 def has(mod): return importlib.util.find_spec(mod) is not None
 
 
-def _write(tmp_path, names, **env):
-    "Log ROWS with CONFIG to the trackers `names` for run `tmp_path/exp/run0`, in a fresh process."
+def _write(tmp_path, names, rows=ROWS, **env):
+    "Log `rows` with CONFIG to the trackers `names` for run `tmp_path/exp/run0`, in a fresh process."
     run_dir = tmp_path / 'exp' / 'run0'
     code = textwrap.dedent(f'''
         import json, sys
@@ -31,7 +32,7 @@ def _write(tmp_path, names, **env):
         tr.close()
     ''')
     e = dict(os.environ, OMP_NUM_THREADS='1', WANDB_SILENT='true', **env)
-    p = subprocess.run([sys.executable, '-c', code, json.dumps(ROWS), json.dumps(CONFIG)], env=e, cwd=tmp_path,
+    p = subprocess.run([sys.executable, '-c', code, json.dumps(rows), json.dumps(CONFIG)], env=e, cwd=tmp_path,
                        capture_output=True, text=True, timeout=240)
     assert p.returncode == 0, p.stderr[-3000:]
     return run_dir
@@ -46,7 +47,7 @@ def tensorboard_scalars(run_dir):
 
 def trackio_rows(db, run_name):
     c = sqlite3.connect(db)
-    logs = [(s, json.loads(m)) for s, m in c.execute('SELECT step, metrics FROM metrics WHERE run_name=? ORDER BY step', (run_name,))]
+    logs = [(s, json.loads(m)) for s, m in c.execute('SELECT step, metrics FROM metrics WHERE run_name=? ORDER BY step, id', (run_name,))]
     cfg = [json.loads(x) for (x,) in c.execute('SELECT config FROM configs WHERE run_name=?', (run_name,))]
     return logs, cfg
 
@@ -65,9 +66,10 @@ def test_names_and_scalars():
 
 @pytest.mark.skipif(not (has('trackio') and has('tensorboard')), reason="needs trackio and tensorboard (pip install 'supra[trackers]')")
 def test_tensorboard_and_trackio_at_once(tmp_path):
-    run_dir = _write(tmp_path, ('tensorboard', 'trackio'), TRACKIO_DIR=str(tmp_path / 'trackio'))
+    run_dir = _write(tmp_path, ('tensorboard', 'trackio'), ROWS + [EVAL], TRACKIO_DIR=str(tmp_path / 'trackio'))
     tb, text = tensorboard_scalars(run_dir)
-    assert set(tb) == {'epoch', 'tokens', 'loss', 'lr', 'grad_norm', 'tok_s', 'elapsed'}
+    assert set(tb) == {'epoch', 'tokens', 'loss', 'lr', 'grad_norm', 'tok_s', 'elapsed', 'eval/heldout_loss', 'eval/bpb'}
+    assert tb['eval/bpb'] == [(20, 1.875)] and tb['eval/heldout_loss'] == [(20, 4.25)]   # exact in float32
     for k in ('loss', 'lr', 'grad_norm'):
         assert [s for s, _ in tb[k]] == [s for s, _ in expected(k)]
         np.testing.assert_allclose([v for _, v in tb[k]], [v for _, v in expected(k)], rtol=1e-6)   # float32 events
@@ -76,6 +78,8 @@ def test_tensorboard_and_trackio_at_once(tmp_path):
     db = tmp_path / 'trackio' / 'supra.db'
     assert db.exists(), sorted(p.name for p in (tmp_path / 'trackio').iterdir())
     logs, cfgs = trackio_rows(db, 'exp/run0')
+    assert logs[-1] == (20, {'eval/heldout_loss': 4.25, 'eval/bpb': 1.875})
+    logs = logs[:-1]
     assert [s for s, _ in logs] == [5, 10, 15, 20]
     for k in ('loss', 'lr', 'tokens'):
         assert [m[k] for _, m in logs] == [v for _, v in expected(k)]                             # exact: JSON floats
@@ -149,5 +153,5 @@ def test_trainer_mirrors_metrics_to_tensorboard(tmp_path):
     for d in sorted(set(tb_dirs)):
         ea = EventAccumulator(str(d), size_guidance={'scalars': 0}); ea.Reload()
         if 'loss' in ea.Tags()['scalars']: losses += [(e.step, e.value) for e in ea.Scalars('loss')]
-    assert sorted(s for s, _ in losses) == sorted(r['step'] for r in train_rows)
+    assert sorted(s for s, _ in losses) == sorted(r['step'] for r in train_rows) and losses
     np.testing.assert_allclose([v for _, v in sorted(losses)], [r['loss'] for r in sorted(train_rows, key=lambda r: r['step'])], rtol=1e-6)
