@@ -138,3 +138,23 @@ def test_index_renders_in_chromium_offline(tmp_path):
         page.goto((papers / 'golf.html').as_uri())
         assert page.eval('document.querySelector(".logo-area a").getAttribute("href")') == 'index.html'
     assert foreign_requests(page.requests) == [], page.requests
+
+
+def test_many_runs_transpose_and_fit(tmp_path):
+    "A sweep-sized table (12 runs) is turned: runs as rows, metrics as columns; it fits 1000 px and keeps its badges."
+    runs = [f'config <{i}>' for i in range(12)]
+    t = table(runs, [row('Held-out bpb (↓)', [2.0 - 0.01 * i for i in range(12)], [0.01] * 12, best='min'),
+                     row('BLiMP (↑)', [0.5 + 0.004 * i for i in range(12)], [0.005] * 12, fmt='pct', best='max', chance=0.5),
+                     row('BoolQ (↑)', [0.22] * 12, fmt='pct', best='max', chance=0.5, majority=0.62)],
+              baselines=('chance', 'majority'), status=[('ok', None)] * 11 + [('best', 'success')], highlight_col=11)
+    path = write_paper(tmp_path / 'sweep.html', dict(title='Sweep', sections=[t]))
+    with Page(width=1000, height=900) as page:
+        page.goto(path.as_uri())
+        sizes = page.eval('[...document.querySelectorAll(".table-container")].map(c => [c.scrollWidth, c.clientWidth])')
+        assert sizes and all(s <= c for s, c in sizes), sizes
+        heads = page.eval('[...document.querySelectorAll("thead th")].map(th => th.firstChild.textContent)')
+        assert heads == ['Run', 'Held-out bpb (↓)', 'BLiMP (↑)', 'BoolQ (↑)', 'Status']
+        rows = page.eval('[...document.querySelectorAll("tbody tr")].map(tr => tr.cells[0].textContent)')
+        assert rows == runs + ['chance', 'majority']
+        best = page.eval('[...document.querySelectorAll("td.winner-badge")].map(td => td.closest("tr").cells[0].textContent)')
+        assert best == ['config <11>', 'config <11>']
