@@ -4,7 +4,7 @@
 
 # %% ../nbs/01b_tokenizers.ipynb #6b37f12b
 from __future__ import annotations
-import itertools, json, time, warnings
+import json, time, warnings
 from pathlib import Path
 from typing import Iterator, Iterable
 import numpy as np
@@ -13,7 +13,8 @@ from .corpus import iter_docs, _source, _fingerprint, _locked, _data_cache
 
 # %% auto #0
 __all__ = ['EOS', 'BOS', 'SPECIALS', 'TOKENIZER_FORMAT', 'SUPERBPE_FORMAT', 'KINDS', 'new_tokenizer', 'default_transition',
-           'tokenizer_spec', 'tokenizer_key', 'train_bpe', 'get_tokenizer', 'superbpe_pretokenizer', 'train_superbpe']
+           'tokenizer_spec', 'tokenizer_key', 'train_bpe', 'get_tokenizer', 'superbpe_pretokenizer', 'train_superbpe',
+           'encoding_stats']
 
 # %% ../nbs/01b_tokenizers.ipynb #dc862d05
 EOS, BOS = '<|endoftext|>', '<|bos|>'
@@ -148,7 +149,7 @@ def _stage2_words(mid, texts:list[str]) -> list[str]:
 def train_superbpe(texts:list[str], vocab_size:int, transition:int):
     "A SuperBPE tokenizer of `vocab_size` tokens: byte-level BPE on `texts` up to `transition`, then merges across spaces."
     from tokenizers import Tokenizer, models, trainers, decoders
-    check_int('transition', transition, lo=256 + len(SPECIALS), hi=vocab_size)
+    check_int('superbpe_transition', transition, lo=256 + len(SPECIALS), hi=vocab_size)
     s1 = json.loads(train_bpe([texts], transition).to_str())['model']
     vocab, merges = dict(s1['vocab']), [tuple(m) for m in s1['merges']]
     check(len(vocab) == transition, 'superbpe_transition', transition, f"at most {len(vocab)}: the text supports no more stage-1 merges")
@@ -175,3 +176,14 @@ def train_superbpe(texts:list[str], vocab_size:int, transition:int):
     tok.add_special_tokens(list(SPECIALS))                          # already ids 0 and 1 of the vocabulary
     tok.encode_special_tokens = True
     return tok
+
+# %% ../nbs/01b_tokenizers.ipynb #4287221b
+def encoding_stats(tokenizer, texts) -> dict:
+    "How densely `tokenizer` encodes `texts`: dict(docs, chars, bytes, tokens, chars_per_token, bytes_per_token)."
+    from supra.textbytes import doc_bytes
+    texts = list(texts)
+    encs = tokenizer.encode_batch(texts, add_special_tokens=False)
+    tokens, chars = sum(len(e.ids) for e in encs), sum(map(len, texts))
+    nbytes = sum(doc_bytes(tokenizer, e.ids) for e in encs)
+    check(tokens > 0, 'texts', f'{len(texts)} documents', 'at least one non-empty document')
+    return dict(docs=len(texts), chars=chars, bytes=nbytes, tokens=tokens, chars_per_token=chars / tokens, bytes_per_token=nbytes / tokens)

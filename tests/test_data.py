@@ -471,9 +471,13 @@ def re_sentence_cut(t):
 
 @needs_wiki
 def test_superbpe_more_chars_per_token_at_equal_vocab(superbpe, mid_pool):
+    from supra.tokenizers import encoding_stats
     val = val_texts(MID)
     chars = sum(map(len, val))
     cpt = {k: chars / sum(len(e.ids) for e in t.encode_batch(val)) for k, t in (('bpe', mid_pool.tokenizer), ('superbpe', superbpe))}
+    st = {k: encoding_stats(t, val) for k, t in (('bpe', mid_pool.tokenizer), ('superbpe', superbpe))}
+    assert {k: s['chars_per_token'] for k, s in st.items()} == cpt
+    assert st['bpe']['bytes'] == st['superbpe']['bytes'] == sum(len(t.encode()) for t in val) and st['bpe']['chars'] == chars
     assert superbpe.get_vocab_size() == mid_pool.tokenizer.get_vocab_size() == MID.vocab_size
     assert cpt['superbpe'] > 1.02 * cpt['bpe'], cpt
 
