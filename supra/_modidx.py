@@ -505,6 +505,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                 'supra.requests._docs': ('requests.html#_docs', 'supra/requests.py'),
                                 'supra.requests._encode': ('requests.html#_encode', 'supra/requests.py'),
                                 'supra.requests.build_requests': ('requests.html#build_requests', 'supra/requests.py'),
+                                'supra.requests.compiled_templates': ('requests.html#compiled_templates', 'supra/requests.py'),
                                 'supra.requests.file_sha256': ('requests.html#file_sha256', 'supra/requests.py'),
                                 'supra.requests.prepare_requests': ('requests.html#prepare_requests', 'supra/requests.py'),
                                 'supra.requests.replay': ('requests.html#replay', 'supra/requests.py'),

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_train.ipynb #00614b0c
 from __future__ import annotations
-import argparse, contextlib, json, math, os, time, warnings
+import argparse, contextlib, dataclasses, json, math, os, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, stable_hash, atomic_write
 
 # %% auto #0
-__all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan', 'train_epochs',
-           'main']
+__all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'main', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan',
+           'train_epochs', 'train_arg_parser', 'train_main']
 
 # %% ../nbs/03_train.ipynb #7f4ae53a
 from .model import Transformer
@@ -313,14 +313,14 @@ def epochs_run_plan(steps_per_epoch:int, epochs:int, cooldown_frac:float, seed:i
                 total_steps=plan[-1][1] + sum(d for _, _, d in plan))
 
 def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, epochs:int|None=None, quiet:bool=False, *,
-                 eval_hook=None) -> list[dict]:
+                 eval_hook=None, loader=None) -> list[dict]:
     "One WSD run with a cooldown branched for every epoch count 1..`epochs`: one fully annealed model per epoch count."
     epochs = train_cfg.epochs if epochs is None else epochs
     check_int('epochs', epochs, lo=1)
     check(train_cfg.schedule == 'wsd', 'schedule', train_cfg.schedule, "'wsd' (train_epochs branches WSD cooldowns)")
     check(train_cfg.tokens is None, 'tokens', train_cfg.tokens, 'None (train_epochs counts whole epochs)')
     cfg = train_cfg.replace(epochs=epochs)
-    ctx = _context(pool, model_cfg, cfg)
+    ctx = _context(pool, model_cfg, cfg, loader)   # `loader`: a step loader or factory, as for `train`
     out, spe = Path(out_dir), ctx.spe
     warmup = round(cfg.warmup_frac * spe)
     plan = wsd_branch_plan(spe, epochs, cfg.cooldown_frac)
@@ -343,25 +343,67 @@ def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, ep
 
 
 # %% ../nbs/03_train.ipynb #0e553102
-def main(argv=None):
-    "Command line: `python -m supra.train --preset smoke --out_dir DIR [--epochs N] [--branch] ...` (works under torchrun)."
-    from supra.config import preset as get_preset
-    ap = argparse.ArgumentParser(prog='python -m supra.train', description='Train a Supra model on a preset token pool.')
-    ap.add_argument('--preset', default='smoke'); ap.add_argument('--out_dir', required=True)
-    ap.add_argument('--model', default=None, help='a named topology (deep-narrow, balanced, shallow-wide)')
+def _field_notes(cls) -> dict:
+    "The comment after each field of dataclass `cls` in its source (`name: type = default   # comment`): the flags' help."
+    import inspect, re
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError): return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r'^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$', src, re.M)}
+
+def _field_flag(ap, group, f, hints:dict, prefix:str='', choices=None, note:str=''):
+    "One `--{prefix}{name}` option for dataclass field `f`, typed from its annotation; left out, the preset's value stays."
+    import typing, types
+    t, name = hints[f.name], f'--{prefix}{f.name}'
+    args = typing.get_args(t) if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else ()
+    base = next((a for a in args if a is not type(None)), t)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    opt = type(None) in args
+    help_ = (note + '; ' if note else '') + f"default {default!r}" + (" ('none' for None)" if opt and base is not bool else '')
+    dest = f'{prefix}{f.name}'
+    if base is bool:   # bool, or compile's bool | str: --x / --no-x
+        group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+    elif base is tuple:
+        kind = float if f.name == 'betas' else str
+        group.add_argument(name, dest=dest, nargs=2 if f.name == 'betas' else '*', type=kind, default=argparse.SUPPRESS, choices=choices, metavar=f.name.upper(),
+                           help=help_)
+    else:
+        conv = (lambda s, b=base: None if s.lower() == 'none' else b(s)) if opt else base
+        group.add_argument(name, dest=dest, type=conv, default=argparse.SUPPRESS, choices=choices, metavar=None if choices else base.__name__.upper(), help=help_)
+
+def train_arg_parser(prog:str='python -m supra.train') -> argparse.ArgumentParser:
+    "The training command line: a preset, an output directory, and one flag per `TrainConfig` field and (`--model_<field>`) per `ModelConfig` field."
+    import typing
+    from supra.config import OPTIMIZERS, SCHEDULES, DEVICES, MLPS, NORMS, TRACKERS
+    ap = argparse.ArgumentParser(prog=prog, description='Train a Supra model on a preset token pool (works under torchrun). '
+                                 'Flags left out keep the preset\'s values.')
+    ap.add_argument('--preset', default='smoke', help="smoke, cpu, paper or auto (default smoke)")
+    ap.add_argument('--out_dir', required=True, help='run directory (resumes from what it holds)')
+    ap.add_argument('--model', default=None, help=f"a named topology: {', '.join(ModelConfig.NAMED)} (vocab and seq_len from the preset)")
     ap.add_argument('--branch', action='store_true', help='train_epochs: one annealed model per epoch count 1..epochs')
-    for k, t in [('epochs', int), ('tokens', int), ('batch_size', int), ('grad_accum', int), ('lr', float), ('muon_lr', float),
-                 ('optimizer', str), ('schedule', str), ('seed', int), ('device', str), ('ckpt_every_s', float), ('ema', float)]:
-        ap.add_argument(f'--{k}', type=t, default=None)
-    ap.add_argument('--compile', action='store_true', help='always torch.compile (default: auto)')
-    ap.add_argument('--no-compile', action='store_true', help='never torch.compile'); ap.add_argument('--quiet', action='store_true')
+    ap.add_argument('--quiet', action='store_true', help='no progress bar')
+    choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, device=DEVICES, mlp=MLPS, norm=NORMS, tracker=TRACKERS)
+    for cls, prefix, title in ((TrainConfig, '', 'training (TrainConfig)'), (ModelConfig, 'model_', 'model shape (ModelConfig)')):
+        g, hints, notes = ap.add_argument_group(title + " — a flag left out keeps the preset's value"), typing.get_type_hints(cls), _field_notes(cls)
+        for f in dataclasses.fields(cls): _field_flag(ap, g, f, hints, prefix, choices.get(f.name), notes.get(f.name, ''))
+    return ap
+
+def _configs_from_args(a, p) -> tuple[ModelConfig, TrainConfig]:
+    "The preset's configs with every flag given on the command line applied (validated: a bad value raises ConfigError)."
+    over = {f.name: getattr(a, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(a, f.name)}   # only the flags given
+    over = {k: tuple(v) if isinstance(v, list) else v for k, v in over.items()}
+    mover = {f.name: getattr(a, 'model_' + f.name) for f in dataclasses.fields(ModelConfig) if hasattr(a, 'model_' + f.name)}
+    base = ModelConfig.named(a.model, vocab_size=p.model.vocab_size, seq_len=p.model.seq_len) if a.model else p.model
+    return base.replace(**mover), p.train.replace(**over)
+
+def train_main(argv=None) -> int:
+    "`python -m supra.train ...`: parse, build the preset's pool, train (or `--branch`: train_epochs), print the result as JSON; 0 on success."
+    from supra.config import preset as get_preset
+    ap = train_arg_parser()
     a = ap.parse_args(argv)
-    p = get_preset(a.preset, a.device or 'auto')
-    over = {k: getattr(a, k) for k in ('epochs', 'tokens', 'batch_size', 'grad_accum', 'lr', 'muon_lr', 'optimizer', 'schedule',
-                                        'seed', 'device', 'ckpt_every_s', 'ema') if getattr(a, k) is not None}
-    if a.compile or a.no_compile: over['compile'] = bool(a.compile)
-    tcfg = p.train.replace(**over)
-    mcfg = ModelConfig.named(a.model, vocab_size=p.model.vocab_size, seq_len=p.model.seq_len) if a.model else p.model
+    try:
+        p = get_preset(a.preset, getattr(a, 'device', 'auto'))
+        mcfg, tcfg = _configs_from_args(a, p)
+    except ConfigError as e: ap.error(str(e))
     from supra.data import build_pool
     pool = build_pool(p.data)
     try:
@@ -369,9 +411,12 @@ def main(argv=None):
         if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(dict(result=res, jemalloc=jemalloc_loaded()), default=str))
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
-    return res
+    return 0
+
+main = train_main   # the older name
+
 
 # %% ../nbs/03_train.ipynb #48f55515
 if __name__ == '__main__' and '__file__' in globals():
     reexec_with_jemalloc()
-    main()
+    sys.exit(train_main())

@@ -244,3 +244,21 @@ def test_train_config_eval_every_and_tracker():
                     (dict(tracker='wandb'), "tracker='wandb'"), (dict(tracker=('wandb', 'wandb')), 'named once')]:
         with pytest.raises(ConfigError, match=msg): TrainConfig(**kw)
     assert TrainConfig.from_dict(json.loads(TrainConfig(tracker=('trackio',)).to_json())).tracker == ('trackio',)
+
+
+def test_cli_exposes_every_config_field_and_refuses_bad_values(tmp_path, capsys):
+    "train_arg_parser has a flag per TrainConfig field and --model_<field> per ModelConfig field; a bad value exits 2 naming it."
+    import dataclasses
+    from supra.train import train_arg_parser, train_main
+    ap = train_arg_parser()
+    flags = {o for a in ap._actions for o in a.option_strings}
+    assert {f'--{f.name}' for f in dataclasses.fields(TrainConfig)} <= flags
+    assert {f'--model_{f.name}' for f in dataclasses.fields(ModelConfig)} <= flags
+    help_ = ap.format_help()
+    assert 'eval_every' in help_ and 'model_embed_rank' in help_
+    with pytest.raises(SystemExit) as e:
+        train_main(['--out_dir', str(tmp_path / 'x'), '--device', 'cpu', '--model_n_head', '5'])
+    assert e.value.code == 2 and 'd_model' in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        train_main(['--out_dir', str(tmp_path / 'x'), '--tracker', 'mlflow'])
+    assert not (tmp_path / 'x').exists()        # refused before any compute
