@@ -462,6 +462,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                              'supra.ngram._keys': ('ngram.html#_keys', 'supra/ngram.py'),
                              'supra.ngram._level': ('ngram.html#_level', 'supra/ngram.py'),
                              'supra.ngram.ngram_bpb': ('ngram.html#ngram_bpb', 'supra/ngram.py'),
+                             'supra.ngram.ngram_floor': ('ngram.html#ngram_floor', 'supra/ngram.py'),
                              'supra.ngram.score_pairs': ('ngram.html#score_pairs', 'supra/ngram.py')},
             'supra.optim': { 'supra.optim.SplitMuon': ('optim.html#splitmuon', 'supra/optim.py'),
                              'supra.optim.SplitMuon.__init__': ('optim.html#splitmuon.__init__', 'supra/optim.py'),

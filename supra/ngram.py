@@ -9,7 +9,7 @@ import numpy as np
 from .config import check, check_int
 
 # %% auto #0
-__all__ = ['NGramLM', 'score_pairs', 'ngram_bpb']
+__all__ = ['NGramLM', 'score_pairs', 'ngram_bpb', 'ngram_floor']
 
 # %% ../nbs/01d_ngram.ipynb #68dd85ba
 def _discount(counts:np.ndarray) -> float:
@@ -125,3 +125,8 @@ def ngram_bpb(lm:NGramLM, tokenizer, texts) -> dict:
     check(len(pairs) > 0, 'texts', f'{len(texts)} documents', 'at least one non-empty document')
     nll = -float(score_pairs(lm, pairs).sum()); n_tok = sum(len(c) for _, c in pairs)
     return dict(bpb=nll / np.log(2) / n_bytes, loss=nll / n_tok, tokens=n_tok, bytes=n_bytes)
+
+def ngram_floor(pool, texts, orders=(1, 2, 3)) -> dict:
+    "The n-gram floor of a `TokenPool`: {order: `ngram_bpb`} of a model of each order counted from the pool, on held-out `texts`."
+    V = pool.tokenizer.get_vocab_size()
+    return {n: ngram_bpb(NGramLM.fit(pool, V, n), pool.tokenizer, texts) for n in orders}

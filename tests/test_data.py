@@ -575,7 +575,7 @@ def test_doc_bytes_sentencepiece_style_byte_fallback():
 
 # ---------------------------------------------------------------- n-gram floor
 
-from supra.ngram import NGramLM, ngram_bpb, score_pairs
+from supra.ngram import NGramLM, ngram_bpb, ngram_floor, score_pairs
 
 
 def _ref_kn(toks, V, n):
@@ -638,7 +638,8 @@ def test_ngram_wide_vocabulary():
 @needs_wiki
 def test_ngram_floor_on_real_pool(mid_pool):
     tok, texts = mid_pool.tokenizer, val_texts(MID)
-    res = {n: ngram_bpb(NGramLM.fit(mid_pool, MID.vocab_size, n), tok, texts) for n in (1, 2, 3)}
+    res = ngram_floor(mid_pool, texts)
+    assert res[3] == ngram_bpb(NGramLM.fit(mid_pool, MID.vocab_size, 3), tok, texts)
     assert res[3]['bpb'] < res[2]['bpb'] < res[1]['bpb'] < 6
     assert res[1]['bytes'] == sum(len(t.encode()) for t in texts) and res[1]['tokens'] == sum(len(tok.encode(t).ids) for t in texts)
     lm = NGramLM.fit(mid_pool, MID.vocab_size, 3)
