@@ -114,7 +114,8 @@ def _root() -> Path:
     try: return Path(__file__).resolve().parents[1]
     except NameError: return Path.cwd().resolve().parent
 
-def build_site(out=None, nbs=None, papers=None, only=None, execute:bool=True, timeout:int=600, quiet:bool=False) -> Path:
+def build_site(out=None, nbs=None, papers=None, only=None, execute:bool=True, timeout:int=600, quiet:bool=False,
+               keep_going:bool=False) -> Path:
     "Render `nbs` (library notebooks executed) and copy `papers` into the static site `out`; returns `out`."
     import json
     root = _root()
@@ -141,12 +142,16 @@ def build_site(out=None, nbs=None, papers=None, only=None, execute:bool=True, ti
         if exps: s += '<h3>Experiments</h3>' + ''.join(a(href(p), titles[p]) for p in exps)
         if paper_files: s += '<h3>Papers</h3>' + ''.join(a(f'papers/{p.name}', 'Index of write-ups' if p.name == 'index.html' else _paper_title(p)) for p in paper_files)
         return s
-    record = dict(pages=[], executed=[], papers=[p.name for p in paper_files])
+    record = dict(pages=[], executed=[], failed={}, papers=[p.name for p in paper_files])
     for p in pages:
         t0 = time.perf_counter()
         run = execute and is_library(p)
-        nb = execute_notebook(p, timeout) if run else raw[p]
-        note = '' if run or p.name == 'index.ipynb' else ('An experiment notebook, shown as code: run it with papermill (README) — its results are in its paper.' if not is_library(p) else 'Shown without outputs (built with execute=False).')
+        try: nb = execute_notebook(p, timeout) if run else raw[p]
+        except RuntimeError as e:
+            if not keep_going: raise
+            nb, run, record['failed'][p.name] = raw[p], False, str(e)[-1500:]
+        note = ('This lesson failed to execute when the site was built, so it is shown without outputs: '
+                'run <code>nbdev-test</code> on it to see why.') if p.name in record['failed'] else '' if run or p.name == 'index.ipynb' else ('An experiment notebook, shown as code: run it with papermill (README) — its results are in its paper.' if not is_library(p) else 'Shown without outputs (built with execute=False).')
         if p.name == 'index.ipynb' and paper_files:
             items = ''.join(f'<li><a href="papers/{q.name}">{html.escape(_paper_title(q))}</a></li>' for q in paper_files if q.name != 'index.html')
             idx = '<p><a href="papers/index.html"><b>Index of the write-ups</b></a> — every paper with its question, scale and headline finding.</p>' if (papers / 'index.html').exists() else ''
@@ -154,7 +159,7 @@ def build_site(out=None, nbs=None, papers=None, only=None, execute:bool=True, ti
         (out / href(p)).write_text(render_page(nb, titles[p], nav(href(p)), note))
         record['pages'].append(href(p))
         if run: record['executed'].append(p.name)
-        if not quiet: print(f'docs: {href(p)} ({"executed, " if run else ""}{time.perf_counter() - t0:.1f}s)', file=sys.stderr)
+        if not quiet: print(f'docs: {href(p)} ({"executed, " if run else "FAILED, " if p.name in record["failed"] else ""}{time.perf_counter() - t0:.1f}s)', file=sys.stderr)
     (out / 'site.json').write_text(json.dumps(record, indent=1))
     return out
 
@@ -165,13 +170,19 @@ def main(argv=None):
     ap.add_argument('--only', nargs='*', default=None, help='only these notebooks (names, with or without .ipynb), plus the home page')
     ap.add_argument('--no-execute', action='store_true', help='render the notebooks without running them')
     ap.add_argument('--timeout', type=int, default=600, help='seconds per cell')
+    ap.add_argument('--keep-going', action='store_true', help='a lesson that fails is shown without outputs (exit status 1 at the end)')
     ap.add_argument('--serve', type=int, nargs='?', const=8000, default=None, help='serve the site on this port afterwards')
     a = ap.parse_args(argv)
-    site = build_site(a.out, only=a.only, execute=not a.no_execute, timeout=a.timeout)
-    print(f'docs site: {site / "index.html"}')
+    data = _root().parent / 'shared' / 'data'
+    if not os.environ.get('SUPRA_DATA') and data.is_dir(): os.environ['SUPRA_DATA'] = str(data)   # as ./test.sh does
+    site = build_site(a.out, only=a.only, execute=not a.no_execute, timeout=a.timeout, keep_going=a.keep_going)
+    import json
+    failed = json.loads((site / 'site.json').read_text())['failed']
+    print(f'docs site: {site / "index.html"}' + (f' — {len(failed)} lesson(s) failed to execute: {", ".join(failed)}' if failed else ''))
     if a.serve:
         import functools, http.server
         print(f'serving on http://127.0.0.1:{a.serve}/ (Ctrl-C stops)')
         http.server.ThreadingHTTPServer(('127.0.0.1', a.serve), functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(site))).serve_forever()
+    return 1 if failed else 0
 
-if __name__ == '__main__' and 'ipykernel' not in sys.modules: main()
+if __name__ == '__main__' and 'ipykernel' not in sys.modules: sys.exit(main())
