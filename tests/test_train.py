@@ -262,3 +262,62 @@ def test_cli_exposes_every_config_field_and_refuses_bad_values(tmp_path, capsys)
     with pytest.raises(SystemExit):
         train_main(['--out_dir', str(tmp_path / 'x'), '--tracker', 'mlflow'])
     assert not (tmp_path / 'x').exists()        # refused before any compute
+
+
+# A curriculum run with periodic held-out evaluation, as a subprocess (killed with SIGKILL below).
+SEAMS_SCRIPT = textwrap.dedent('''
+    import json, sys, numpy as np, torch
+    torch.set_num_threads(1)
+    from supra.config import ModelConfig, TrainConfig
+    from supra.train import train
+    from supra.loader import StageLoader
+    from supra.hooks import heldout_hook
+    m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
+    pool = np.load(sys.argv[3], mmap_mode='r')
+    loader = StageLoader.constant_tokens(pool[:25_000], [8, 16, 32], tokens_per_step=256, steps=[60, 60, 40], lr_scales=[1.0, 1.0, 0.5], seed=t.seed)
+    hook = heldout_hook(pool[25_000:], 32, token_bytes=np.ones(64, dtype=np.int64))
+    res = train(pool[:25_000], m, t, sys.argv[4], quiet=True, loader=loader, eval_hook=hook)
+    print(json.dumps(res))
+''')
+
+def test_curriculum_with_eval_hook_resumes_bitwise_after_sigkill(pool_file, tmp_path):
+    "A StageLoader run with eval rows every 10 steps, killed with SIGKILL mid-stage, resumes to the uninterrupted run bit for bit."
+    tcfg = TCFG.replace(ckpt_every_s=0.02, eval_every=10)
+    cmd = lambda out: [sys.executable, '-c', SEAMS_SCRIPT, MCFG.to_json(), tcfg.to_json(), str(pool_file), str(out)]
+    ref = subprocess.run(cmd(tmp_path / 'ref'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / 'killed'
+    p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < 120:                  # kill inside the second stage (steps 60..119)
+        ml = run / 'metrics.jsonl'
+        if ml.exists() and ml.read_text().count('"loss"') >= 75: break
+        if p.poll() is not None: break
+        time.sleep(0.005)
+    assert p.poll() is None, p.stderr.read().decode()[-2000:]
+    p.send_signal(signal.SIGKILL); p.wait()
+    at = read_meta(run / 'last')
+    assert at['loader']['kind'] == 'stages' and 0 < at['step'] < 160, at['loader']
+    res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a, b = metrics(tmp_path / 'ref'), metrics(run)
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s', 'eval_s')} for r in rows]
+    assert strip(a) == strip(b)                    # every train, eval and stage row, once, bitwise
+    assert [r['at_step'] for r in b if r.get('event') == 'stage'] == [0, 60, 120]
+    assert [r['step'] for r in b if 'eval' in r] == list(range(10, 161, 10))
+    last = [r for r in b if 'loss' in r][-1]
+    assert abs(json.loads(res.stdout.strip().splitlines()[-1])['train_s'] - last['train_s']) < 1e-3 and last['train_s'] > 0
+
+
+def test_tensorboard_tracker_gets_the_rows(pool_file, tmp_path):
+    "tracker=('tensorboard',): supra.trackers is opened for the run and its event file holds the logged losses."
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    pool = np.load(pool_file)
+    train(pool, MCFG, TCFG.replace(epochs=1, tracker=('tensorboard',)), tmp_path / 'tb', quiet=True)
+    ea = EventAccumulator(str(tmp_path / 'tb' / 'tensorboard')); ea.Reload()
+    tags = ea.Tags()['scalars']
+    key = next(t for t in tags if t.split('/')[-1] == 'loss')
+    logged = [e.value for e in ea.Scalars(key)]
+    rows = metrics(tmp_path / 'tb')
+    assert len(logged) == len(rows) and np.allclose(logged, [r['loss'] for r in rows], rtol=1e-6)
