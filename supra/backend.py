@@ -70,6 +70,7 @@ class SupraLM(TemplateLM):
         self.batch_tokens = int(batch_tokens or max(self.max_length, min(self.batch_size * self.max_length, 2**25 // V)))
         self._device = next(model.parameters()).device
         self._enc = {} if encodings is None else encodings   # string -> ids; shared by backends with the same tokenizer
+        self.stats = dict(rows=0, tokens=0, tokens_sq=0, scored=0)   # distinct model inputs, their tokens (and Σ len²), scored tokens: the benchmark's floor
 
     @property
     def eot_token_id(self): return self._eot
@@ -110,8 +111,8 @@ class SupraLM(TemplateLM):
             new.append(((octx, ocont), c, x))
         return self._loglikelihood_tokens(new, disable_tqdm=disable_tqdm)
 
-    def _loglikelihood_tokens(self, requests, disable_tqdm:bool=False, **kwargs):
-        "Score `((context, continuation), context_ids, continuation_ids)` requests: `[(logprob, is_greedy)]`."
+    def _loglikelihood_tokens(self, requests, disable_tqdm:bool=False, greedy:bool=True, **kwargs):
+        "Score `((context, continuation), context_ids, continuation_ids)` requests: `[(logprob, is_greedy)]` (`greedy=False`: is_greedy not computed)."
         L, rows, row_of, jobs = self.max_length, [], {}, []
         for _, ctx, cont in requests:
             assert len(ctx) > 0 and len(cont) > 0, (len(ctx), len(cont))
@@ -121,7 +122,8 @@ class SupraLM(TemplateLM):
             r = row_of.get(inp)
             if r is None: r = row_of[inp] = len(rows); rows.append(inp)
             jobs.append((r, len(inp) - len(cont), cont))
-        lp, ok = score_rows(self.model, rows, jobs, self.batch_tokens, pad_id=self._eot)
+        st = self.stats; st['rows'] += len(rows); st['tokens'] += sum(map(len, rows)); st['tokens_sq'] += sum(len(r) ** 2 for r in rows); st['scored'] += sum(len(j[2]) for j in jobs)
+        lp, ok = score_rows(self.model, rows, jobs, self.batch_tokens, pad_id=self._eot, greedy=greedy)
         res = [(float(a), bool(b)) for a, b in zip(lp, ok)]
         for (key, _, _), ans in zip(requests, res):
             if key is not None: self.cache_hook.add_partial('loglikelihood', key, ans)
@@ -137,7 +139,7 @@ class SupraLM(TemplateLM):
                     token_list=enc[t], prefix_token=self.prefix_token_id, max_seq_len=self.max_length, context_len=1)):
                 wins.append((None, ctx, cont)); owner.append(i)
         out = np.zeros(len(texts))
-        if wins: np.add.at(out, owner, [lp for lp, _ in self._loglikelihood_tokens(wins)])
+        if wins: np.add.at(out, owner, [lp for lp, _ in self._loglikelihood_tokens(wins, greedy=False)])   # sums only: no argmax
         for t, v in zip(texts, out): self.cache_hook.add_partial('loglikelihood_rolling', (t,), float(v))
         return [float(v) for v in out]
 

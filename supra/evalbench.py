@@ -5,6 +5,7 @@
 # %% ../nbs/04g_evalbench.ipynb #843519ad
 from __future__ import annotations
 import math, tempfile, time
+from pathlib import Path
 
 import pandas as pd, torch
 import lm_eval, lm_eval.evaluator
@@ -13,10 +14,11 @@ from .config import check
 from .score import _eos_id
 from .backend import SupraLM, hf_lm
 from .tasks import blimp_paradigms, check_task_data, task_manager
-from .eval import _quiet
+from .eval import _quiet, _tasks, evaluate_many, tidy_results
+from .requests import FEWSHOT_SEED, build_requests, _decode
 
 # %% auto #0
-__all__ = ['bench_eval']
+__all__ = ['bench_eval', 'bench_eval_many']
 
 # %% ../nbs/04g_evalbench.ipynb #5b4966f7
 def _n_examples(res): return sum(int(v['effective']) for v in res['n-samples'].values())
@@ -34,11 +36,15 @@ def _timed(lm, clock:dict):
 def _scores(res) -> dict:
     return {(t, k): v for t, r in res['results'].items() for k, v in r.items() if k in ('acc,none', 'word_perplexity,none')}
 
-def bench_eval(model_name:str='balanced', tasks:str='blimp,arc_easy,boolq,wikitext', paradigms:int=8, limit:int=100,
-               wikitext_docs:int=5, batch_size:int=64, repeats:int=2, vocab:int=8192, seed:int=0):
+def bench_eval(model_name:str='balanced', tasks:str='blimp,arc_easy,boolq,wikitext', paradigms:int|None=None, limit:int|None=None,
+               wikitext_docs:int=5, batch_size:int=64, repeats:int=2, vocab:int=8192, seed:int=0, checkpoints:int|None=None, **many):
     """Backend and end-to-end time of `supra` vs lm-eval's `hf` backend on the same random-init model and tasks: `limit`
     examples per task (per BLiMP paradigm, `paradigms` of them), `wikitext_docs` WikiText documents. Prints a table
-    per task family and for the whole subset; the last line is key=value (`ratio` = backend time ratio, hf / supra)."""
+    per task family and for the whole subset; the last line is key=value (`ratio` = backend time ratio, hf / supra).
+    `checkpoints=K`: the multi-checkpoint benchmark instead (`bench_eval_many`; `limit`, `paradigms` default to the cpu preset's suite)."""
+    if checkpoints is not None:
+        return bench_eval_many(int(checkpoints), limit=limit, paradigms=paradigms, batch_size=batch_size, seed=seed, vocab=vocab, **many)
+    paradigms, limit = 8 if paradigms is None else paradigms, 100 if limit is None else limit
     from supra.config import DataConfig, ModelConfig
     from supra.data import get_tokenizer
     from supra.model import Transformer
@@ -90,3 +96,105 @@ def bench_eval(model_name:str='balanced', tasks:str='blimp,arc_easy,boolq,wikite
     print(f"bench=eval tasks={subset} backend_s={a.supra_backend:.2f} ref_backend_s={a.hf_backend:.2f} "
           f"e2e_ratio={a.e2e_ratio:.2f} ratio={a.backend_ratio:.2f}")
     return dict(tasks=subset, table=df, ratio=float(a.backend_ratio), e2e_ratio=float(a.e2e_ratio))
+
+# %% ../nbs/04g_evalbench.ipynb #0d432577
+def _matmul_peak(n:int=1024, reps:int=5) -> float:
+    "This CPU's fp32 matmul FLOP/s: best of `reps` n×n×n products."
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b); best = float('inf')
+    for _ in range(reps):
+        t = time.perf_counter(); torch.mm(a, b); best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+def _compare(a:pd.DataFrame, b:pd.DataFrame) -> tuple[float, float]:
+    "(largest accuracy difference, largest relative perplexity difference) between two tidy tables of the same tasks."
+    m = a.merge(b, on=['task', 'metric'], suffixes=('', '_b'))
+    assert len(m) == len(a) == len(b), 'the two backends reported different tasks or metrics'
+    acc = m.metric.str.startswith('acc')
+    return float((m.value - m.value_b)[acc].abs().max()), float((m.value / m.value_b - 1)[~acc].abs().max())
+
+def _floor(names, limit, batch_size, vocab, seed) -> dict:
+    "Supra's backend time on the suite's requests on the balanced model, and the compute floor of those requests."
+    from supra.config import DataConfig, ModelConfig
+    from supra.data import get_tokenizer
+    from supra.model import Transformer
+    tok = get_tokenizer(DataConfig(vocab_size=vocab))
+    torch.manual_seed(seed)
+    m = Transformer(ModelConfig.named('balanced', vocab_size=tok.get_vocab_size())).eval()
+    with _quiet():
+        loaded = task_manager().load(_tasks(names))
+        by_type = {}
+        for t in loaded['tasks'].values():
+            if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
+            t.set_fewshot_seed(seed=FEWSHOT_SEED)
+            for d in build_requests(t, limit, cache=False)[0]: by_type.setdefault(d['type'], []).append(_decode(d, None))
+    lm = SupraLM(m, tok, batch_size=batch_size)
+    t0 = time.perf_counter()
+    for kind, reqs in by_type.items(): getattr(lm, kind)(reqs)
+    backend = time.perf_counter() - t0
+    P, st, cfg = m.n_params(), lm.stats, m.cfg
+    flops = 2 * P * st['tokens'] + 2 * cfg.n_layer * cfg.d_model * st['tokens_sq']
+    peak = max(_matmul_peak() for _ in range(3))
+    return dict(params=P, requests=sum(map(len, by_type.values())), rows=st['rows'], tokens=st['tokens'], scored=st['scored'],
+                flops=flops, peak=peak, floor_s=flops / peak, backend_s=backend, ratio=backend / (flops / peak))
+
+# %% ../nbs/04g_evalbench.ipynb #f7055ecc
+def bench_eval_many(checkpoints:int=8, limit:int|None=None, paradigms:int|None=None, batch_size:int=64, seed:int=0,
+                    floor:bool=True, vocab:int=8192) -> dict:
+    """K = `checkpoints` random-init `cpu`-preset checkpoints on the epochs paper's evaluation suite (`preset('cpu').eval`;
+    `limit` examples per task, `paradigms` BLiMP paradigms to run a smaller variant): `evaluate_many` vs lm-eval's stock
+    `hf` backend once per checkpoint on the HF exports (end to end, scores compared), then Supra's backend time on the
+    balanced model against the compute floor. Last line: key=value with `ratio_e2e` (stock ÷ Supra) and `ratio_floor`."""
+    from supra.checkpoint import save_checkpoint
+    from supra.config import preset
+    from supra.data import get_tokenizer
+    from supra.export import export_hf
+    from supra.model import Transformer
+    from supra.tasks import expand_tasks
+    P = preset('cpu')
+    limit = P.eval.limit if limit is None else int(limit)
+    names = expand_tasks(P.eval.tasks)
+    if paradigms is not None:
+        blimp = [t for t in names if t.startswith('blimp_')]
+        names = blimp[:int(paradigms)] + [t for t in names if not t.startswith('blimp_')]
+    check_task_data(names)
+    tok = get_tokenizer(P.data)
+    with tempfile.TemporaryDirectory() as d:
+        cks, hfs = {}, {}
+        for k in range(checkpoints):
+            torch.manual_seed(seed + k)
+            m = Transformer(P.model.replace(vocab_size=tok.get_vocab_size())).eval()
+            cks[f'ck{k}'] = save_checkpoint(Path(d) / f'ck{k}', m); tok.save(str(Path(d) / f'ck{k}' / 'tokenizer.json'))
+            hfs[f'ck{k}'] = export_hf(m, tok, Path(d) / f'hf{k}')
+        seq_len = P.model.seq_len
+        t0 = time.perf_counter()
+        ours = evaluate_many({k: str(v) for k, v in cks.items()}, tasks=names, limit=limit, batch_size=batch_size, cache=False)
+        supra_s = time.perf_counter() - t0
+        stock, stock_s = {}, 0.0
+        for k, path in hfs.items():                                   # what a user of lm-eval does, once per checkpoint
+            t0 = time.perf_counter()
+            with _quiet():
+                res = lm_eval.simple_evaluate(model=hf_lm(path, tok, seq_len, batch_size), tasks=_tasks(names),
+                                              task_manager=task_manager(), limit=limit, log_samples=True)
+            stock[k] = tidy_results(res); stock_s += time.perf_counter() - t0
+    diffs = [_compare(ours[k], stock[k]) for k in cks]
+    acc_d, ppl_d = max(a for a, _ in diffs), max(b for _, b in diffs)
+    n_acc = sum(int((ours[k].merge(stock[k], on=['task', 'metric']).pipe(lambda m: (m.metric.str.startswith('acc') & (m.value_x != m.value_y)).sum()))) for k in cks)
+    n_rows = len(ours['ck0'])
+    print(f"{checkpoints} checkpoints of the cpu preset ({Transformer(P.model.replace(vocab_size=tok.get_vocab_size())).n_params():,} params, "
+          f"vocab {tok.get_vocab_size()}, seq_len {seq_len}), {len(names)} lm-eval tasks, limit {limit}, batch_size {batch_size}, "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"end to end: supra evaluate_many {supra_s:.1f}s, stock hf once per checkpoint {stock_s:.1f}s -> {stock_s / supra_s:.2f}x")
+    print(f"scores: {n_rows} rows per checkpoint; accuracies that differ: {n_acc} of {checkpoints * int(ours['ck0'].metric.str.startswith('acc').sum())} "
+          f"(largest difference {acc_d:.4f}); perplexities: largest relative difference {ppl_d:.2e}")
+    out = dict(checkpoints=checkpoints, supra_s=supra_s, stock_s=stock_s, ratio_e2e=stock_s / supra_s, acc_diff=acc_d,
+               ppl_rel_diff=ppl_d, acc_differ=n_acc, floor=None, ratio_floor=float('nan'))
+    if floor:
+        f = _floor(names, limit, batch_size, vocab, seed)
+        print(f"compute floor (balanced, {f['params']:,} params): {f['requests']:,} requests -> {f['rows']:,} distinct inputs, "
+              f"{f['tokens']:,} tokens ({f['scored']:,} scored), {f['flops'] / 1e12:.3f} TFLOP at the fp32 matmul peak "
+              f"{f['peak'] / 1e9:.1f} GFLOP/s = {f['floor_s']:.2f}s; supra backend {f['backend_s']:.2f}s -> {f['ratio']:.2f}x the floor")
+        out |= dict(floor=f, ratio_floor=f['ratio'])
+    print(f"bench=eval checkpoints={checkpoints} tasks={len(names)} limit={limit} supra_s={supra_s:.1f} stock_s={stock_s:.1f} "
+          f"acc_differ={n_acc} ratio_e2e={out['ratio_e2e']:.2f} ratio_floor={out['ratio_floor']:.2f}")
+    return out

@@ -4,10 +4,11 @@
 
 # %% ../nbs/04e_requests.ipynb #fc1c01ad
 from __future__ import annotations
-import hashlib, json, os
+import functools, hashlib, json, os
+from contextlib import contextmanager
 from pathlib import Path
 
-import lm_eval
+import lm_eval, lm_eval.utils
 from lm_eval.api.instance import Instance
 from lm_eval.evaluator_utils import get_sample_size
 
@@ -16,7 +17,7 @@ from .config import atomic_write, cache_dir, stable_hash
 
 # %% auto #0
 __all__ = ['REQUESTS_FORMAT', 'FEWSHOT_SEED', 'file_sha256', 'task_files', 'request_key', 'build_requests', 'replay',
-           'prepare_requests']
+           'prepare_requests', 'compiled_templates']
 
 # %% ../nbs/04e_requests.ipynb #0cbc06f8
 REQUESTS_FORMAT = 1        # bump when the JSON layout below changes
@@ -101,3 +102,14 @@ def prepare_requests(loaded:dict, limit=None, samples:dict|None=None, cache:bool
         replay(task, reqs, limit, s)
         out[name] = 'cached' if hit else 'built'
     return out
+
+# %% ../nbs/04e_requests.ipynb #f4e710df
+@contextmanager
+def compiled_templates():
+    "Within: lm-eval's `apply_template` compiles each distinct Jinja template once (renders are unchanged)."
+    u, stock = lm_eval.utils, lm_eval.utils.apply_template
+    compiled = functools.lru_cache(maxsize=None)(u.env.from_string)
+    def apply_template(template:str, doc:dict) -> str: return compiled(template).render(**doc)
+    u.apply_template = apply_template
+    try: yield
+    finally: u.apply_template = stock

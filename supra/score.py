@@ -56,9 +56,11 @@ def _to(x:np.ndarray, device):
 
 # %% ../nbs/04b_score.ipynb #8e2145f6
 @torch.inference_mode()
-def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, cap:int|None=None, pad_id:int=0, head_chunk:int=256):
+def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, cap:int|None=None, pad_id:int=0, head_chunk:int=256,
+               greedy:bool=True):
     """Log-probabilities of target tokens. `rows`: token lists fed to the model; `jobs`: `(row, p0, targets)` —
-    `targets[k]` is predicted at position `p0 + k` of row `row`. Returns `(logprob sums (float64), all-greedy flags)` per job."""
+    `targets[k]` is predicted at position `p0 + k` of row `row`. Returns `(logprob sums (float64), all-greedy flags)` per job
+    (`greedy=False`: the flags are not computed, and are all False)."""
     device = next(model.parameters()).device
     rows = [tuple(r) for r in rows]
     assert rows and all(rows), "empty row"
@@ -102,5 +104,5 @@ def score_rows(model, rows:list, jobs:list, batch_tokens:int=4096, cap:int|None=
                 ls = F.log_softmax(model.logits(h[c * head_chunk:(c + 1) * head_chunk]), -1)   # (c, V) fp32
                 r, t = _to(inv[u:v] - c * head_chunk, device), tgt[u:v]
                 lp.index_add_(0, job[u:v], ls[r, t].double())
-                hit.index_add_(0, job[u:v], (ls.argmax(-1)[r] == t).long())
+                if greedy: hit.index_add_(0, job[u:v], (ls.argmax(-1)[r] == t).long())
     return lp.cpu().numpy(), hit.cpu().numpy() == np.array([len(t) for _, _, t in jobs])
