@@ -8,14 +8,15 @@ import hashlib, json, os, time
 from pathlib import Path
 
 import torch, torch.nn as nn
-from safetensors.torch import save_file, save_model, load_model
+import torch.distributed as dist
+from safetensors.torch import save_file, save_model, load_file, load_model
 
-from .config import ConfigError, ModelConfig, atomic_write
+from .config import ConfigError, ModelConfig, atomic_write, check
 from .model import Transformer
 
 # %% auto #0
 __all__ = ['CKPT_FORMAT', 'DEFAULT_FAMILY', 'FAMILIES', 'CheckpointError', 'register_family', 'family_of', 'save_checkpoint',
-           'read_meta', 'build_model', 'model_from_config', 'load_checkpoint']
+           'read_meta', 'build_model', 'model_from_config', 'load_checkpoint', 'rng_state', 'restore_state']
 
 # %% ../nbs/02a_checkpoint.ipynb #e80759fd
 CKPT_FORMAT = 'supra-checkpoint/1'
@@ -137,3 +138,45 @@ def load_checkpoint(path, device='cpu') -> tuple[nn.Module, dict]:
     model = build_model(meta)
     _load_weights(model, Path(meta['path']) / meta['model_file'])
     return model.to(device), meta
+
+# %% ../nbs/02a_checkpoint.ipynb #b108f0a5
+def rng_state(device, world:int) -> dict:
+    "Every rank's torch RNG states (CPU, and CUDA where used): dropout is the loop's only randomness."
+    mine = {'rng.torch': torch.get_rng_state()}
+    if str(device).startswith('cuda'): mine['rng.cuda'] = torch.cuda.get_rng_state()
+    if world == 1: return mine
+    every = [None] * world; dist.all_gather_object(every, mine)
+    return {f'{k}.rank{r}': v for r, m in enumerate(every) for k, v in m.items()}
+
+def restore_state(ckpt, model, opts=(), ema:dict|None=None, device='cpu', expect:dict|None=None, ignore=(), rank:int=0) -> dict:
+    """Load weights, optimiser state, EMA weights and RNG from checkpoint `ckpt` into the live objects; returns its meta.
+    Every `expect` entry must equal the checkpoint's (`train_cfg` compared without the fields in `ignore`), else CheckpointError."""
+    meta = read_meta(ckpt)
+    for k, v in (expect or {}).items():
+        got = meta.get(k)
+        if k == 'train_cfg':
+            got = {a: b for a, b in (got or {}).items() if a not in ignore}
+            v = {a: b for a, b in v.items() if a not in ignore}
+        if json.loads(json.dumps(got)) != json.loads(json.dumps(v)):
+            diff = ({a for a in set(got or {}) | set(v) if (got or {}).get(a) != v.get(a)} if isinstance(v, dict) else k)
+            raise CheckpointError(f"{Path(ckpt)/'meta.json'}: belongs to a different run ({k} differs: {diff}); use a fresh out_dir or delete {ckpt}")
+    _load_weights(model, Path(ckpt) / meta['model_file'])
+    st = load_file(str(Path(ckpt) / meta['state_file']), device=str(device))
+    check(meta.get('n_optimizers') == len(opts), 'optimizer', meta.get('n_optimizers'), f'{len(opts)} optimisers as in {ckpt}')
+    for i, o in enumerate(opts):
+        sd = o.state_dict()
+        state = {}
+        for key, v in list(st.items()) + list(meta['optim_scalars'].items()):
+            oi, pid, name = key.split('.', 2) if key.startswith('opt') else (None, None, None)
+            if oi == f'opt{i}': state.setdefault(int(pid), {})[name] = v
+        if state.keys() != set(range(len(sum((g['params'] for g in sd['param_groups']), [])))) and state:
+            raise CheckpointError(f"{Path(ckpt)/meta['state_file']}: optimiser {i} state does not match the model's parameters")
+        o.load_state_dict({'state': state, 'param_groups': sd['param_groups']})
+    if ema is not None:
+        for n, t in ema.items(): t.copy_(st[f'ema.{n}'])
+    if not any(k.startswith('rng.torch') for k in st): return meta   # saved without RNG state
+    sfx = f'.rank{rank}' if f'rng.torch.rank{rank}' in st else ''
+    torch.set_rng_state(st['rng.torch' + sfx].cpu())
+    if 'rng.cuda' + sfx in st and str(device).startswith('cuda'): torch.cuda.set_rng_state(st['rng.cuda' + sfx].cpu())
+    return meta
+

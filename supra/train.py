@@ -30,6 +30,7 @@ from .bench_train import bench_train, profile_train_step   # `python -m supra.be
 
 # %% ../nbs/03_train.ipynb #b91778a9
 from .checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_meta, load_checkpoint, register_family, model_from_config,
+                              restore_state, rng_state,
                               _load_weights, _unwrap)
 
 # %% ../nbs/03_train.ipynb #850a2665
@@ -81,14 +82,6 @@ def _metrics_truncate(path:Path, step:int):
         if seen: keep.append(line)
     tmp = path.with_name(path.name + '.tmp'); tmp.write_text(''.join(l + '\n' for l in keep)); os.replace(tmp, path)
 
-def _rng_state(device, world:int) -> dict:
-    "Every rank's torch RNG states (CPU, and CUDA where used): dropout is the loop's only randomness."
-    mine = {'rng.torch': torch.get_rng_state()}
-    if str(device).startswith('cuda'): mine['rng.cuda'] = torch.cuda.get_rng_state()
-    if world == 1: return mine
-    every = [None] * world; dist.all_gather_object(every, mine)
-    return {f'{k}.rank{r}': v for r, m in enumerate(every) for k, v in m.items()}
-
 def _evaluate(hook, model, step:int, device) -> dict:
     "`hook(model, step)` in eval mode, without gradients, with the RNG untouched afterwards (a resumed run stays bitwise)."
     was = model.training; model.eval()
@@ -106,34 +99,9 @@ def _open_trackers(cfg:TrainConfig, run_dir:Path, config:dict):
     return open_trackers(cfg.tracker, run_dir, config)
 
 def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> dict:
-    "Load weights, optimiser state, EMA and RNG from `ckpt` into the live objects; returns its meta."
-    meta = read_meta(ckpt)
-    for k, v in expect.items():
-        got = meta.get(k)
-        if k == 'train_cfg':
-            got = {a: b for a, b in (got or {}).items() if a not in IGNORED_ON_RESUME}
-            v = {a: b for a, b in v.items() if a not in IGNORED_ON_RESUME}
-        if json.loads(json.dumps(got)) != json.loads(json.dumps(v)):
-            diff = ({a for a in set(got or {}) | set(v) if (got or {}).get(a) != v.get(a)} if isinstance(v, dict) else k)
-            raise CheckpointError(f"{Path(ckpt)/'meta.json'}: belongs to a different run ({k} differs: {diff}); use a fresh out_dir or delete {ckpt}")
-    _load_weights(model, Path(ckpt) / meta['model_file'])
-    st = load_file(str(Path(ckpt) / meta['state_file']), device=str(device))
-    check(meta.get('n_optimizers') == len(opts), 'optimizer', meta.get('n_optimizers'), f'{len(opts)} optimisers as in {ckpt}')
-    for i, o in enumerate(opts):
-        sd = o.state_dict()
-        state = {}
-        for key, v in list(st.items()) + list(meta['optim_scalars'].items()):
-            oi, pid, name = key.split('.', 2) if key.startswith('opt') else (None, None, None)
-            if oi == f'opt{i}': state.setdefault(int(pid), {})[name] = v
-        if state.keys() != set(range(len(sum((g['params'] for g in sd['param_groups']), [])))) and state:
-            raise CheckpointError(f"{Path(ckpt)/meta['state_file']}: optimiser {i} state does not match the model's parameters")
-        o.load_state_dict({'state': state, 'param_groups': sd['param_groups']})
-    if ema is not None:
-        for n, t in ema.items(): t.copy_(st[f'ema.{n}'])
-    sfx = f'.rank{rank}' if f'rng.torch.rank{rank}' in st else ''
-    torch.set_rng_state(st['rng.torch' + sfx].cpu())
-    if 'rng.cuda' + sfx in st and str(device).startswith('cuda'): torch.cuda.set_rng_state(st['rng.cuda' + sfx].cpu())
-    return meta
+    "Resume the live objects from `ckpt` (`supra.checkpoint.restore_state`); the fields a resumed run may change are not compared."
+    return restore_state(ckpt, model, opts, ema, device, expect, ignore=IGNORED_ON_RESUME, rank=rank)
+
 
 # %% ../nbs/03_train.ipynb #32dddadc
 def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int|None, warmup:int, cooldown:int, stop:int,
@@ -172,7 +140,7 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
                                 tokens=seen, elapsed=elapsed, train_s=train_s, loss=loss_v, schedule=schedule, phase=phase,
                                 loader=ctx.loader.state(), **expect)
     def state_now():
-        s = _rng_state(device, ctx.world)
+        s = rng_state(device, ctx.world)
         if ema: s.update({f'ema.{n}': t for n, t in ema.items()})
         return s
     def save(path):   # collective (every rank's RNG state); rank 0 writes
