@@ -85,11 +85,16 @@ class DataConfig(Config):
     vocab_size: int = 8192         # byte-level BPE vocabulary, specials included
     tokenizer_chars: int = 20_000_000  # characters of pool text that train the tokenizer
     val_docs: int = 200            # held-out validation documents (never in the pool)
+    tokenizer: str = 'bpe'         # 'bpe' (byte-level BPE) or 'superbpe' (BPE, then merges across whitespace: supra.tokenizers)
+    superbpe_transition: int | None = None   # superbpe: vocabulary size at which stage 2 starts (None: 90% of vocab_size)
 
     def validate(self):
         check_choice('corpus', self.corpus, CORPORA)
         check_int('n_tokens', self.n_tokens, lo=1024)
-        check_int('vocab_size', self.vocab_size, lo=260, hi=65535)  # 256 bytes + specials; uint16 pool
+        check_int('vocab_size', self.vocab_size, lo=260, hi=2**32 - 1)  # 256 bytes + specials; uint16 pool up to 65,536 ids, uint32 above
+        check_choice('tokenizer', self.tokenizer, ('bpe', 'superbpe'))
+        if self.superbpe_transition is not None:
+            check_int('superbpe_transition', self.superbpe_transition, lo=260, hi=self.vocab_size)
         check_int('tokenizer_chars', self.tokenizer_chars, lo=1000)
         check_int('val_docs', self.val_docs, lo=1)
 

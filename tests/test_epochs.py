@@ -28,20 +28,31 @@ def test_results_json_has_every_metric(smoke):
     from supra.experiment import ENVELOPE_KEYS
     assert list(res) == list(ENVELOPE_KEYS)
     assert res['corpus'] == 'wikipedia-en' and res['preset'] == 'smoke' and res['plan']['seeds'] == [0]
-    assert [r['epochs'] for r in res['runs']] == [1, 2]
-    for r in res['runs']:
+    rep = [r for r in res['runs'] if r['arm'] == 'repeated']
+    assert [r['epochs'] for r in rep] == [1, 2]
+    for r in rep:
         for m in ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'boolq', 'wikitext_byte_ppl', 'wikitext_word_ppl'):
             assert finite(r[m]), (m, r[m])
         assert 0 <= r['blimp'] <= 1 and r['blimp_stderr'] > 0
         assert isinstance(r['generation_greedy'], str)
         assert not Path(r['checkpoint']).is_absolute() and Path(smoke, r['checkpoint'], 'meta.json').exists()
     # the 2-epoch model has seen twice the tokens of the 1-epoch model, and trained them further
-    assert res['runs'][1]['tokens'] == 2 * res['runs'][0]['tokens']
-    assert res['runs'][1]['train_loss'] < res['runs'][0]['train_loss']
+    assert rep[1]['tokens'] == 2 * rep[0]['tokens']
+    assert rep[1]['train_loss'] < rep[0]['train_loss']
+    # the fresh-data control: the same steps on never-repeated tokens; its first epoch is the repeated run's first epoch
+    fresh = [r for r in res['runs'] if r['arm'] == 'fresh']
+    assert [r['epochs'] for r in fresh] == [1, 2] and [r['unique_tokens'] for r in fresh] == [res['data']['n_tokens'], 2 * res['data']['n_tokens']]
+    assert res['data']['fresh_prefix_equal'] is True
+    assert fresh[0]['heldout_bpb'] == rep[0]['heldout_bpb'] and fresh[0]['train_loss'] == rep[0]['train_loss']
+    v = {x['epochs']: x for x in res['summary']['value_of_repeats']}
+    assert v[1]['value'] == pytest.approx(1.0) and v[2]['predicted'] == pytest.approx(0.984, abs=1e-3) and finite(v[2]['value'])
+    assert {c['claim'] for c in res['summary']['claims']} and all(c['verdict'] for c in res['summary']['claims'])
+    # held-out loss during training, from the trainer's eval hook, is inside the envelope's curves
+    assert res['curves']['repeated/0']['stable']['heldout'] and all(finite(e['bpb']) for e in res['curves']['repeated/0']['stable']['heldout'])
     assert set(res['summary']['baselines']) >= {'blimp', 'arc_easy', 'boolq'}
     assert res['summary']['baselines']['boolq']['majority'] >= 0.5
     assert set(res['status']['labels']) == {'1', '2'} and res['status']['state'] == 'complete'
-    assert res['curves']['0']['stable']['loss'] and res['curves']['0']['epochs2']['tokens']
+    assert res['curves']['repeated/0']['stable']['loss'] and res['curves']['repeated/0']['epochs2']['tokens']
     assert res['environment']['hardware'] and res['environment']['torch']
 
 def test_paper_is_self_contained_and_states_its_scale(smoke):
@@ -61,12 +72,13 @@ def test_terminal_shows_progress(smoke):
     "The command's terminal (papermill's stderr, which the kernel's own stderr reaches) shows each stage, not only 'Executing'."
     err = (smoke / 'stderr.txt').read_text()
     lines = [l for l in err.splitlines() if l.startswith('[supra ')]
-    assert any('[epochs] plan:' in l for l in lines) and any('training seed 0' in l for l in lines), err[-2000:]
-    assert any('evaluating 2/2' in l for l in lines) and any('paper:' in l for l in lines)
+    assert any('[epochs] plan:' in l for l in lines) and any('training repeated seed 0' in l for l in lines) and any('training fresh seed 0' in l for l in lines), err[-2000:]
+    assert any('evaluating 4/4' in l for l in lines) and any('paper:' in l for l in lines)
     assert len(lines) < 100, 'progress must not flood the terminal'
 
 def test_rerun_reuses_everything(smoke):
     metrics = sorted(smoke.glob('runs/*/*/metrics.jsonl'))
+    assert len(metrics) >= 6   # repeated and fresh: stable + 2 branches each
     before = {p: p.stat().st_mtime_ns for p in metrics}
     res0 = json.loads((smoke / 'results.json').read_text())
     papermill(smoke, '-p', 'epochs', 2)
