@@ -18,7 +18,7 @@ class EpochSteps:
     def __init__(self, tokens, batch_size:int, seq_len:int, grad_accum:int=1, seed:int=0, rank:int=0, world_size:int=1):
         check_int('grad_accum', grad_accum, lo=1)
         check(batch_size % (world_size * grad_accum) == 0, 'batch_size', batch_size, f"a multiple of world_size × grad_accum = {world_size} × {grad_accum}")
-        self.accum, self.batch_size, self.seq_len = grad_accum, batch_size, seq_len
+        self.accum, self.batch_size, self.seq_len, self.rank, self.world_size = grad_accum, batch_size, seq_len, rank, world_size
         self.loader = EpochLoader(tokens, batch_size // grad_accum, seq_len, seed=seed, rank=rank, world_size=world_size)
         self.steps_per_epoch = -(-self.loader.steps_per_epoch // grad_accum)   # the epoch's last step may hold a partial batch
         self.step, self._it = 0, None
@@ -62,6 +62,7 @@ class StageLoader:
         self.total_steps = sum(s.steps for s in self.stages)
         self.steps_per_epoch = self.loaders[0].steps_per_epoch    # passes counted in the first stage's steps
         self.max_seq_len = max(s.seq_len for s in self.stages)
+        self.rank, self.world_size = rank, world_size
         self.seek(0)
 
     @classmethod
@@ -96,6 +97,10 @@ class StageLoader:
         if inner == 0: info.update(boundary=True, steps=s.steps)
         self.step += 1
         return mbs, info
+
+    def shapes(self) -> list[tuple[int, int]]:
+        "The distinct `(sequences, seq_len)` of this rank's micro-batches: what the trainer warms up before it times anything."
+        return sorted({(l.loader.batch_size // self.world_size, s.seq_len) for s, l in zip(self.stages, self.loaders)}, key=lambda t: t[1])
 
     def state(self) -> dict:
         k, inner = self._where(self.step)

@@ -63,6 +63,8 @@ def _context(pool, model_cfg:ModelConfig, cfg:TrainConfig, loader=None) -> _Ctx:
     elif not hasattr(loader, 'next') and callable(loader): loader = loader(tokens, cfg, rank, world)   # a factory
     check(all(hasattr(loader, a) for a in ('steps_per_epoch', 'seek', 'next', 'state')), 'loader', type(loader).__name__,
           'a step loader: steps_per_epoch, seek(step, state), next() and state() (see supra.loader)')
+    check(getattr(loader, 'world_size', world) == world, 'loader', f'built for world_size={getattr(loader, "world_size", None)}',
+          f'the world_size of this run ({world}): pass a factory (tokens, train_cfg, rank, world) -> loader under torchrun')
     longest = getattr(loader, 'max_seq_len', cfg.seq_len)
     check(longest <= model_cfg.seq_len, 'loader', f'windows of {longest} tokens', f"<= the model's seq_len={model_cfg.seq_len}")
     spe = loader.steps_per_epoch
@@ -91,6 +93,16 @@ def _evaluate(hook, model, step:int, device) -> dict:
     finally: model.train(was)
     check(isinstance(out, dict) and all(isinstance(k, str) for k in out), 'eval_hook', type(out).__name__, 'a function returning a dict {metric name: number}')
     return {k: float(v) for k, v in out.items()}
+
+def _warm_up(fwd, model, shapes, device, amp, loss_kw:dict):
+    "One untimed forward and backward per micro-batch shape `(b, T)` (allocations, compilation); no optimiser step, gradients dropped, RNG kept."
+    devs = [torch.device(device).index or 0] if str(device).startswith('cuda') else []
+    with torch.random.fork_rng(devices=devs):
+        for b, T in shapes:
+            x = torch.zeros(b, T, dtype=torch.long, device=device)
+            with amp: loss = fwd(x, x, **loss_kw)[1]
+            loss.backward()
+    model.zero_grad(set_to_none=True)
 
 def _open_trackers(cfg:TrainConfig, run_dir:Path, config:dict):
     "The experiment trackers `cfg.tracker` names (supra.trackers, imported only when asked for), or None."
@@ -153,6 +165,7 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     def emit(rec:dict, at:int):   # one row of metrics.jsonl, mirrored into the trackers
         log.write(json.dumps(rec) + '\n'); log.flush()
         if trk is not None: trk.log(rec, at)
+    if step < stop and hasattr(ctx.loader, 'shapes'): _warm_up(fwd, model, ctx.loader.shapes(), device, amp, loss_kw)
     t_ckpt, t_start, el0, eval_s = time.monotonic(), time.perf_counter(), elapsed, 0.0
     try:
         while step < stop:
