@@ -321,3 +321,45 @@ def test_tensorboard_tracker_gets_the_rows(pool_file, tmp_path):
     logged = [e.value for e in ea.Scalars(key)]
     rows = metrics(tmp_path / 'tb')
     assert len(logged) == len(rows) and np.allclose(logged, [r['loss'] for r in rows], rtol=1e-6)
+
+
+DDP_SEAMS_SCRIPT = textwrap.dedent('''
+    import json, os, sys, numpy as np, torch
+    from dataclasses import dataclass
+    torch.set_num_threads(1)
+    from supra.config import ModelConfig, TrainConfig
+    from supra.model import Transformer
+    from supra.checkpoint import register_family
+    from supra.loader import StageLoader
+    from supra.train import train
+    @dataclass(frozen=True)
+    class AuxConfig(ModelConfig): pass
+    class AuxLM(Transformer):   # reports its cross-entropy and its logit scale as auxiliary metrics
+        def forward(self, idx, targets=None, cache=None, return_logits=True):
+            logits, loss = super().forward(idx, targets, cache, return_logits)
+            return (logits, loss) if targets is None else (logits, loss, dict(ce=loss, wte_rms=self.wte.weight.pow(2).mean().sqrt()))
+    register_family('auxlm', AuxLM, AuxConfig)
+    m, t = AuxConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
+    factory = lambda tokens, cfg, rank, world: StageLoader.constant_tokens(tokens, [8, 16, 32], 256, steps=20, seed=cfg.seed, rank=rank, world_size=world)
+    res = train(np.load(sys.argv[3], mmap_mode='r'), m, t, sys.argv[4], quiet=True, loader=factory)
+    if os.environ.get('RANK', '0') == '0': print(json.dumps(res))
+''')
+
+def test_ddp_curriculum_and_aux_metrics_match_one_process(pool_file, tmp_path):
+    "A StageLoader factory under torchrun (2 ranks, each its slice) gives the 1-process curriculum; aux metrics are averaged like the loss."
+    script = tmp_path / 'ddp_seams.py'; script.write_text(DDP_SEAMS_SCRIPT)
+    args = [MCFG.to_json(), TCFG.to_json(), str(pool_file)]
+    one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / 'one')], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), *args,
+                          str(tmp_path / 'two')], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = [[r for r in metrics(tmp_path / d) if 'loss' in r] for d in ('one', 'two')]
+    assert len(a) == len(b) == 60 and [r['tokens'] for r in a] == [r['tokens'] for r in b] == [256 * (i + 1) for i in range(60)]
+    la, lb = np.array([r['loss'] for r in a]), np.array([r['loss'] for r in b])
+    assert np.abs(la - lb)[:10].max() < 1e-4 and np.abs(la - lb).max() < 2e-2, np.abs(la - lb).max()
+    for rows in (a, b):
+        assert all(abs(r['ce'] - r['loss']) < 1e-5 and r['wte_rms'] > 0 for r in rows)
+    stages = [r for r in metrics(tmp_path / 'two') if r.get('event') == 'stage']
+    assert [(r['at_step'], r['seq_len'], r['batch_size']) for r in stages] == [(0, 8, 32), (20, 16, 16), (40, 32, 8)]
+    assert read_meta(tmp_path / 'two' / 'final')['family'] == 'auxlm'
