@@ -11,7 +11,7 @@ from pathlib import Path
 __all__ = ['COMMANDS', 'run_dir_error', 'cmd_dashboard', 'config_args', 'config_from_args', 'find_tokenizer', 'cmd_eval',
            'cmd_export', 'cmd_train', 'cmd_bench', 'experiments', 'cmd_run', 'parser', 'main']
 
-# %% ../nbs/11_cli.ipynb #2c80abad
+# %% ../nbs/11_cli.ipynb #8efcf04a
 def _find_runs(d:Path, limit:int=8) -> list[Path]:
     "Run directories (holding metrics.jsonl) below `d`, to suggest when `d` itself is not one."
     from supra.dashboard import METRICS_FILE
@@ -62,7 +62,7 @@ def _positive(s):
     return v
 
 
-# %% ../nbs/11_cli.ipynb #b7bd8351
+# %% ../nbs/11_cli.ipynb #e0703db7
 def _value(s:str):
     "A flag's value: JSON where it parses (8, 0.5, true, null, [1,2]), a comma list as a list, else the string."
     import json
@@ -84,7 +84,7 @@ def config_from_args(cls, args, **base):
     given = {k.split('.', 1)[1]: v for k, v in vars(args).items() if k.startswith(cls.__name__ + '.') and v is not None}
     return cls.from_dict({**base, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}})
 
-# %% ../nbs/11_cli.ipynb #2862c730
+# %% ../nbs/11_cli.ipynb #e1fb0569
 def find_tokenizer(ckpt, given=None) -> Path:
     "`given`, else tokenizer.json in the checkpoint directory or up to three levels above it, else meta['tokenizer']."
     if given: return Path(given)
@@ -137,7 +137,7 @@ def cmd_bench(args) -> int:
     from supra.bench import main as bench_main
     bench_main([args.stage, *args.opts]); return 0
 
-# %% ../nbs/11_cli.ipynb #046cbf3b
+# %% ../nbs/11_cli.ipynb #50ee4861
 def experiments(root=None) -> list[str]:
     "The experiment notebooks: nbs/*.ipynb whose names do not start with a digit or an underscore."
     from supra.config import project_root
@@ -158,7 +158,7 @@ def cmd_run(args) -> int:
         print(f'supra run: {e.ename}: {e.evalue}\n(executed notebook with the traceback: {out})', file=sys.stderr); return 1
     print(f'done: {out}'); return 0
 
-# %% ../nbs/11_cli.ipynb #4b928dfd
+# %% ../nbs/11_cli.ipynb #f4553ac2
 def parser() -> argparse.ArgumentParser:
     "The `supra` argument parser (one subparser per command)."
     p = argparse.ArgumentParser(prog='supra', description='Supra: a literate lab for small-language-model science.')

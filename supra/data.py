@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterator
 import numpy as np
 from .config import ConfigError, DataConfig, check, check_int, stable_hash, atomic_write
+from .cache import code_fingerprint
 from .corpus import (data_root, available_corpora, iter_docs, write_corpus, val_texts,
                           _source, _fingerprint, _locked, _data_cache)
 from .tokenizers import (EOS, BOS, SPECIALS, KINDS, new_tokenizer, train_bpe, train_superbpe, tokenizer_spec,
@@ -90,7 +91,8 @@ class TokenPool:
 def pool_key(cfg:DataConfig, tokenizer_sha:str, root=None, dtype=U16) -> str:
     "Content address of the pool: tokenizer content, corpus and its fingerprint, n_tokens (and the dtype, when not uint16)."
     src = _source(cfg.corpus, root)
-    what = dict(format=POOL_FORMAT, corpus=cfg.corpus, source=_fingerprint(src, cfg.val_docs), tokenizer=tokenizer_sha, n_tokens=cfg.n_tokens)
+    what = dict(format=POOL_FORMAT, corpus=cfg.corpus, source=_fingerprint(src, cfg.val_docs), tokenizer=tokenizer_sha, n_tokens=cfg.n_tokens,
+                code=code_fingerprint('data'))   # the code that tokenizes and lays out the pool
     if np.dtype(dtype) != U16: what['dtype'] = np.dtype(dtype).name
     return stable_hash(what)
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Iterator, Iterable
 import numpy as np
 from .config import DataConfig, check, check_int, check_choice, stable_hash, atomic_write
+from .cache import code_fingerprint
 from .corpus import iter_docs, _source, _fingerprint, _locked, _data_cache
 
 # %% auto #0
@@ -52,7 +53,7 @@ def tokenizer_key(cfg:DataConfig, root=None, *, kind:str|None=None, transition:i
     spec = tokenizer_spec(cfg, kind, transition)
     src = _source(cfg.corpus, root)
     what = dict(format=TOKENIZER_FORMAT, corpus=cfg.corpus, source=_fingerprint(src, cfg.val_docs),
-                vocab_size=cfg.vocab_size, tokenizer_chars=cfg.tokenizer_chars)
+                vocab_size=cfg.vocab_size, tokenizer_chars=cfg.tokenizer_chars, code=code_fingerprint('tokenizers'))   # the code that trains it, too
     if spec['kind'] != 'bpe': what.update(format=SUPERBPE_FORMAT, kind=spec['kind'], transition=spec['transition'])
     return stable_hash(what)
 

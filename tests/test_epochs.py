@@ -130,7 +130,7 @@ def test_smoke_paper_renders_in_chromium_offline(smoke):
         rows = page.eval('[...document.querySelectorAll("table")].map(t => t.rows.length)')
         assert rows and max(rows) >= 1 + 9 + 1, rows            # header, the metric rows, the status row
         cols = page.eval('document.querySelector("table").rows[0].cells.length')
-        assert cols == 1 + len(res['summary']['by_epochs']) + 2, cols        # metric, one per epoch count, chance, majority
+        assert cols == 1 + len(res['summary']['by_epochs']) + 3, cols        # metric, one per epoch count, chance, majority, trigram
         imgs = page.eval('[...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])')
         assert len(imgs) >= 3 and all(c and w > 100 and bw > 100 for c, w, bw in imgs), imgs
         text = page.eval('document.body.innerText')
