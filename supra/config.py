@@ -191,7 +191,7 @@ class TrainConfig(Config):
     ema: float | None = None       # weight EMA decay, e.g. 0.997
     seed: int = 0
     device: str = 'auto'
-    compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (runs long enough to repay it: supra.train.compile_wanted)
+    compile: bool | str = 'auto'   # torch.compile: True, False, or 'auto' (runs long enough to repay it: supra.runtime.compile_wanted)
     ckpt_every_s: float = 300.0    # also checkpoint at every epoch end
     log_every: int = 1
     eval_every: int | None = None  # optimiser steps between calls of train()'s eval_hook (None: only at the end)
