@@ -71,7 +71,7 @@ def title_of(nb, default:str) -> str:
     for c in nb.cells:
         if c.cell_type == 'markdown':
             m = re.search(r'^#\s+(.+)$', c.source, re.M)
-            if m: return m[1].strip()
+            if m: return m[1].replace('`', '').strip()   # plain text: the navigation shows it as is
     return default
 
 _CDN = re.compile(r'<script[^>]*src="https?://[^"]*"[^>]*>\s*</script>', re.I)
