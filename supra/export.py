@@ -109,6 +109,9 @@ def _portable(d:Path, cfg:ModelConfig):
 def export_hf(model:Transformer, tokenizer, out_dir) -> Path:
     "Write `model` and its `tokenizers.Tokenizer` as a Hugging Face `LlamaForCausalLM` folder; returns its path."
     from transformers import LlamaForCausalLM, GenerationConfig
+    model = getattr(model, '_orig_mod', model)                  # a torch.compile'd model: its module
+    check(isinstance(model, Transformer), 'model', type(model).__name__,
+          'a supra.model.Transformer (the decoder-only family LlamaForCausalLM represents; other families do not export)')
     cfg = model.cfg
     check_llama(cfg)
     check(tokenizer.get_vocab_size() <= cfg.vocab_size, 'tokenizer', f'{tokenizer.get_vocab_size()} tokens',

@@ -243,3 +243,11 @@ def test_request_cache_rebuilds_on_changed_data_or_limit(tok, model, tmp_path, m
     reqs, hit = build_requests(task, limit=5)
     assert hit and q[::-1] in reqs[0]['args'][0] and q not in reqs[0]['args'][0]   # the new requests are the new data's
     assert how(limit=5) == 'cached'
+
+
+def test_eval_never_imports_train():
+    "Evaluation, export and the eval benchmark load checkpoints through supra.checkpoint, never through the trainer."
+    import subprocess, sys
+    code = ("import sys, supra.eval, supra.export, supra.evalbench, supra.requests; "
+            "bad = sorted(m for m in sys.modules if m.startswith('supra.train') or m.startswith('supra.optim')); assert not bad, bad")
+    subprocess.run([sys.executable, '-c', code], check=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})

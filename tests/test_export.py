@@ -153,3 +153,12 @@ def test_state_dict_mapping_is_complete():
     assert torch.equal(sd['model.layers.1.mlp.up_proj.weight'], m.blocks[1].mlp.c_fc.weight)
     assert torch.equal(sd['model.layers.1.mlp.gate_proj.weight'], m.blocks[1].mlp.c_gate.weight)
     assert torch.equal(sd['model.layers.1.self_attn.v_proj.weight'], m.blocks[1].attn.c_attn.weight[-16:])
+
+
+def test_other_model_family_is_refused(tok, tmp_path):
+    "A model that is not the decoder-only Transformer (another registered family) is refused by name, nothing written."
+    class EncDec(torch.nn.Module):
+        def __init__(self): super().__init__(); self.cfg = ModelConfig(n_layer=1, d_model=64, n_head=2, vocab_size=512, seq_len=32)
+    with pytest.raises(ConfigError, match=r"model='EncDec' is invalid.*Transformer"):
+        export_hf(EncDec(), tok, tmp_path / 'never')
+    assert list(tmp_path.iterdir()) == []
