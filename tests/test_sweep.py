@@ -66,9 +66,12 @@ def postgres():
 
 WORKER = textwrap.dedent('''
     import math, os, sys, time
+    from pathlib import Path
     from supra.sweep import tune, log_uniform
+    Path(f'ready-{os.getpid()}').touch()                 # imports done: wait for the other worker, then start together
+    while not Path('go').exists(): time.sleep(0.01)
     def bowl(p):
-        time.sleep(0.05)   # long enough that the two workers' trials overlap
+        time.sleep(0.1)    # long enough that the two workers' trials overlap
         return dict(value=(math.log10(p['lr']) - math.log10(3e-3)) ** 2 + 1.0, worker=os.getpid())
     st = tune(bowl, {'lr': log_uniform(1e-4, 1e-1)}, n_trials=int(sys.argv[2]), study_name='shared', storage=sys.argv[1],
               seed=int(sys.argv[3]), heartbeat_interval=5, grace_period=30)
@@ -81,6 +84,9 @@ def test_two_workers_share_one_study_on_postgres(postgres, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     procs = [subprocess.Popen([sys.executable, '-c', WORKER, postgres, str(n), str(seed)], env=env, cwd=tmp_path,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for seed in (0, 0)]
+    t0 = time.monotonic()
+    while len(list(tmp_path.glob('ready-*'))) < 2 and time.monotonic() - t0 < 120 and all(p.poll() is None for p in procs): time.sleep(0.05)
+    (tmp_path / 'go').touch()
     outs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [e[-3000:] for _, e in outs]
 
