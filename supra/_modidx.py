@@ -420,6 +420,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                               'supra.loader.Stage.__post_init__': ('loader.html#stage.__post_init__', 'supra/loader.py'),
                               'supra.loader.StageLoader': ('loader.html#stageloader', 'supra/loader.py'),
                               'supra.loader.StageLoader.__init__': ('loader.html#stageloader.__init__', 'supra/loader.py'),
+                              'supra.loader.StageLoader._plan': ('loader.html#stageloader._plan', 'supra/loader.py'),
                               'supra.loader.StageLoader._where': ('loader.html#stageloader._where', 'supra/loader.py'),
                               'supra.loader.StageLoader.constant_tokens': ('loader.html#stageloader.constant_tokens', 'supra/loader.py'),
                               'supra.loader.StageLoader.next': ('loader.html#stageloader.next', 'supra/loader.py'),

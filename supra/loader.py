@@ -25,6 +25,8 @@ class EpochSteps:
 
     def seek(self, step:int, state:dict|None=None):
         check_int('step', step, lo=0)
+        if state is not None and state.get('kind', 'epochs') != 'epochs':
+            raise ConfigError('loader', state, "an exact-epochs loader's state: the checkpoint was written by another kind of loader")
         if state is not None and state.get('step', step) != step:
             raise ConfigError('loader', state, f"the position of step {step} (the checkpoint's loader state disagrees with its step)")
         self.step, self._it = step, None
@@ -82,7 +84,8 @@ class StageLoader:
         check_int('step', step, lo=0, hi=self.total_steps)
         self.step = step
         self.k, inner = self._where(step)
-        if state is not None and (state.get('stage'), state.get('stage_step')) != (self.k, inner):
+        if state is not None and ((state.get('stage'), state.get('stage_step')) != (self.k, inner) or
+                                  state.get('stages', self._plan()) != self._plan()):
             raise ConfigError('loader', state, f"stage {self.k}, step {inner} of it — the position of step {step} in this curriculum; "
                                                "the checkpoint was written by a different curriculum")
         self.loaders[self.k].seek(inner)
@@ -104,4 +107,6 @@ class StageLoader:
 
     def state(self) -> dict:
         k, inner = self._where(self.step)
-        return dict(kind='stages', step=self.step, stage=k, stage_step=inner)
+        return dict(kind='stages', step=self.step, stage=k, stage_step=inner, stages=self._plan())
+
+    def _plan(self) -> list: return [[s.seq_len, s.batch_size, s.steps, s.lr_scale] for s in self.stages]
