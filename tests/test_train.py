@@ -207,6 +207,11 @@ def test_train_epochs_branch_equals_standalone_run(pool_file, tmp_path):
     assert round(0.1 * 2 * spe) == round(0.2 * spe)
     assert alone['loss'] == rows[1]['loss']
     with pytest.raises(ConfigError, match='schedule'): train_epochs(pool, MCFG, cfg.replace(schedule='cosine'), tmp_path / 'x')
+    from supra.loader import EpochSteps     # a loader factory reading today's epochs gives the same branches, bit for bit
+    same = train_epochs(pool, MCFG, cfg, tmp_path / 'ep2', quiet=True,
+                        loader=lambda t, c, rank, world: EpochSteps(t, c.batch_size, c.seq_len, c.grad_accum, c.seed, rank, world))
+    assert [r['loss'] for r in same] == [r['loss'] for r in rows]
+    assert json.loads((tmp_path / 'ep2' / 'run.json').read_text())['steps_per_epoch'] == spe
 
 
 def test_jemalloc_env():
