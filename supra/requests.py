@@ -4,7 +4,7 @@
 
 # %% ../nbs/04e_requests.ipynb #fc1c01ad
 from __future__ import annotations
-import functools, hashlib, json, os
+import functools, hashlib, inspect, json, os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -40,9 +40,17 @@ def task_files(task) -> list[str]:
     files = files.values() if isinstance(files, dict) else [files]
     return sorted(str(f) for fs in files for f in ([fs] if isinstance(fs, (str, Path)) else fs))
 
+def _stable(o) -> str:
+    "A config value JSON cannot hold, as text that is the same in every process: a function by its name and source."
+    if callable(o):
+        try: src = hashlib.sha256(inspect.getsource(o).encode()).hexdigest()[:16]
+        except (OSError, TypeError): src = None
+        return f"{getattr(o, '__module__', '?')}.{getattr(o, '__qualname__', type(o).__name__)}:{src}"
+    return str(o)
+
 def request_key(task, limit:int|None=None, samples:list|None=None) -> str:
     "Cache key of the requests of a loaded lm-eval `task` for `limit` examples (or the `samples` indices)."
-    cfg = json.dumps(task.dump_config(), sort_keys=True, default=str)
+    cfg = json.dumps(task.dump_config(), sort_keys=True, default=_stable)
     return stable_hash({'format': REQUESTS_FORMAT, 'task': cfg, 'files': {f: file_sha256(f) for f in task_files(task)},
                         'limit': limit, 'samples': samples, 'fewshot_seed': FEWSHOT_SEED, 'lm_eval': lm_eval.__version__,
                         'code': code_fingerprint('requests')}, n=24)

@@ -251,3 +251,15 @@ def test_eval_never_imports_train():
     code = ("import sys, supra.eval, supra.export, supra.evalbench, supra.requests; "
             "bad = sorted(m for m in sys.modules if m.startswith('supra.train') or m.startswith('supra.optim')); assert not bad, bad")
     subprocess.run([sys.executable, '-c', code], check=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
+
+
+def test_request_cache_hits_in_a_new_process(tmp_path):
+    "Keys are the same in every process (WikiText's config holds a Python function: keyed by its source, not its address)."
+    import subprocess, sys
+    code = ("from supra.eval import task_manager, _quiet; from supra.requests import prepare_requests\n"
+            "with _quiet():\n    l = task_manager().load(['blimp_adjunct_island', 'arc_easy', 'boolq', 'wikitext'])\n"
+            "    [t.set_config(key='num_fewshot', value=0) for t in l['tasks'].values()]\n    print(sorted(set(prepare_requests(l, 2).values())))")
+    env = {**os.environ, 'SUPRA_CACHE': str(tmp_path), 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
+    run = lambda: subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout.split('\n')[-2]
+    assert run() == "['built']"
+    assert run() == "['cached']"
