@@ -1,0 +1,150 @@
+"""Experiment #5 (the efficiency stack) end to end: `nbs/curriculum.ipynb` under papermill at the smoke preset (two pools,
+every arm and seed, speed-ups, claims, results.json, paper); a curriculum run killed with SIGKILL mid-stage resuming to the
+uninterrupted result; FP8 refused here with its reason; a bad parameter stopping the first cell."""
+import html, json, math, os, signal, subprocess, sys, textwrap, time
+from pathlib import Path
+import numpy as np, pytest, torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
+NB = ROOT / 'nbs' / 'curriculum.ipynb'
+VERDICTS = {'supported', 'contradicted', 'not resolved at this scale', 'not resolved (one seed)', 'not measurable here'}
+
+def _env(cache=None, **kw):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1', OMP_NUM_THREADS='1', SUPRA_NO_JEMALLOC='1', **kw)
+    if not env.get('SUPRA_DATA') and (ROOT.parent / 'shared' / 'data').is_dir(): env['SUPRA_DATA'] = str(ROOT.parent / 'shared' / 'data')
+    if cache is not None: env.setdefault('SUPRA_CACHE', str(cache))
+    return env
+
+def papermill(out_nb, cache, **params):
+    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
+    for k, v in params.items(): args += ['-p', k, str(v)]
+    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=900)
+
+def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('curriculum')
+    r = papermill(tmp / 'out.ipynb', tmp / 'cache', preset='smoke', device='cpu', out_dir=tmp / 'out', paper=tmp / 'curriculum.html')
+    assert r.returncode == 0, r.stderr[-4000:]
+    return dict(tmp=tmp, results=json.loads((tmp / 'out' / 'results.json').read_text()), page=(tmp / 'curriculum.html').read_text())
+
+def test_results_complete_and_consistent(smoke):
+    from supra.experiment import ENVELOPE_KEYS
+    from supra.experiments.curriculum import seed_speedups, curriculum_stages
+    res = smoke['results']; pl, sm = res['plan'], res['summary']
+    assert list(res) == list(ENVELOPE_KEYS) and res['preset'] == 'smoke' and res['environment']['device'] == 'cpu'
+    arms, seeds = pl['arms'], pl['seeds']
+    assert 'fp8' not in arms and {'baseline', 'curriculum', 'superbpe', 'superbpe-curriculum', 'factorised', 'gqa'} == set(arms)
+    runs = {(r['arm'], r['seed']): r for r in res['runs']}
+    assert set(runs) == {(a, s) for a in arms for s in seeds}
+    tokens = {r['tokens'] for r in runs.values()}
+    assert tokens == {pl['steps'] * pl['tokens_per_step']}            # equal tokens: every arm reads one epoch of the same size
+    for r in runs.values():
+        for k in ('final_bpb', 'train_s', 'tok_s', 'chars_per_token'): assert _finite(r[k]) and r[k] > 0, (r['arm'], k)
+    base = runs[('baseline', seeds[0])]
+    assert runs[('factorised', seeds[0])]['params'] < base['params'] and runs[('gqa', seeds[0])]['params'] < base['params']
+    assert runs[('gqa', seeds[0])]['kv_per_token'] * pl['kv_ratio'] == base['kv_per_token']
+    stages = curriculum_stages(pl['seq_lens'], pl['tokens_per_step'], pl['steps'], pl['last_frac'], pl['lr_floor'])
+    starts = list(np.cumsum([0] + [s.steps for s in stages])[:-1])
+    for a in arms:
+        for s in seeds:
+            c = res['curves'][a][str(s)]
+            assert c['step'][-1] == pl['steps'] and len(c['bpb']) == len(c['train_s']) == len(c['tokens']) >= 2
+            if 'curriculum' in a:   # the stage boundaries, as the trainer wrote them
+                assert [z['seq_len'] for z in c['stages']] == list(pl['seq_lens']) and [z['at_step'] for z in c['stages']] == starts
+            else: assert c['stages'] == []
+    for a, v in sm['speedups'].items():   # the speed-ups are what the curves say
+        again = seed_speedups(res['curves']['baseline'], res['curves'][a])
+        for x in ('tokens', 'train_s'): assert v[x]['per_seed'] == json.loads(json.dumps(again[x])), (a, x)
+    cl = {c['arm']: c for c in sm['claims']}
+    assert set(cl) == {'curriculum', 'superbpe', 'superbpe-curriculum', 'fp8', 'factorised', 'gqa'}
+    assert all(c['verdict'] in VERDICTS for c in cl.values())
+    assert cl['fp8']['verdict'] == 'not measurable here' and 'CUDA' in cl['fp8']['reason'] and cl['fp8']['time'] is None
+    assert cl['factorised']['saved_params'] == base['params'] - runs[('factorised', seeds[0])]['params'] > 0
+    t = sm['tokenizers']
+    assert t['bpe']['chars'] == t['superbpe']['chars'] and _finite(t['superbpe']['chars_per_token'])   # the same held-out text
+    assert sm['multiply']['train_s']['verdict']
+
+def test_paper(smoke):
+    page, res = html.unescape(smoke['page']), smoke['results']
+    for s in ("The seed's claims", 'Do the factors multiply?', 'not measurable here', 'Every arm at equal tokens', 'The curriculum', 'CUDA'):
+        assert s in page, s
+    assert smoke['page'].count('data:image/svg+xml;base64,') == len(res['summary']['speedups']) + 1
+    assert '<script' not in smoke['page'] and 'smoke' in page
+    b = next(a for a in res['summary']['by_arm'] if a['arm'] == 'baseline')
+    assert f"{b['final_bpb']:.4f}" in page                                # numbers come from results.json
+
+# A curriculum run of the experiment's own train_run (SliceStages + held-out hook), as a subprocess killed with SIGKILL below.
+SCRIPT = textwrap.dedent('''
+    import json, sys, numpy as np, torch
+    torch.set_num_threads(1)
+    from supra.config import ModelConfig, TrainConfig
+    from supra.hooks import heldout_hook
+    from supra.experiments.curriculum import train_run, curriculum_stages
+    m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
+    pool = np.load(sys.argv[3], mmap_mode='r')
+    stages = curriculum_stages((8, 16, 32), 256, 150)
+    hook = heldout_hook(pool[40_000:], 32, token_bytes=np.ones(64, dtype=np.int64))
+    print(json.dumps(train_run(pool[:40_000], m, t, sys.argv[4], stages, hook)))
+''')
+
+def bigram_pool(n=45_000, vocab=64, seed=0):
+    g = np.random.default_rng(seed)
+    nxt, choice = g.integers(0, vocab, size=(vocab, 4)), g.integers(0, 4, size=n)
+    out = np.zeros(n, dtype=np.uint16)
+    for i in range(1, n): out[i] = nxt[out[i - 1], choice[i]]
+    return out
+
+def test_curriculum_run_resumes_after_sigkill(tmp_path):
+    "train_run with the curriculum, killed with SIGKILL inside its second stage, resumes to the uninterrupted run: same rows, same weights."
+    from supra.config import ModelConfig, TrainConfig
+    from supra.checkpoint import read_meta, load_checkpoint
+    np.save(tmp_path / 'pool.npy', bigram_pool())
+    mcfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
+    tcfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3, ckpt_every_s=0.02, eval_every=10)
+    cmd = lambda out: [sys.executable, '-c', SCRIPT, mcfg.to_json(), tcfg.to_json(), str(tmp_path / 'pool.npy'), str(out)]
+    ref = subprocess.run(cmd(tmp_path / 'ref'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    run = tmp_path / 'killed'
+    p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while time.time() - t0 < 120:                 # stages of 45, 45, 60 steps: kill inside the second
+        ml = run / 'metrics.jsonl'
+        if ml.exists() and ml.read_text().count('"loss"') >= 55: break
+        if p.poll() is not None: break
+        time.sleep(0.005)
+    assert p.poll() is None, p.stderr.read().decode()[-2000:]
+    p.send_signal(signal.SIGKILL); p.wait()
+    at = read_meta(run / 'last')
+    assert at['loader']['kind'] == 'stages' and at['loader'].get('slices') and 0 < at['step'] < 150, at['loader']
+    res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = lambda d: [json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()]
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s', 'eval_s')} for r in rs]
+    a, b = rows(tmp_path / 'ref'), rows(run)
+    assert strip(a) == strip(b)                    # every train, eval and stage row, once, bitwise
+    assert [r['at_step'] for r in b if r.get('event') == 'stage'] == [0, 45, 90]
+    m1, _ = load_checkpoint(tmp_path / 'ref' / 'final'); m2, _ = load_checkpoint(run / 'final')
+    assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
+
+def test_fp8_refused_here_with_reason(tmp_path):
+    "No GPU on this machine: the capability check refuses and names CUDA; the plan leaves FP8 out and keeps the reason."
+    from supra.fp8 import fp8_support, require_fp8, Fp8Unavailable
+    from supra.experiments.curriculum import plan
+    if torch.cuda.is_available(): pytest.skip('a CUDA device is present')
+    s = fp8_support('cpu')
+    assert not s.available and 'CUDA GPU' in s.reason
+    with pytest.raises(Fp8Unavailable, match='CUDA'): require_fp8('auto')
+    p = plan(preset='smoke', device='cpu', out_dir=tmp_path / 'o', paper=None)
+    assert 'fp8' not in p.arms and p.fp8_reason == s.reason
+
+def test_bad_parameter_fails_first(tmp_path):
+    r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', preset='smoke', device='cpu', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', stages=3)
+    assert r.returncode != 0
+    nb = json.loads((tmp_path / 'bad.ipynb').read_text())
+    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
+    assert len(errs) == 1 and 'exp.plan(' in ''.join(nb['cells'][errs[0][0]]['source'])
+    assert errs[0][1]['ename'] == 'ConfigError' and 'parameter=' in errs[0][1]['evalue']
+    assert not (tmp_path / 'p.html').exists() and not (tmp_path / 'out' / 'runs').exists()
