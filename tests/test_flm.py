@@ -1,0 +1,118 @@
+"""flm end to end: `nbs/flm.ipynb` under papermill at the smoke preset (both arms, two seeds: results.json, paper, dashboards),
+bad parameters stopping its first cell, the train/test vocabulary split, an flm checkpoint loading in a fresh process,
+and the live dashboard in headless Chromium."""
+import json, math, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
+NB = ROOT / 'nbs' / 'flm.ipynb'
+PY = ROOT / '.venv' / 'bin' / 'python'
+
+def _env(cache):
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1')
+    env.setdefault('SUPRA_CACHE', str(cache))
+    return env
+
+def papermill(out_nb, cache, **params):
+    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
+    for k, v in params.items(): args += ['-p', k, str(v)]
+    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=600)
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('flm')
+    r = papermill(tmp / 'out.ipynb', tmp / 'cache', preset='smoke', out_dir=tmp / 'out', paper=tmp / 'flm.html')
+    assert r.returncode == 0, r.stderr[-4000:]
+    return dict(tmp=tmp, res=json.loads((tmp / 'out' / 'results.json').read_text()), page=(tmp / 'flm.html').read_text())
+
+def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def test_results(smoke):
+    res = smoke['res']
+    from supra.experiment import ENVELOPE_KEYS
+    from supra.experiments.flm import PROBES
+    assert list(res) == list(ENVELOPE_KEYS) and res['corpus'] == 'flm-programmatic' and res['preset'] == 'smoke'
+    runs = {(r['arm'], r['seed']) for r in res['runs']}
+    assert runs == {(a, s) for a in ('geometry', 'no_geometry') for s in res['plan']['seeds']}
+    for r in res['runs']:
+        for k in PROBES: assert _finite(r[k]), (r['arm'], k)
+        assert 1 <= r['erank90'] <= r['erank95'] and 0 <= r['test_token_acc'] <= 1
+        assert (smoke['tmp'] / 'out' / r['dashboard']).is_file()
+        c = res['curves'][r['arm']][str(r['seed'])]
+        assert c['step'][-1] == r['steps'] and len(c['step']) >= 2 and c['analogy'][-1] == r['analogy']   # probes during training, not only at the end
+    for arm, t in res['summary']['targets'].items(): assert set(t) == {'analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim'}
+    assert {c['metric'] for c in res['summary']['comparisons']} == set(PROBES)
+
+def test_geometry_losses_only_in_the_geometry_arm(smoke):
+    out = smoke['tmp'] / 'out'
+    for r in smoke['res']['runs']:
+        rows = [json.loads(l) for l in (out / r['run_dir'] / 'metrics.jsonl').read_text().splitlines()]
+        train = [x for x in rows if 'loss' in x]
+        geo = [x for x in train if 'word_order' in x]
+        if r['arm'] == 'geometry': assert [x['step'] for x in geo] == [s for s in range(1, r['steps'] + 1) if (s - 1) % 5 == 0]
+        else: assert geo == []
+        assert all('recon_loss' in x and 'infonce' in x and ('para_loss' in x) != ('parse_loss' in x) for x in train)
+
+def test_paper(smoke):
+    page = smoke['page']
+    for s in ('Concept Bottleneck', "The seed&#39;s targets", 'Geometry on vs off', 'Probe trajectories', 'not met'):
+        assert s in page or s.replace('&#39;', "'") in page, s
+
+@pytest.mark.parametrize('bad', [dict(preset='fast'), dict(epoch=3)])
+def test_bad_parameters_stop_first_cell(tmp_path, bad):
+    r = papermill(tmp_path / 'o.ipynb', tmp_path / 'cache', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', **bad)
+    assert r.returncode != 0 and 'ConfigError' in (r.stderr + r.stdout)
+    assert not (tmp_path / 'out' / 'runs').exists()
+
+@pytest.mark.parametrize('bad', [dict(seeds='abc'), dict(corpus='wikipedia-en'), dict(geometry='maybe'), dict(preset='cpu', seeds='0'), dict(paper='x.pdf')])
+def test_plan_refuses(tmp_path, bad):
+    from supra.config import ConfigError
+    from supra.experiments.flm import plan
+    with pytest.raises(ConfigError) as e: plan(**{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': None, **bad})
+    assert next(iter(bad if len(bad) == 1 else {'seeds': 0})) in str(e.value)
+
+def test_vocabulary_separation():
+    import random
+    from supra.flm_data import FLMData, FLMDataConfig, split_vocab, leaked, geometry_items, _sentences, words_of
+    tr, te = split_vocab()
+    assert not tr & te
+    data = FLMData(FLMDataConfig(n_pairs=3000, n_test=64, seed=3))
+    texts = [s for t in data.train_text for s in t] + [s for k in range(20) for s in _sentences(geometry_items(random.Random(k), 'train'))]
+    assert leaked(texts) == set()
+    assert all(words_of([t[0]]) & te for t in data.test_text)
+    vocab = data.tokenizer.get_vocab()                         # no tokenizer entry is a whole test word (a word-initial piece)
+    assert not {t[1:] for t in vocab if t.startswith('Ġ')} & te
+
+def test_checkpoint_loads_in_a_fresh_process(smoke):
+    r0 = smoke['res']['runs'][0]
+    ck = smoke['tmp'] / 'out' / r0['run_dir'] / 'final'
+    code = ("import sys, supra.flm; from supra.checkpoint import load_checkpoint; m, meta = load_checkpoint(sys.argv[1]); "
+            "print(type(m).__name__, meta['family'], m.n_params())")
+    out = subprocess.run([str(PY), '-c', code, str(ck)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ['FLM', 'flm', str(r0['params'])]
+
+def test_dashboard_in_chromium(smoke):
+    sys.path.insert(0, str(ROOT))
+    from tests.browser import Page, foreign_requests
+    from supra.flm_dashboard import PANELS, write_flm_dashboard
+    r0 = next(r for r in smoke['res']['runs'] if r['arm'] == 'geometry')
+    run = smoke['tmp'] / 'out' / r0['run_dir']
+    page_path = write_flm_dashboard(run)
+    with Page() as page:
+        page.goto(page_path.as_uri())
+        titles = page.eval("[...document.querySelectorAll('.panel h2')].map(e => e.textContent)")
+        assert titles == [t for t, _, _ in PANELS]
+        drawn = page.eval("[...document.querySelectorAll('.panel')].map(p => [p.dataset.panel, p.querySelectorAll('svg polyline, svg circle').length])")
+        empty = [t for t, n in drawn if n == 0 and t != 'WordNet Losses']     # WordNet is off at the smoke preset
+        assert not empty, empty
+        assert page.eval("document.querySelectorAll('#setup tr').length") == 6
+        assert page.eval("document.querySelector('#diagnostics').textContent").count('[') >= 5
+        guide = page.eval("document.querySelector('#ref').textContent")
+        for t in ('Push top-8 most similar unrelated pairs below sim 0.1. Weight 1.0.', 'a−b+c≅d cosine score (test vocab). Want >0.8.',
+                  'Exponential moving average of exact match (decay=0.99).'): assert t in guide
+        assert 'target' in page.eval("document.querySelector('[data-panel=\"Analogy & Word Order\"]').textContent")
+        assert page.eval("document.querySelector('#status').textContent") == 'done'
+        assert foreign_requests(page.requests) == []
