@@ -8,7 +8,7 @@ __all__ = ['BENCHES', 'main']
 # %% ../nbs/09_bench.ipynb #6e7cad1f
 import argparse, importlib, sys
 
-BENCHES = {'data': ('supra.data', 'bench_data'), 'train': ('supra.train', 'bench_train'), 'eval': ('supra.eval', 'bench_eval')}
+BENCHES = {'data': ('supra.data', 'bench_data'), 'train': ('supra.bench_train', 'bench_train'), 'eval': ('supra.evalbench', 'bench_eval')}
 
 def main(argv=None):
     "Run one benchmark: `python -m supra.bench data|train|eval [--key value ...]`."
@@ -30,6 +30,6 @@ def main(argv=None):
 
 # %% ../nbs/09_bench.ipynb #4240ff40
 if __name__ == '__main__' and '__file__' in globals():   # run as a script, not in a notebook
-    from supra.train import reexec_with_jemalloc
+    from supra.runtime import reexec_with_jemalloc
     reexec_with_jemalloc()
     main()

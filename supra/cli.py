@@ -81,8 +81,11 @@ def config_args(p:argparse.ArgumentParser, cls, skip=()):
 
 def config_from_args(cls, args, **base):
     "The validated `cls` config from the `--<field>` flags that were given (ConfigError names a bad field)."
+    import dataclasses
+    tuples = {f.name for f in dataclasses.fields(cls) if isinstance(f.default, tuple)}
     given = {k.split('.', 1)[1]: v for k, v in vars(args).items() if k.startswith(cls.__name__ + '.') and v is not None}
-    return cls.from_dict({**base, **{k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}})
+    given = {k: tuple(v) if isinstance(v, list) else (v,) if k in tuples and not isinstance(v, tuple) else v for k, v in given.items()}
+    return cls.from_dict({**base, **given})
 
 # %% ../nbs/11_cli.ipynb #e1fb0569
 def find_tokenizer(ckpt, given=None) -> Path:
@@ -201,7 +204,10 @@ COMMANDS = {'dashboard': cmd_dashboard, 'train': cmd_train, 'eval': cmd_eval, 'e
 
 def main(argv=None) -> int:
     "Entry point of the `supra` console script; returns the exit code."
-    args = parser().parse_args(argv)
+    p = parser()
+    args, extra = p.parse_known_args(argv)     # `supra train` passes every flag (--help too) through to the trainer's parser
+    if args.command == 'train': args.args = [*extra, *args.args]
+    elif extra: p.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 # %% ../nbs/11_cli.ipynb #8a6ddbf3
