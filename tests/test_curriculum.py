@@ -66,6 +66,7 @@ def test_results_complete_and_consistent(smoke):
     t = sm['tokenizers']
     assert t['bpe']['chars'] == t['superbpe']['chars'] and _finite(t['superbpe']['chars_per_token'])   # the same held-out text
     assert sm['multiply']['train_s']['verdict']
+    assert sm['model']['n_params'] == base['params']
 
 def test_paper(smoke):
     page, res = html.unescape(smoke['page']), smoke['results']
