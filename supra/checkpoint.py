@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_checkpoint.ipynb #3e631cb7
 from __future__ import annotations
-import hashlib, json, os, time
+import hashlib, importlib, json, os, time
 from pathlib import Path
 
 import torch, torch.nn as nn
@@ -15,8 +15,9 @@ from .config import ConfigError, ModelConfig, atomic_write, check
 from .model import Transformer
 
 # %% auto #0
-__all__ = ['CKPT_FORMAT', 'DEFAULT_FAMILY', 'FAMILIES', 'CheckpointError', 'register_family', 'family_of', 'save_checkpoint',
-           'read_meta', 'build_model', 'model_from_config', 'load_checkpoint', 'rng_state', 'restore_state']
+__all__ = ['CKPT_FORMAT', 'DEFAULT_FAMILY', 'FAMILIES', 'FAMILY_MODULES', 'CheckpointError', 'register_family', 'family_of',
+           'save_checkpoint', 'read_meta', 'build_model', 'model_from_config', 'load_checkpoint', 'rng_state',
+           'restore_state']
 
 # %% ../nbs/02a_checkpoint.ipynb #e80759fd
 CKPT_FORMAT = 'supra-checkpoint/1'
@@ -30,7 +31,9 @@ def register_family(name:str, cls:type, config_cls:type|None=None):
     "Make `cls` (built as `cls(cfg)`, `cfg` a `config_cls`, default `cls.config_class` or `ModelConfig`) saveable and loadable as `name`."
     if not (isinstance(name, str) and name.isidentifier()): raise ConfigError('name', name, 'an identifier-like family name')
     known = FAMILIES.get(name)
-    if known and known[0] is not cls: raise ConfigError('name', name, f"a name not taken (it is {known[0].__name__}'s)")
+    # the same class defined again (a notebook cell re-run, then its exported module imported) takes the name back
+    if known and known[0] is not cls and known[0].__qualname__ != cls.__qualname__:
+        raise ConfigError('name', name, f"a name not taken (it is {known[0].__name__}'s)")
     FAMILIES[name] = (cls, config_cls or getattr(cls, 'config_class', ModelConfig))
     return cls
 
@@ -114,10 +117,13 @@ def _load_weights(model, file:Path):
     if missing or unexpected:
         raise CheckpointError(f"{file}: does not match the model — missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
 
+FAMILY_MODULES = {'flm': 'supra.flm', 'golf': 'supra.golf_model', 'fp8_transformer': 'supra.fp8'}   # Supra's own families, imported on demand
+
 def build_model(meta:dict) -> nn.Module:
     "A freshly initialised model of the family and config that checkpoint `meta` records."
     mf = Path(meta.get('path', '.')) / 'meta.json'
     fam = meta.get('family', DEFAULT_FAMILY)
+    if fam not in FAMILIES and fam in FAMILY_MODULES: importlib.import_module(FAMILY_MODULES[fam])   # registers it
     if fam not in FAMILIES:
         raise CheckpointError(f"{mf}: model family {fam!r} is not registered (known: {', '.join(sorted(FAMILIES))}); "
                               f"import the module that defines it, or call supra.checkpoint.register_family({fam!r}, cls)")
