@@ -10,12 +10,14 @@ cd "$(dirname "$0")"
 DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3}
 
-# System libraries (optional): jemalloc always; with --dev chromium and postgresql for the tests.
+# System libraries (optional): jemalloc and WordNet always; with --dev chromium and postgresql for the tests.
 pkgs=""
 ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || pkgs="libjemalloc2"
 [ $DEV = 1 ] && ! command -v chromium >/dev/null 2>&1 && pkgs="$pkgs chromium"
 # PostgreSQL server binaries for the two-worker shared-sweep test (tests/test_sweep.py starts a throwaway cluster)
 [ $DEV = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 && pkgs="$pkgs postgresql"
+# WordNet 3.0 for flm's WordNet losses (supra.flm_wordnet reads it with NLTK; without it flm trains without them and says so)
+[ -f /usr/share/wordnet/data.noun ] || pkgs="$pkgs wordnet-base"
 if [ -n "$pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install.sh: apt-get install $pkgs"
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $pkgs >/dev/null) \
