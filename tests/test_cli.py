@@ -37,8 +37,13 @@ def test_eval_a_checkpoint_on_named_tasks(run, tmp_path):
     assert 0 <= blimp['value'] <= 1 and blimp['n'] == 67 * 2
     bad = supra('eval', d / 'final', '--tokenizer', tok, '--limit', 0, check=False)
     assert bad.returncode == 2 and 'limit=0' in bad.stderr
-    missing = supra('eval', d / 'final', check=False)           # no tokenizer beside the checkpoint: said, not crashed
+    import shutil
+    alone = tmp_path / 'x' / 'y' / 'z' / 'final'               # a checkpoint with no tokenizer.json beside it or above it
+    shutil.copytree(d / 'final', alone)
+    missing = supra('eval', alone, '--limit', 2, check=False)   # said, not crashed
     assert missing.returncode == 2 and 'tokenizer' in missing.stderr
+    found = supra('eval', d / 'final', '--tasks', 'blimp', '--limit', 1)   # tokenizer.json two levels up is found
+    assert 'blimp' in found.stdout
 
 def test_export_a_checkpoint(run, tmp_path):
     d, tok = run
