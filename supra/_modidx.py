@@ -408,6 +408,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                         'supra.experiments.golf._S': ('golf_exp.html#_s', 'supra/experiments/golf.py'),
                                         'supra.experiments.golf._names': ('golf_exp.html#_names', 'supra/experiments/golf.py'),
                                         'supra.experiments.golf._p': ('golf_exp.html#_p', 'supra/experiments/golf.py'),
+                                        'supra.experiments.golf._pm': ('golf_exp.html#_pm', 'supra/experiments/golf.py'),
                                         'supra.experiments.golf.ablation_verdict': ( 'golf_exp.html#ablation_verdict',
                                                                                      'supra/experiments/golf.py'),
                                         'supra.experiments.golf.arm_configs': ('golf_exp.html#arm_configs', 'supra/experiments/golf.py'),

@@ -218,6 +218,8 @@ def figures(res:dict, fig_dir) -> dict:
     figs['curves'] = curves_chart(cur, fig_dir / 'curves', title='Training loss against training time', xlabel='training seconds', ylabel='train loss (nats/token)', smooth=0.8)
     return figs
 
+def _pm(s:dict, k:str) -> str: return f"{s[k]:,.0f}" + ('' if s.get(f'{k}_std') is None else f" ± {s[f'{k}_std']:,.0f}")
+
 def paper(res:dict, figs:dict, path) -> Path:
     "The golf paper for the envelope `res` and its figures."
     from supra.report import findings as findings_, table, row, chart, prose, stats, links, fmt_duration, write_paper
@@ -255,8 +257,8 @@ def paper(res:dict, figs:dict, path) -> Path:
           f"0.997 would leave {0.997 ** steps:.0%} of the random init in the final weights), SWA of the EMA weights every {sc['swa_every']} steps once the LR scale is below 0.2."),
          ('Data', f"a {res['data']['n_tokens']:,}-token {res['corpus']} pool: a run's ≈{toks:,.0f} tokens are ≈{toks / res['data']['n_tokens']:.1f} passes over it "
           f"(the record never repeats a token); held-out bits per byte on {res['data']['heldout_docs']} documents, the same for every run."),
-         ('Timing', f"the budget is wall-clock on a shared {hw}: steps per run vary within an arm (baseline {S['baseline']['steps']:,.0f} ± {S['baseline']['steps_std']:,.0f}, "
-          f"full stack {S['full']['steps']:,.0f} ± {S['full']['steps_std']:,.0f}), and that jitter is part of each arm's spread.")],
+         ('Timing', f"the budget is wall-clock on a shared {hw}: steps per run vary within an arm (baseline {_pm(S['baseline'], 'steps')}, "
+          f"full stack {_pm(S['full'], 'steps')}), and that jitter is part of each arm's spread.")],
         label='// Method', nav='Method', id='method')
     secs = [findings_(findings(res), title='What the runs show', nav='Findings'), main,
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
