@@ -269,7 +269,8 @@ def claims(sm:dict, fp8_reason:str='') -> list[dict]:
         c = cmp[arm]; worse = c['resolved'] and c['diff'] > 0
         out.append(dict(claim=what, arm=arm, seed_factor=None, time=sp[arm]['train_s'], tokens=sp[arm]['tokens'], cost=c,
                         saved_params=A['baseline']['params'] - A[arm]['params'], saved_kv=A['baseline']['kv_per_token'] - A[arm]['kv_per_token'],
-                        verdict='contradicted' if worse else 'supported' if c['p'] is not None else 'not resolved (one seed)'))
+                        verdict='contradicted' if worse else 'not resolved (one seed)' if c['p'] is None else
+                                'supported' if c['resolved'] else 'not resolved at this scale'))   # "no cost" needs a resolved test, not a large p
     return out
 
 def summarize(p:CurriculumPlan, rows:list[dict], curves:dict, stats:dict) -> dict:
