@@ -68,8 +68,8 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, self.nh + 2 * self.nkv, self.hd)        # (B, T, nh + 2·nkv, hd)
         q, k, v = qkv.split([self.nh, self.nkv, self.nkv], dim=2)               # (B, T, nh|nkv, hd) views
-        if self.q_norm is not None: q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rotary(q, start, pos), self.rotary(k, start, pos)
+        if self.q_norm is not None: q, k = self.rotary(self.q_norm(q), start, pos), self.rotary(self.k_norm(k), start, pos)
+        else: q, k = self.rotary(qkv[:, :, :self.nh + self.nkv], start, pos).split([self.nh, self.nkv], dim=2)  # q and k in one pass
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)       # (B, nh|nkv, T, hd)
         causal = mask is None                                                   # mask (B, 1, T, T), True = may attend
         if cache is not None:
