@@ -32,9 +32,10 @@ def pack_rows(rows:list, cap:int) -> tuple[list, list]:
             l = min(l, len(row) - 1)                                    # a row equal to the previous: its last token is new
         if prev is None or len(packs[-1][0]) + len(row) - l > cap: packs.append(([], [], [])); l = 0
         tok, pos, par = packs[-1]
-        ids = nodes[prev][1][:l] if l else []
-        for p in range(l, len(row)):
-            tok.append(row[p]); pos.append(p); par.append(ids[-1] if ids else -1); ids.append(len(tok) - 1)
+        ids = nodes[prev][1][:l] if l else []                           # the shared prefix's nodes (a new list)
+        n0, k = len(tok), len(row) - l                                  # the row's new tokens become nodes n0 .. n0+k-1,
+        tok.extend(row[l:]); pos.extend(range(l, len(row)))             # each the child of the one before it
+        par.append(ids[-1] if ids else -1); par.extend(range(n0, n0 + k - 1)); ids.extend(range(n0, n0 + k))
         nodes[r], prev = (len(packs) - 1, ids), r
     return packs, nodes
 
