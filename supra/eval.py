@@ -17,7 +17,7 @@ from .score import EOS, pack_rows, tree_mask, score_rows
 from .backend import SupraLM, hf_lm, load_model
 from .tasks import (TaskDataError, allowed_tasks, blimp_paradigms, check_task_data, expand_tasks, task_dir, task_manager)
 from .heldout import heldout_bpb
-from .requests import FEWSHOT_SEED, compiled_templates, prepare_requests
+from .requests import FEWSHOT_SEED, compiled_templates, prepare_requests, zero_shot_loading
 
 # %% auto #0
 __all__ = ['tidy_results', 'evaluate', 'evaluate_many', 'bench_eval']
@@ -133,7 +133,7 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
     check_task_data(names)
     out, encodings = {}, {}
     with _quiet(verbose), compiled_templates():
-        loaded = task_manager().load(_tasks(names))
+        with zero_shot_loading(): loaded = task_manager().load(_tasks(names))
         for t in loaded['tasks'].values():   # what simple_evaluate sets before evaluating
             if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
             t.set_fewshot_seed(seed=FEWSHOT_SEED)

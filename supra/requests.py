@@ -17,7 +17,7 @@ from .config import atomic_write, cache_dir, stable_hash
 
 # %% auto #0
 __all__ = ['REQUESTS_FORMAT', 'FEWSHOT_SEED', 'file_sha256', 'task_files', 'request_key', 'build_requests', 'replay',
-           'prepare_requests', 'compiled_templates']
+           'prepare_requests', 'compiled_templates', 'zero_shot_loading']
 
 # %% ../nbs/04e_requests.ipynb #0cbc06f8
 REQUESTS_FORMAT = 1        # bump when the JSON layout below changes
@@ -121,3 +121,14 @@ def compiled_templates():
     u.apply_template = apply_template
     try: yield
     finally: u.apply_template = stock
+
+# %% ../nbs/04e_requests.ipynb #80b0b638
+@contextmanager
+def zero_shot_loading():
+    "Within: lm-eval tasks configured without few-shot examples load without listing their few-shot split (and have no sampler)."
+    from lm_eval.api.task import ConfigurableTask
+    stock = ConfigurableTask.fewshot_docs
+    def fewshot_docs(self): return stock(self) if self.config.num_fewshot else None
+    ConfigurableTask.fewshot_docs = fewshot_docs
+    try: yield
+    finally: ConfigurableTask.fewshot_docs = stock
