@@ -151,7 +151,7 @@ def _best_mask(values, best, informative=True):
     return [bool(np.isfinite(v) and np.isclose(v, tgt, rtol=0, atol=1e-12)) for v in arr]
 
 def _cell(v, se, fmt, digits, best) -> dict:
-    if isinstance(v, str): return dict(main=v, se=None, best=best)
+    if isinstance(v, str): return dict(main=v, se=None, best=best, text=len(v) > 24)   # prose wraps; numbers never do
     main = fmt_value(v, fmt, None, digits)
     if main == MISSING or is_missing(se): return dict(main=main, se=None, best=best)
     err = fmt_value(se, fmt, None, digits)

@@ -13,10 +13,12 @@ __all__ = ['findings', 'claim_chart', 'speedup_chart', 'figures', 'paper']
 
 # %% ../../nbs/13b_curriculum_paper.ipynb #5f6d621b
 def _x(v, d=2) -> str: return '—' if v is None else f'{v:.{d}f}×'
-def _ci(s:dict) -> str:
-    if s.get('bound') is not None: return f"< {s['bound']:.2f}× (the target was not reached in {s['n'] - s['reached']} of {s['n']} seeds)"
+def _ci(s:dict, short:bool=False) -> str:
+    "A speed-up summary as text; `short` for table cells (the table's caption says what the bracket is)."
+    if s.get('bound') is not None:
+        return f"< {s['bound']:.2f}× ({s['reached']} of {s['n']} seeds reached it)" if short else f"< {s['bound']:.2f}× (the target was not reached in {s['n'] - s['reached']} of {s['n']} seeds)"
     if s.get('ci_lo') is None: return f"{_x(s['mean'])} (one seed: no interval)"
-    return f"{_x(s['mean'])} [99% CI {s['ci_lo']:.2f}–{s['ci_hi']:.2f}]"
+    return f"{_x(s['mean'])} [{s['ci_lo']:.2f}–{s['ci_hi']:.2f}]" if short else f"{_x(s['mean'])} [99% CI {s['ci_lo']:.2f}–{s['ci_hi']:.2f}]"
 def _p(c) -> str:
     if c.get('p') is None: return 'one seed: no test'
     return ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}") + ('' if c['resolved'] else f"; could detect ≥ {c['mde']:.3g} bpb")
@@ -112,13 +114,13 @@ def paper(res:dict, figs:dict, path) -> Path:
     arms = list(sm['labels'])
     cl_rows = []
     for c in sm['claims']:
-        if c['verdict'] == 'not measurable here': cl_rows.append(row(c['claim'], [f"×{c['seed_factor']:g}", '—', '—', c['verdict'], c['reason']], fmt='str')); continue
+        if c['verdict'] == 'not measurable here': cl_rows.append(row(c['claim'], [f"×{c['seed_factor']:g}", '—', '—', c['verdict'], 'see Method'], fmt='str')); continue
         ev = f"bpb cost {c['cost']['diff']:+.4f} ({_p(c['cost'])})" if c.get('cost') else ''
-        cl_rows.append(row(c['claim'], ['—' if c['seed_factor'] is None else f"×{c['seed_factor']:g}", _ci(c['time']), _ci(c['tokens']), c['verdict'], ev], fmt='str'))
+        cl_rows.append(row(c['claim'], ['—' if c['seed_factor'] is None else f"×{c['seed_factor']:g}", _ci(c['time'], True), _ci(c['tokens'], True), c['verdict'], ev], fmt='str'))
     claim_tab = table(['seed factor', 'measured: wall-clock', 'measured: tokens', 'verdict', 'evidence'], cl_rows, title="The seed's claims", row_header='Claim (seed write-up 004)',
                       label='// Claims', nav='Claims', id='claims',
                       caption="Speed-up = the baseline's cost (training seconds, or tokens) to reach its own final held-out bits-per-byte ÷ the arm's cost to reach it, per seed; "
-                              "geometric mean over seeds with a 99% t interval on the log scale. Supported: the interval excludes 1 and reaches the seed's factor; "
+                              "geometric mean over seeds [its 99% t interval on the log scale]. Supported: the interval excludes 1 and reaches the seed's factor; "
                               "contradicted: it lies below the factor. An arm that never reaches the target has only an upper bound.")
     col = lambda k: [A[a][k] for a in arms]; sd = lambda k: [A[a][f'{k}_std'] for a in arms]
     arm_tab = table([L[a] for a in arms], [row('Held-out bits per byte (↓)', col('final_bpb'), sd('final_bpb'), digits=4, best='min'),
