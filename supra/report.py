@@ -153,9 +153,9 @@ def _best_mask(values, best, informative=True):
 def _cell(v, se, fmt, digits, best) -> dict:
     if isinstance(v, str): return dict(main=v, se=None, best=best, text=len(v) > 24)   # prose wraps; numbers never do
     main = fmt_value(v, fmt, None, digits)
-    if main == MISSING or is_missing(se): return dict(main=main, se=None, best=best)
+    if main == MISSING or is_missing(se): return dict(main=main, se=None, best=best, text=False)
     err = fmt_value(se, fmt, None, digits)
-    return dict(main=main, se=err.rstrip('%') if fmt == 'pct' else err, best=best)
+    return dict(main=main, se=err.rstrip('%') if fmt == 'pct' else err, best=best, text=False)
 
 def _view_table(sec, base):
     rows = []

@@ -253,7 +253,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         "Scoring: sliding-window bits per byte (`supra.golf_eval`; windows of the model's context, stride ≤ 64) on held-out documents of the corpus, every byte counted, every scored distribution checked to sum to 1.",
         "The artefact (`supra.quant`): int6 per-row matrices, int8 per-row embeddings, fp32 control tensors, zstd-22, plus the source of every supra module needed to rebuild the model; its size is the file's size."],
         [('Learning rates', 'the full stack uses the record\'s learning rates and the baseline the preset\'s AdamW LR; neither is tuned at this scale.'),
-         ('Averaging', f"EMA decay {sc['ema']} (the record's 0.997 is a horizon of ≈333 of its 7,005 steps; at ≈{steps:,.0f} steps per run here "
+         ('Averaging', f"EMA decay {sc['ema']} (the record's 0.997 is a horizon of ≈333 of its {rec['steps']:,} steps; at ≈{steps:,.0f} steps per run here "
           f"0.997 would leave {0.997 ** steps:.0%} of the random init in the final weights), SWA of the EMA weights every {sc['swa_every']} steps once the LR scale is below 0.2."),
          ('Data', f"a {res['data']['n_tokens']:,}-token {res['corpus']} pool: a run's ≈{toks:,.0f} tokens are ≈{toks / res['data']['n_tokens']:.1f} passes over it "
           f"(the record never repeats a token); held-out bits per byte on {res['data']['heldout_docs']} documents, the same for every run."),
