@@ -125,7 +125,8 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
                   device:str='cpu', cache:bool=True, verbose:bool=False) -> dict:
     """Evaluate every model of `models` (`{name: (model, tokenizer) | checkpoint path | (path, tokenizer) | lm-eval LM}`)
     on the same requests, built once. Returns `{name: tidy table}`, each equal to `evaluate` of that model alone;
-    `df.attrs['lm_eval']` holds lm-eval's raw results and `df.attrs['requests']` `{task: 'built' | 'cached'}`."""
+    `df.attrs['lm_eval']` holds lm-eval's raw results, `df.attrs['requests']` `{task: 'built' | 'cached'}` and, for a Supra model,
+    `df.attrs['backend_stats']` the rows and tokens its backend ran."""
     cfg = cfg or EvalConfig()
     names = expand_tasks(tasks if tasks is not None else cfg.tasks)
     limit = cfg.limit if limit is None else limit
@@ -144,6 +145,7 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
             res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
             df = tidy_results(res)
             df.attrs['lm_eval'], df.attrs['requests'] = _jsonable(res), dict(how)
+            if isinstance(getattr(lm, 'stats', None), dict): df.attrs['backend_stats'] = dict(lm.stats)   # the inputs it ran: a benchmark's floor
             out[name] = df
             del lm
     return out

@@ -197,10 +197,11 @@ def _ema(y, alpha):
     return out
 
 def curves_chart(curves, path, *, title=None, xlabel='step', ylabel='loss', smooth:float=0.0, logy=False,
-                 max_points:int=2000, colors=None, size=(8, 4.2), points=None) -> Fig:
+                 max_points:int=2000, colors=None, size=(8, 4.2), points=None, point_colors=None) -> Fig:
     """Training curves `{name: (x, y)}`: raw curve faint, EMA-smoothed (`smooth` in [0,1)) on top.
     Long curves are thinned to `max_points` by striding before plotting (the SVG stays small).
-    `points` `{name: (x, y)}` are periodic evaluations (held-out loss every N steps), drawn as markers on a dashed line."""
+    `points` `{name: (x, y)}` are periodic evaluations (held-out loss every N steps), drawn as markers on a dashed line
+    (`point_colors`: one colour each, e.g. the colour of the curve they belong to)."""
     import matplotlib as mpl
     check(isinstance(curves, dict) and len(curves) > 0, 'curves', curves, 'a non-empty dict {name: (x, y)}')
     check(0 <= smooth < 1, 'smooth', smooth, 'a number in [0, 1)')
@@ -219,6 +220,7 @@ def curves_chart(curves, path, *, title=None, xlabel='step', ylabel='loss', smoo
         for j, (name, (x, y)) in enumerate((points or {}).items()):
             x, y = np.asarray(x, float), np.asarray(y, float)
             check(len(x) == len(y), f'points[{name!r}]', f'{len(x)} x vs {len(y)} y', 'equal lengths')
-            ax.plot(x, y, '--', color=cols[(len(curves) + j) % len(cols)], marker='o', markersize=4, linewidth=1.2, label=str(name))
+            pc = point_colors[j % len(point_colors)] if point_colors else cols[(len(curves) + j) % len(cols)]
+            ax.plot(x, y, '--', color=pc, marker='o', markersize=4, linewidth=1.2, label=str(name))
         _finish(ax, title, xlabel, ylabel, None, None, logy)
         return save_figure(fig, path)

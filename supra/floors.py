@@ -11,7 +11,7 @@ from .config import stable_hash, cache_dir
 from .cache import code_fingerprint
 
 # %% auto #0
-__all__ = ['NGramBackend', 'ngram_floor_eval']
+__all__ = ['NGramBackend', 'ngram_floor_eval', 'floor_metrics']
 
 # %% ../nbs/07d_floors.ipynb #73ab5d8c
 class NGramBackend(TemplateLM):
@@ -57,3 +57,12 @@ def ngram_floor_eval(pool, eval_cfg, texts, order:int=3, limits:dict|None=None, 
     res = dict(key=key, order=order, heldout=ngram_bpb(lm, pool.tokenizer, texts), table=table.to_dict('records'), eval_s=time.time() - t0)
     write_json(f, res)
     return read_json(f)
+
+# %% ../nbs/07d_floors.ipynb #9b3d3806
+def floor_metrics(fl:dict) -> dict:
+    "The metrics of an `ngram_floor_eval` result, keyed as `supra.experiment.eval_metrics` keys a model's: `heldout_bpb`, `blimp`, `blimp_<field>`, `arc_easy`, …"
+    from supra.experiment import eval_metrics
+    m = eval_metrics(dict(fl, heldout=dict(fl['heldout'], ppl=None), generations=dict(greedy='', sampled='')))
+    return dict(order=fl['order'], heldout_bpb=fl['heldout']['bpb'], heldout_loss=fl['heldout']['loss'],
+                **{k: v for k, v in m.items() if k.startswith(('blimp', 'arc_easy', 'boolq')) and k != 'blimp_fields'},
+                **{f'blimp_{f}': v for f, v in m['blimp_fields'].items()})

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from .config import check, check_int
 
 # %% auto #0
-__all__ = ['heldout_hook']
+__all__ = ['heldout_hook', 'texts_hook']
 
 # %% ../nbs/03d_hooks.ipynb #d18aa3b6
 def heldout_hook(val_ids, seq_len:int, token_bytes=None, batch_size:int=8, max_windows:int|None=None, prefix:str=''):
@@ -43,3 +43,11 @@ def heldout_hook(val_ids, seq_len:int, token_bytes=None, batch_size:int=8, max_w
         return out
     hook.windows, hook.tokens, hook.bytes = n, n * seq_len, nbytes
     return hook
+
+# %% ../nbs/03d_hooks.ipynb #03c9482b
+def texts_hook(pool, texts, seq_len:int, max_windows:int|None=32, batch_size:int=8):
+    "`heldout_hook` on held-out documents `texts` (each after the end-of-text token, as in the pool), bytes counted by the pool's tokenizer."
+    from supra.textbytes import token_byte_lengths
+    check(len(texts) > 0, 'texts', 0, 'at least one held-out document')
+    ids = [i for t in texts for i in [pool.eos_id, *pool.tokenizer.encode(t).ids]]
+    return heldout_hook(np.array(ids), seq_len, token_byte_lengths(pool.tokenizer), batch_size=batch_size, max_windows=max_windows)

@@ -80,6 +80,25 @@ def test_results_complete_and_finite(smoke):
     assert all(c['verdict'] in ('resolved', 'not resolved') for c in comps) and 'tokens_s' not in {c['metric'] for c in comps}
     assert all(_finite(v) and v > 0 for v in res['compute'].values()), res['compute']
 
+def test_floor_fields_and_heldout_curves(smoke):
+    "The n-gram floor counted from the same pool, BLiMP by field per run, and held-out loss written during training."
+    res = smoke['results']; ng = res['summary']['ngram']
+    assert ng['order'] == 3 and _finite(ng['heldout_bpb']) and ng['heldout_bpb'] > 0 and 0 <= ng['blimp'] <= 1 and ng['blimp_stderr'] > 0
+    assert 0 <= ng['arc_easy'] <= 1 and 'wikitext_word_ppl' not in ng
+    fields = ('blimp_morphology', 'blimp_syntax', 'blimp_semantics', 'blimp_syntax_semantics')
+    for r in res['runs']:
+        assert all(0 <= r[f] <= 1 for f in fields), r
+        c = res['curves'][r['topology']][str(r['seed'])]['heldout']
+        assert len(c['step']) >= 2 and c['step'][-1] == r['steps'] and c['step'] == sorted(c['step'])   # every 1/8 epoch and at the end
+        assert all(_finite(x) and x > 0 for x in c['loss'] + c['bpb'])
+    S = {s['topology']: s for s in res['summary']['by_topology']}
+    assert all(_finite(S[t][f]) for t in TOPOLOGIES for f in fields)
+    from supra.experiments.topology import vs_floor
+    v = vs_floor(res, 'heldout_bpb')
+    assert set(v) == set(TOPOLOGIES) and all(abs(x['diff'] - (S[t]['heldout_bpb'] - ng['heldout_bpb'])) < 1e-9 for t, x in v.items())
+    page = html.unescape(smoke['page'])
+    for text in ('BLiMP by field', 'The n-gram floor', f"{ng['heldout_bpb']:.4f}", 'Training and held-out loss curves'): assert text in page, text
+
 def test_paper(smoke):
     page, res = smoke['page'], smoke['results']
     for label in ('Active parameters', 'Pretrain step loss', 'Pretrain train loss', 'WikiText word PPL', 'ARC-Easy zero-shot',

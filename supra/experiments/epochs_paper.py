@@ -164,8 +164,8 @@ def paper(res:dict, figs:dict, path) -> Path:
                 caption=(f"Repeated pool, mean over {nseeds} seed{'s' * (nseeds > 1)}. ± on accuracies: lm-eval's standard error" + ("; ± on losses: standard deviation over seeds" if nseeds > 1 else '') +
                          f". Evaluated examples: " + ', '.join(f"{t} {n_of(t)}" for t in ('blimp', 'arc_easy', 'boolq') if n_of(t)) + ". Status: a paired test over seeds on held-out loss against the best epoch count (α = 0.01)." + (" Trigram: an interpolated Kneser–Ney model counted from the same pool, scored by the same lm-eval tasks — the floor of counting." if ng else '')))
     secs = [findings_(findings(res), title='What the numbers say', id='summary', nav='Findings'), tbl]
-    frows = [row(f"BLiMP {f.replace('_', '–')} (↑)", g(f'blimp_{f}'), fmt='pct', best='max', chance=0.5) for f in BLIMP_FIELDS if S[0].get(f'blimp_{f}') is not None]
-    if frows: secs.append(table(cols, frows, title='BLiMP by field', baselines=('chance',), id='blimp-fields', label='// BLiMP_Fields',
+    frows = [row(f"BLiMP {f.replace('_', '–')} (↑)", g(f'blimp_{f}'), fmt='pct', best='max', chance=0.5, **tri(f'blimp_{f}')) for f in BLIMP_FIELDS if S[0].get(f'blimp_{f}') is not None]
+    if frows: secs.append(table(cols, frows, title='BLiMP by field', baselines=('chance',) + (('trigram',) if any(ng.get(f'blimp_{f}') is not None for f in BLIMP_FIELDS) else ()), id='blimp-fields', label='// BLiMP_Fields',
                                 caption='Mean accuracy over the paradigms of each linguistic field (lm-eval BLiMP paradigms grouped by their field), repeated pool, mean over seeds.'))
     vr = sm.get('value_of_repeats') or []
     if vr:

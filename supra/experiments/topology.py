@@ -16,9 +16,9 @@ from ..stats import ALPHA, group_summary, compare
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'METRICS', 'TESTED',
-           'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan', 'proxy_tokens', 'study_name', 'tune',
-           'curve_metrics', 'train_and_evaluate', 'summarize', 'run', 'claims', 'findings', 'lr_trace_chart', 'figures',
-           'paper']
+           'BLIMP_FIELDS', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan',
+           'proxy_tokens', 'study_name', 'tune', 'curve_metrics', 'train_and_evaluate', 'summarize', 'run', 'vs_floor',
+           'informative', 'claims', 'findings', 'lr_trace_chart', 'figures', 'paper']
 
 # %% ../../nbs/08a_topology.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -42,7 +42,7 @@ PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', o
               storage=None, n_trials=None)
 PLAN_DEFAULTS = {
     'smoke': dict(seeds=[0, 1], min_seeds=1, n_trials=2, lr_lo=1e-3, lr_hi=3e-2, proxy_frac=0.25),
-    'cpu':   dict(seeds=[0, 1, 2], min_seeds=3, n_trials=5, lr_lo=5e-4, lr_hi=5e-2, proxy_frac=0.1, limits={'blimp': 100, 'arc_easy': 800, 'wikitext': 20},
+    'cpu':   dict(seeds=[0, 1, 2], min_seeds=3, n_trials=5, lr_lo=5e-4, lr_hi=5e-2, proxy_frac=0.1, limits={'blimp': 120, 'arc_easy': 900, 'wikitext': 20},
                   n_tokens=1_500_000),
     'paper': dict(seeds=[0, 1, 2], min_seeds=3, n_trials=12, lr_lo=1e-4, lr_hi=1e-2, proxy_frac=0.1),
 }
@@ -123,8 +123,9 @@ def tune(p:TopologyPlan, pool) -> dict:
 
 # %% ../../nbs/08a_topology.ipynb #1b195795
 def curve_metrics(metrics_path, batch_size:int, seq_len:int) -> dict:
-    "Step loss, train loss (mean over all steps), throughput and the loss curve from a run's metrics.jsonl."
+    "Step loss, train loss (mean over all steps), throughput, the loss curve and the held-out curve (the eval hook's rows) from a run's metrics.jsonl."
     recs = [json.loads(l) for l in Path(metrics_path).read_text().splitlines() if l.strip()]
+    ev = [r for r in recs if isinstance(r.get('eval'), dict)]
     recs = [r for r in recs if 'loss' in r and 'tok_s' in r and 'kind' not in r]
     check(len(recs) > 0, 'metrics', str(metrics_path), 'a metrics.jsonl with at least one training step')
     step_tok = batch_size * seq_len
@@ -132,7 +133,8 @@ def curve_metrics(metrics_path, batch_size:int, seq_len:int) -> dict:
     losses = [r['loss'] for r in recs]
     return dict(step_loss=losses[-1], train_loss=float(np.mean(losses)), steps=recs[-1]['step'], tokens=recs[-1]['tokens'],
                 train_s=train_s, samples_s=len(recs) * batch_size / train_s, tokens_s=len(recs) * step_tok / train_s,
-                curve=dict(step=[r['step'] for r in recs], loss=losses))
+                curve=dict(step=[r['step'] for r in recs], loss=losses,
+                          heldout=dict(step=[r['step'] for r in ev], loss=[r['eval'].get('heldout_loss') for r in ev], bpb=[r['eval'].get('bpb') for r in ev])))
 
 # %% ../../nbs/08a_topology.ipynb #e03701f6
 METRICS = {   # key: (label, format, best, digits) — the order of the paper's main table
@@ -143,6 +145,9 @@ METRICS = {   # key: (label, format, best, digits) — the order of the paper's 
     'samples_s': ('Throughput, samples/s (↑)', 'num', 'max', 1), 'tokens_s': ('Throughput, tokens/s (↑)', 'num', 'max', 0),
 }
 TESTED = [k for k, v in METRICS.items() if v[2] and k != 'tokens_s']    # tokens/s = samples/s × context: the same test
+BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')   # lm-eval's BLiMP paradigms by linguistic field
+FIELDS = tuple(f'blimp_{f}' for f in BLIMP_FIELDS)
+FLOOR_ORDER = 3                   # the n-gram floor: a Kneser–Ney trigram counted from the same pool
 SEED_REFERENCE = dict(  # the seed write-up's published numbers (001); recorded in results.json, which the paper reads
     source='seed write-up 001 (shared/seeds/001_b5a5626172029b58.txt): one GPU, bf16, 50M FineWeb-Edu tokens, one seed',
     wikitext_word_ppl={'deep-narrow': 817.8844, 'balanced': 585.5899, 'shallow-wide': 418.6314},
@@ -153,25 +158,30 @@ def train_and_evaluate(p:TopologyPlan, pool, tuned:dict) -> list[dict]:
     "One epoch per (topology, seed) at the tuned LR (cached, resumable), each evaluated (cached) into one row."
     from supra.train import train
     from supra.model import count_params
+    from supra.hooks import texts_hook
     report_texts, _ = _split_val(p); rows = []
+    hook = texts_hook(pool, report_texts, p.train.seq_len, max_windows=32)   # held-out loss and bits/byte during training
+    steps = -(-pool.n_tokens // (p.train.batch_size * p.train.seq_len))
     for t in TOPOLOGIES:
         mcfg = p.models[t]
         for seed in p.seeds:
-            tcfg = p.train.replace(lr=tuned[t]['lr'], seed=seed, epochs=1, tokens=None)
+            tcfg = p.train.replace(lr=tuned[t]['lr'], seed=seed, epochs=1, tokens=None, eval_every=max(1, steps // 8))
             d = run_dir(p.out_dir, f'{t}-seed{seed}', pool.key, mcfg, tcfg)
             say(f"[topology] training {t} seed {seed} → {d}")
-            r = train(pool, mcfg, tcfg, d, quiet=True)
+            r = train(pool, mcfg, tcfg, d, quiet=True, eval_hook=hook)
             m = curve_metrics(d / 'metrics.jsonl', tcfg.batch_size, tcfg.seq_len)
             ev = evaluate_checkpoint(r['checkpoint'], pool, p.eval, p.device, limits=dict(p.limits))
             check(ev['heldout_docs'] == len(report_texts), 'bpb_docs', ev['heldout_docs'], f'{len(report_texts)} report documents')
-            rows.append(dict(topology=t, seed=seed, lr=tcfg.lr, params=int(count_params(mcfg)), loss_tail=r['loss_tail'], **m, **eval_metrics(ev),
+            em = eval_metrics(ev)
+            rows.append(dict(topology=t, seed=seed, lr=tcfg.lr, params=int(count_params(mcfg)), loss_tail=r['loss_tail'], **m, **em,
+                             **{f'blimp_{f}': em['blimp_fields'].get(f) for f in BLIMP_FIELDS},
                              baselines=task_baselines(ev), checkpoint=rel(r['checkpoint'], p.out_dir), run_dir=rel(d, p.out_dir)))
             say(f"[topology] {t} seed {seed}: held-out bpb {rows[-1]['heldout_bpb']:.4f} · word PPL {rows[-1]['wikitext_word_ppl']:.1f} · {m['samples_s']:.1f} samples/s")
     return rows
 
 def summarize(rows:list[dict], alpha:float=ALPHA) -> dict:
     "Per-topology seed summaries of every metric, and the paired test over seeds of every pair on every ranked metric."
-    keys = [k for k in METRICS if k in rows[0]]
+    keys = [k for k in (*METRICS, *FIELDS) if k in rows[0]]
     return dict(by_topology=group_summary(rows, 'topology', keys),
                 comparisons=[c for k in TESTED if k in rows[0] for c in compare(rows, k, 'topology', METRICS[k][2] == 'min', alpha, paired_by='seed')])
 
@@ -184,18 +194,21 @@ def run(p:TopologyPlan) -> dict:
     tuned = tune(p, pool)
     lr_s = sum(x['duration_s'] for t in TOPOLOGIES for x in tuned[t]['trials'] if isinstance(x.get('duration_s'), (int, float)) and math.isfinite(x['duration_s']))
     runs = train_and_evaluate(p, pool, tuned)
-    rows = [{k: v for k, v in r.items() if k not in ('curve', 'baselines')} for r in runs]
+    from supra.floors import ngram_floor_eval, floor_metrics
+    say(f'[topology] the n-gram floor: a Kneser–Ney {FLOOR_ORDER}-gram counted from the same pool')
+    fl = ngram_floor_eval(pool, p.eval, _split_val(p)[0], order=FLOOR_ORDER, limits=dict(p.limits), tasks=tuple(t for t in p.eval.tasks if t != 'wikitext'))
+    rows = [{k: v for k, v in r.items() if k not in ('curve', 'baselines', 'blimp_fields')} for r in runs]
     topo = {t: dict(label=LABELS[t], n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, head_dim=c.head_dim, vocab=c.vocab_size,
                     params=next(r['params'] for r in runs if r['topology'] == t), **tuned[t]) for t, c in p.models.items()}
     arc = runs[0]['baselines'].get('arc_easy', {})
     sm = summarize(rows)
     sm.update(topologies=topo, baselines=dict(arc_easy=dict(chance=0.25, majority=arc.get('majority')), blimp=dict(chance=0.5, majority=0.5)),
-              seed_reference=SEED_REFERENCE)
+              seed_reference=SEED_REFERENCE, ngram=floor_metrics(fl))
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset.name, corpus=p.corpus, environment=environment(p.device),
                     data=dict(corpus=p.corpus, n_tokens=int(pool.n_tokens), vocab_size=p.data.vocab_size, pool_key=pool.key,
                               bytes_per_token=(getattr(pool, 'meta', None) or {}).get('bytes_per_token')),
                     runs=rows, summary=sm, curves={t: {str(r['seed']): r['curve'] for r in runs if r['topology'] == t} for t in TOPOLOGIES},
-                    compute=dict(train_s=sum(r['train_s'] for r in rows), eval_s=sum(r.get('eval_s') or 0 for r in rows), lr_search_s=lr_s,
+                    compute=dict(train_s=sum(r['train_s'] for r in rows), eval_s=sum(r.get('eval_s') or 0 for r in rows) + fl['eval_s'], lr_search_s=lr_s,
                                  wall_s=time.perf_counter() - t0),
                     status=dict(state='complete'))
 
@@ -215,6 +228,45 @@ def _p(c) -> str:
 def _lead(res, k, best) -> str:
     return '; '.join(f"{'**resolved**' if (c := _comp(res, k, best, o))['resolved'] else 'not resolved'} vs {LABELS[o].lower()} ({_p(c)})"
                      for o in TOPOLOGIES if o != best)
+
+def vs_floor(res:dict, k:str) -> dict:
+    """Each topology against the n-gram floor on metric `k`: {topology: dict(mean, floor, diff, p, resolved)}. Held-out bits/byte:
+    a one-sample t-test of the seeds against the floor's value (counting has no seed noise); accuracies: a z-test on lm-eval's
+    stderrs, the topology's pooled over seeds. None where the floor did not measure `k`."""
+    from scipy import stats
+    ng = res['summary'].get('ngram') or {}
+    if ng.get(k) is None: return None
+    out = {}
+    for t in TOPOLOGIES:
+        xs = [r[k] for r in res['runs'] if r['topology'] == t and r.get(k) is not None]
+        m = float(np.mean(xs))
+        if k.startswith(('blimp', 'arc_easy')):
+            ses = [r.get(f'{k}_stderr') for r in res['runs'] if r['topology'] == t]
+            se = math.sqrt(sum(s ** 2 for s in ses)) / len(ses) if all(s is not None for s in ses) else None
+            sf = ng.get(f'{k}_stderr')
+            p = float(2 * stats.norm.sf(abs(m - ng[k]) / math.hypot(se, sf))) if se and sf else None
+        else: p = float(stats.ttest_1samp(xs, ng[k]).pvalue) if len(xs) > 1 and np.std(xs) > 0 else None
+        out[t] = dict(mean=m, floor=float(ng[k]), diff=m - float(ng[k]), p=p, resolved=p is not None and p < ALPHA)
+    return out
+
+def informative(res:dict, k:str) -> bool:
+    "An accuracy is informative at this scale when some topology's mean beats the larger of chance and majority by two (pooled) lm-eval stderrs."
+    b = res['summary']['baselines'].get(k, {})
+    ref = max(x for x in (b.get('chance'), b.get('majority'), 0.0) if x is not None)
+    for t in TOPOLOGIES:
+        rs = [r for r in res['runs'] if r['topology'] == t]
+        ses = [r.get(f'{k}_stderr') for r in rs]
+        if any(s is None for s in ses): continue
+        if np.mean([r[k] for r in rs]) - ref > 2 * math.sqrt(sum(s ** 2 for s in ses)) / len(rs): return True
+    return False
+
+def _floor_txt(res, k, f) -> str:
+    def one(t, x):
+        better = (x['diff'] < 0) == (METRICS[k][2] == 'min')
+        v = ('**beats it**' if better else '**worse**') if x['resolved'] else 'not resolved'
+        p = '' if x['p'] is None else ', p < 0.001' if x['p'] < 0.001 else f", p = {x['p']:.3f}"
+        return f"{LABELS[t].lower()} {format(x['mean'], f)} ({v}, {format(x['diff'], '+' + f)}{p})"
+    return '; '.join(one(t, x) for t, x in vs_floor(res, k).items())
 
 def claims(res:dict) -> list[dict]:
     "The seed write-up's claims, each with a verdict from the envelope: supported, contradicted, or not resolved at this scale."
@@ -247,9 +299,16 @@ def findings(res:dict) -> list:
     seed_tp = f"; the seed reported ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} shallow-wide over deep-narrow on its GPU" if sc else ''
     out.append(('Throughput', f"**{LABELS[fast].lower()}** trains fastest: {m('samples_s', fast):.1f} vs {m('samples_s', slow):.1f} samples/s for "
                 f"{LABELS[slow].lower()} (×{m('samples_s', fast) / m('samples_s', slow):.2f}{seed_tp}); {_lead(res, 'samples_s', fast)}."))
-    for k, name, chance in [('arc_easy', 'ARC-Easy', 0.25), ('blimp', 'BLiMP', 0.5)]:
-        b = _best(res, k)
-        out.append((name, f"best mean {m(k, b):.1%} ({LABELS[b].lower()}) against chance {chance:.0%}; {_lead(res, k, b)}."))
+    ng = res['summary'].get('ngram') or {}
+    if ng.get('heldout_bpb') is not None:
+        out.append(('The n-gram floor', f"a Kneser–Ney trigram counted from the same pool scores {ng['heldout_bpb']:.4f} held-out bits/byte"
+                    + (f" and BLiMP {ng['blimp']:.1%}" if ng.get('blimp') is not None else '') + f". Held-out bits/byte against it: {_floor_txt(res, 'heldout_bpb', '.4f')}."
+                    + (f" BLiMP against it: {_floor_txt(res, 'blimp', '.3f')}." if ng.get('blimp') is not None else '')))
+    for k, name in [('arc_easy', 'ARC-Easy'), ('blimp', 'BLiMP')]:
+        b, bl = _best(res, k), res['summary']['baselines'].get(k, {})
+        base = f"chance {bl.get('chance', 0.25 if k == 'arc_easy' else 0.5):.0%}" + (f", majority {bl['majority']:.1%}" if bl.get('majority') is not None and bl['majority'] != bl.get('chance') else '')
+        out.append((name, f"best mean {m(k, b):.1%} ({LABELS[b].lower()}) against {base}"
+                    + ('' if informative(res, k) else ' — **uninformative at this scale**: no shape beats the larger baseline by two stderr') + f"; {_lead(res, k, b)}."))
     topo, ref = res['summary']['topologies'], res['summary'].get('seed_reference', {})
     lrs = {t: topo[t]['lr'] for t in TOPOLOGIES}
     out.append(('Learning rate', 'tuned per topology: ' + ', '.join(f'{LABELS[t].lower()} {lrs[t]:.2e}' for t in TOPOLOGIES)
@@ -285,13 +344,18 @@ def figures(res:dict, fig_dir) -> dict:
                                          ('bpb', 'heldout_bpb', 'Held-out bits per byte (↓)', 'bits per byte', '.3f', np.nanargmin),
                                          ('throughput', 'samples_s', 'Training throughput (↑)', 'samples / s', '.1f', np.nanargmax)]:
         m, e = ms(k)
+        ng = (res['summary'].get('ngram') or {}).get(k)
         figs[key] = bar_chart(labels, m, e, fig_dir / {'ppl': 'word_ppl', 'bpb': 'heldout_bpb', 'throughput': 'throughput'}[key],
-                              title=f'{title}, mean ± std over {n} seeds', ylabel=yl, highlight=int(pick(m)), value_fmt=fmt)
-    curves, colors = {}, []
+                              title=f'{title}, mean ± std over {n} seeds', ylabel=yl, highlight=int(pick(m)), value_fmt=fmt,
+                              baselines={'trigram counted from the same pool': ng} if ng is not None else None)
+    curves, colors, pts, pcol = {}, [], {}, []
     for i, t in enumerate(TOPOLOGIES):
         for sd, c in res['curves'][t].items(): curves[f'{LABELS[t]} · seed {sd}'] = (c['step'], c['loss']); colors.append(SERIES_COLORS[i])
-    figs['curves'] = curves_chart(curves, fig_dir / 'loss_curves', title='Training loss per step (every seed; EMA-smoothed over the raw curve)',
-                                  xlabel='optimiser step', ylabel='train loss (nats/token)', smooth=0.8, colors=colors)
+        hs = [c['heldout'] for c in res['curves'][t].values() if c.get('heldout', {}).get('step')]
+        if hs and all(h['step'] == hs[0]['step'] for h in hs):      # the seeds evaluate at the same steps: their mean
+            pts[f'{LABELS[t]} · held-out (mean of seeds)'] = (hs[0]['step'], np.mean([h['loss'] for h in hs], axis=0)); pcol.append(SERIES_COLORS[i])
+    figs['curves'] = curves_chart(curves, fig_dir / 'loss_curves', title='Training loss per step (every seed) and held-out loss during training',
+                                  xlabel='optimiser step', ylabel='loss (nats/token)', smooth=0.8, colors=colors, points=pts or None, point_colors=pcol or None)
     figs['lr'] = lr_trace_chart(res, fig_dir / 'lr_search')
     return figs
 
@@ -304,22 +368,30 @@ def paper(res:dict, figs:dict, path) -> Path:
     pl, env, sm = res['plan'], res['environment'], res['summary']; topo, S = sm['topologies'], _S(res)
     pname, seeds, hw, tc = pl['preset']['name'], pl['seeds'], env.get('hardware', env.get('device')), pl['preset']['train']
     cols = [f"{LABELS[t]} ({_shape(topo[t])})" for t in TOPOLOGIES]
+    ng = sm.get('ngram') or {}
+    inf = {k: informative(res, k) for k in ('arc_easy', 'blimp')}
     rows = []
     for k, (lab, fmt, best, digits) in METRICS.items():
         if k not in S['balanced']: continue
         kw = dict(chance=0.25) if k == 'arc_easy' else dict(chance=0.5) if k == 'blimp' else {}
         if k in sm['baselines'] and sm['baselines'][k].get('majority') is not None: kw['majority'] = sm['baselines'][k]['majority']
-        rows.append(row(lab, [S[t][k] for t in TOPOLOGIES], None if k in ('params', 'lr') else [S[t][f'{k}_std'] for t in TOPOLOGIES],
-                        fmt=fmt, best=best, digits=digits, **kw))
+        if ng.get(k) is not None: kw['trigram'] = ng[k]
+        rows.append(row(lab, [S[t][k] for t in TOPOLOGIES], None if k in ('params', 'lr') else [S[t][f'{k}_std'] for t in TOPOLOGIES], fmt=fmt, best=best, digits=digits,
+                        **(dict(informative=False, note='uninformative at this scale: no shape beats the larger baseline by two stderr') if inf.get(k) is False else {}), **kw))
     status = []
     for t in TOPOLOGIES:
-        won = [METRICS[k][0].split(' (')[0].split(',')[0] for k in TESTED if _best(res, k) == t and all(_comp(res, k, t, o)['resolved'] for o in TOPOLOGIES if o != t)]
+        won = [METRICS[k][0].split(' (')[0].split(',')[0] for k in TESTED if inf.get(k, True) and _best(res, k) == t and all(_comp(res, k, t, o)['resolved'] for o in TOPOLOGIES if o != t)]
         status.append(('Resolved best: ' + ', '.join(dict.fromkeys(won)), 'success') if won else ('No resolved win', 'muted'))
-    main = table(cols, rows, title='Topology matrix', baselines=('chance', 'majority'), status=status, highlight_col=TOPOLOGIES.index(_best(res, 'wikitext_word_ppl')),
+    main = table(cols, rows, title='Topology matrix', baselines=('chance', 'majority') + (('trigram',) if ng else ()), status=status, highlight_col=TOPOLOGIES.index(_best(res, 'wikitext_word_ppl')),
                  label='// Topology_Evaluation_Data', nav='Results', id='results',
                  caption=f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); the best mean per row is highlighted. "
                          "Standard deviations are over seeds (initialisation and data order), not lm-eval's per-run stderr (see the per-run table). "
-                         "STATUS lists the metrics on which a topology's lead over *both* others is resolved by the paired test (p < 0.01).")
+                         "STATUS lists the metrics on which a topology's lead over *both* others is resolved by the paired test (p < 0.01)."
+                         + (f" Trigram: an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from the same pool, scored by the same lm-eval tasks and held-out documents — the floor of counting." if ng else ''))
+    frows = [row(f"BLiMP {f.replace('_', '–')} (↑)", [S[t][k] for t in TOPOLOGIES], [S[t][f'{k}_std'] for t in TOPOLOGIES], fmt='pct', best='max', chance=0.5,
+                 **({'trigram': ng[k]} if ng.get(k) is not None else {})) for f, k in zip(BLIMP_FIELDS, FIELDS) if S['balanced'].get(k) is not None]
+    fields = table(cols, frows, title='BLiMP by field', baselines=('chance',) + (('trigram',) if ng else ()), label='// BLiMP_Fields', id='blimp-fields',
+                   caption=f"Mean accuracy over the paradigms of each linguistic field (lm-eval's BLiMP paradigms grouped by field), mean ± std over {len(seeds)} seeds.") if frows else None
     comp_rows = []
     for c in sm['comparisons']:
         d = METRICS[c['metric']]
@@ -356,8 +428,12 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"{topo['balanced']['head_dim']}) of the shapes above, vocabulary {res['data']['vocab_size']:,}, context {tc['seq_len']}. Each is trained for "
         f"**one epoch over the same pool of {fmt_int(n_tok)} unique tokens** of `{res['corpus']}` (batch {tc['batch_size']} × {tc['seq_len']} tokens, AdamW, {tc['schedule']} schedule), "
         f"seeds {', '.join(map(str, seeds))}, on {hw} ({'bf16 autocast' if env.get('device') == 'cuda' else 'fp32'}).",
-        "Evaluation: lm-eval zero-shot on ARC-Easy and BLiMP, and WikiText word perplexity, each with the limits of the preset; held-out bits per byte "
-        "with a sliding window on documents of the corpus that the pool never contains.",
+        "Evaluation: lm-eval zero-shot on ARC-Easy and BLiMP, and WikiText word perplexity, each with the limits of the preset ("
+        + ', '.join(f"{t} {n}" + (' per paradigm' if t == 'blimp' else '') for t, n in (pl.get('limits') or ())) + "); held-out bits per byte "
+        "with a sliding window on documents of the corpus that the pool never contains. During training the same documents' first 32 windows are scored every ⅛ of the epoch "
+        "(held-out loss beside the training loss in the curves chart; that time is not counted as training time).",
+        "Floor: " + (f"an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from exactly the pool the transformers train on, scored by the same lm-eval tasks and held-out documents; "
+                     "each shape is tested against it (held-out bits/byte: a one-sample t-test of the seeds; accuracies: a z-test on lm-eval's stderrs)." if ng else "not measured in this run."),
         "Statistics: mean ± std over seeds; a paired t-test over seeds for each pair of shapes (a seed fixes the data order, shared by the three shapes; p < 0.01 = resolved), its confidence interval, and the minimum detectable effect."],
         [('Step loss vs train loss', 'step loss is the last step\'s batch loss; train loss is the mean over every step of the run, so it includes the early, high losses.'),
          ('Parameter budgets', 'the shapes keep the seed\'s ratios, so the deep-narrow model has fewer parameters than the other two (as in the seed); a loss gap that favours wider models is partly a size gap.'),
@@ -370,9 +446,10 @@ def paper(res:dict, figs:dict, path) -> Path:
              if pname != 'paper' else None)
     secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), main,
             chart(figs['ppl'], 'WikiText word perplexity by topology', 'Bars: mean over seeds; error bars: ± one std.', label='// Visualizations', nav='Charts', id='charts'),
-            chart(figs['bpb'], 'Held-out bits per byte by topology', 'Bars: mean over seeds; error bars: ± one std.'),
+            chart(figs['bpb'], 'Held-out bits per byte by topology', 'Bars: mean over seeds; error bars: ± one std' + ('; dashed line: the trigram floor.' if ng else '.')),
             chart(figs['throughput'], 'Training throughput by topology', f"Samples of {tc['seq_len']} tokens per second, on {hw}."),
-            chart(figs['curves'], 'Training loss curves', 'Every seed of every topology; faint: raw per-step loss, solid: EMA (0.8).'),
+            *([fields] if fields else []),
+            chart(figs['curves'], 'Training and held-out loss curves', 'Every seed of every topology; faint: raw per-step loss, solid: EMA (0.8); dashed markers: held-out loss every ⅛ epoch, mean of the seeds.'),
             lr_tab, chart(figs['lr'], 'LR search trace', 'Each dot is one Optuna trial (proxy run); the star is the LR used for the full runs.'),
             comp, claim_tab, per_run,
             samples(gens, prompt=pl['preset']['eval']['gen_prompt'], title='Generations', intro='Greedy continuations of each topology (first seed). Model text is shown escaped.', nav='Samples'),
