@@ -432,6 +432,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                             'supra.experiments.topology._m': ('topology.html#_m', 'supra/experiments/topology.py'),
                                             'supra.experiments.topology._p': ('topology.html#_p', 'supra/experiments/topology.py'),
                                             'supra.experiments.topology._shape': ('topology.html#_shape', 'supra/experiments/topology.py'),
+                                            'supra.experiments.topology._spikes': ( 'topology.html#_spikes',
+                                                                                    'supra/experiments/topology.py'),
                                             'supra.experiments.topology._split_val': ( 'topology.html#_split_val',
                                                                                        'supra/experiments/topology.py'),
                                             'supra.experiments.topology.claims': ('topology.html#claims', 'supra/experiments/topology.py'),

@@ -221,6 +221,6 @@ def curves_chart(curves, path, *, title=None, xlabel='step', ylabel='loss', smoo
             x, y = np.asarray(x, float), np.asarray(y, float)
             check(len(x) == len(y), f'points[{name!r}]', f'{len(x)} x vs {len(y)} y', 'equal lengths')
             pc = point_colors[j % len(point_colors)] if point_colors else cols[(len(curves) + j) % len(cols)]
-            ax.plot(x, y, '--', color=pc, marker='o', markersize=4, linewidth=1.2, label=str(name))
+            ax.plot(x, y, '--', color=pc, marker='o', markersize=5, markeredgecolor=PALETTE['text'], markeredgewidth=0.8, linewidth=1.4, label=str(name))
         _finish(ax, title, xlabel, ylabel, None, None, logy)
         return save_figure(fig, path)

@@ -263,3 +263,18 @@ def test_request_cache_hits_in_a_new_process(tmp_path):
     run = lambda: subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout.split('\n')[-2]
     assert run() == "['built']"
     assert run() == "['cached']"
+
+@pytest.mark.skipif(not os.environ.get('SUPRA_DATA'), reason='needs the local task data')
+def test_many_checkpoint_benchmark_prints_its_ratios():
+    "`python -m supra.bench eval checkpoints=K` (a miniature): scores equal to the stock loop's, and the last line carries both ratios and the ceiling."
+    import re, subprocess, sys
+    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+    r = subprocess.run([sys.executable, '-m', 'supra.bench', 'eval', 'checkpoints=2', 'limit=3', 'paradigms=2'], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = r.stdout.strip().splitlines()[-1]
+    kv = dict(re.findall(r'(\w+)=([^ ]+)', last))
+    assert last.startswith('bench=eval checkpoints=2') and kv['acc_differ'] == '0', last
+    assert list(kv)[-3:] == ['ceiling_e2e', 'ratio_e2e', 'ratio_floor'], last
+    ratio, ceiling, floor = (float(kv[k]) for k in ('ratio_e2e', 'ceiling_e2e', 'ratio_floor'))
+    assert 0 < ratio and 0 < floor and ceiling > 0 and math.isfinite(ceiling), last
