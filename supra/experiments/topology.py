@@ -18,7 +18,7 @@ from ..stats import ALPHA, group_summary, compare
 __all__ = ['NAME', 'TITLE', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'METRICS', 'TESTED',
            'BLIMP_FIELDS', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan',
            'proxy_tokens', 'study_name', 'tune', 'curve_metrics', 'train_and_evaluate', 'summarize', 'run', 'vs_floor',
-           'informative', 'claims', 'findings', 'lr_trace_chart', 'figures', 'paper']
+           'informative', 'claims', 'findings', 'figures', 'paper']
 
 # %% ../../nbs/08a_topology.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -328,148 +328,13 @@ def findings(res:dict) -> list:
     for c in claims(res): out.append((f"Seed claim — {c['claim']}", f"**{c['verdict']}**: {c['evidence']}."))
     return out
 
-# %% ../../nbs/08a_topology.ipynb #8420b09c
-def lr_trace_chart(res:dict, path):
-    "The Optuna search trace: each trial's peak LR against its proxy objective, one colour per topology, the chosen LR starred."
-    import matplotlib as mpl
-    from matplotlib.figure import Figure
-    from supra.report import theme_rc, save_figure, SERIES_COLORS, PALETTE
-    with mpl.rc_context(theme_rc()):
-        fig = Figure(figsize=(8, 4.2), layout='constrained'); ax = fig.add_subplot()
-        for i, t in enumerate(TOPOLOGIES):
-            tr = [r for r in res['summary']['topologies'][t]['trials'] if r.get('state') == 'COMPLETE' and r.get('value') is not None]
-            c = SERIES_COLORS[i % len(SERIES_COLORS)]
-            ax.scatter([r['lr'] for r in tr], [r['value'] for r in tr], color=c, s=36, alpha=0.85, label=LABELS[t], zorder=3)
-            best = min(tr, key=lambda r: r['value'])
-            ax.scatter([best['lr']], [best['value']], marker='*', s=260, color=c, edgecolor=PALETTE['text'], linewidth=1, zorder=4)
-        ax.set_xscale('log'); ax.set_xlabel('peak learning rate (log scale)'); ax.set_ylabel('proxy objective: held-out loss (nats/token)')
-        ax.set_title('Optuna LR search per topology (★ = chosen)', loc='left'); ax.legend(loc='best', frameon=True)
-        return save_figure(fig, path)
-
+# %% ../../nbs/08a_topology.ipynb #1f2fc52e
 def figures(res:dict, fig_dir) -> dict:
-    "The paper's figures, all drawn from the envelope."
-    from supra.report import bar_chart, curves_chart, SERIES_COLORS
-    fig_dir = Path(fig_dir); S = _S(res); labels = [LABELS[t] for t in TOPOLOGIES]
-    ms = lambda k: ([S[t][k] for t in TOPOLOGIES], [S[t][f'{k}_std'] for t in TOPOLOGIES])
-    n = min(S[t]['n_seeds'] for t in TOPOLOGIES); figs = {}
-    for key, k, title, yl, fmt, pick in [('ppl', 'wikitext_word_ppl', 'WikiText word perplexity (↓)', 'word perplexity', '.1f', np.nanargmin),
-                                         ('bpb', 'heldout_bpb', 'Held-out bits per byte (↓)', 'bits per byte', '.3f', np.nanargmin),
-                                         ('throughput', 'samples_s', 'Training throughput (↑)', 'samples / s', '.1f', np.nanargmax)]:
-        m, e = ms(k)
-        ng = (res['summary'].get('ngram') or {}).get(k)
-        figs[key] = bar_chart(labels, m, e, fig_dir / {'ppl': 'word_ppl', 'bpb': 'heldout_bpb', 'throughput': 'throughput'}[key],
-                              title=f'{title}, mean ± std over {n} seeds', ylabel=yl, highlight=int(pick(m)), value_fmt=fmt,
-                              baselines={'trigram counted from the same pool': ng} if ng is not None else None)
-    curves, colors, pts, pcol = {}, [], {}, []
-    for i, t in enumerate(TOPOLOGIES):
-        for sd, c in res['curves'][t].items(): curves[f'{LABELS[t]} · seed {sd}'] = (c['step'], c['loss']); colors.append(SERIES_COLORS[i])
-        hs = [c['heldout'] for c in res['curves'][t].values() if c.get('heldout', {}).get('step')]
-        if hs and all(h['step'] == hs[0]['step'] for h in hs):      # the seeds evaluate at the same steps: their mean
-            pts[f'{LABELS[t]} · held-out (mean of seeds)'] = (hs[0]['step'], np.mean([h['loss'] for h in hs], axis=0)); pcol.append(SERIES_COLORS[i])
-    figs['curves'] = curves_chart(curves, fig_dir / 'loss_curves', title='Training loss per step (every seed) and held-out loss during training',
-                                  xlabel='optimiser step', ylabel='loss (nats/token)', smooth=0.8, colors=colors, points=pts or None, point_colors=pcol or None)
-    figs['lr'] = lr_trace_chart(res, fig_dir / 'lr_search')
-    return figs
-
-# %% ../../nbs/08a_topology.ipynb #30389e4f
-def _shape(info) -> str: return f"{info['n_layer']}L × {info['d_model']}"
+    "The paper's figures from the envelope (`supra.experiments.topology_paper.figures`)."
+    from supra.experiments.topology_paper import figures as f
+    return f(res, fig_dir)
 
 def paper(res:dict, figs:dict, path) -> Path:
-    "The topology paper for the envelope `res` and its figures."
-    from supra.report import findings as findings_, table, row, chart, samples, prose, stats, links, fmt_int, fmt_duration, write_paper
-    pl, env, sm = res['plan'], res['environment'], res['summary']; topo, S = sm['topologies'], _S(res)
-    pname, seeds, hw, tc = pl['preset']['name'], pl['seeds'], env.get('hardware', env.get('device')), pl['preset']['train']
-    cols = [f"{LABELS[t]} ({_shape(topo[t])})" for t in TOPOLOGIES]
-    ng = sm.get('ngram') or {}
-    inf = {k: informative(res, k) for k in ('arc_easy', 'blimp')}
-    rows = []
-    for k, (lab, fmt, best, digits) in METRICS.items():
-        if k not in S['balanced']: continue
-        kw = dict(chance=0.25) if k == 'arc_easy' else dict(chance=0.5) if k == 'blimp' else {}
-        if k in sm['baselines'] and sm['baselines'][k].get('majority') is not None: kw['majority'] = sm['baselines'][k]['majority']
-        if ng.get(k) is not None: kw['trigram'] = ng[k]
-        rows.append(row(lab, [S[t][k] for t in TOPOLOGIES], None if k in ('params', 'lr') else [S[t][f'{k}_std'] for t in TOPOLOGIES], fmt=fmt, best=best, digits=digits,
-                        **(dict(informative=False, note='uninformative at this scale: no shape beats the larger baseline by two stderr') if inf.get(k) is False else {}), **kw))
-    status = []
-    for t in TOPOLOGIES:
-        won = [METRICS[k][0].split(' (')[0].split(',')[0] for k in TESTED if inf.get(k, True) and _best(res, k) == t and all(_comp(res, k, t, o)['resolved'] for o in TOPOLOGIES if o != t)]
-        status.append(('Resolved best: ' + ', '.join(dict.fromkeys(won)), 'success') if won else ('No resolved win', 'muted'))
-    main = table(cols, rows, title='Topology matrix', baselines=('chance', 'majority') + (('trigram',) if ng else ()), status=status, highlight_col=TOPOLOGIES.index(_best(res, 'wikitext_word_ppl')),
-                 label='// Topology_Evaluation_Data', nav='Results', id='results',
-                 caption=f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); the best mean per row is highlighted. "
-                         "Standard deviations are over seeds (initialisation and data order), not lm-eval's per-run stderr (see the per-run table). "
-                         "STATUS lists the metrics on which a topology's lead over *both* others is resolved by the paired test (p < 0.01)."
-                         + (f" Trigram: an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from the same pool, scored by the same lm-eval tasks and held-out documents — the floor of counting." if ng else ''))
-    frows = [row(f"BLiMP {f.replace('_', '–')} (↑)", [S[t][k] for t in TOPOLOGIES], [S[t][f'{k}_std'] for t in TOPOLOGIES], fmt='pct', best='max', chance=0.5,
-                 **({'trigram': ng[k]} if ng.get(k) is not None else {})) for f, k in zip(BLIMP_FIELDS, FIELDS) if S['balanced'].get(k) is not None]
-    fields = table(cols, frows, title='BLiMP by field', baselines=('chance',) + (('trigram',) if ng else ()), label='// BLiMP_Fields', id='blimp-fields',
-                   caption=f"Mean accuracy over the paradigms of each linguistic field (lm-eval's BLiMP paradigms grouped by field), mean ± std over {len(seeds)} seeds.") if frows else None
-    comp_rows = []
-    for c in sm['comparisons']:
-        d = METRICS[c['metric']]
-        f1 = (lambda v: f'{100*v:.2f}%') if d[1] == 'pct' else (lambda v: f'{v:,.{3 if d[3] is None else d[3]}f}')
-        comp_rows.append(row(f"{d[0].split(' (')[0]}: {LABELS[c['a']].lower()} vs {LABELS[c['b']].lower()}",
-                             [f1(c['mean_a']), f1(c['mean_b']), '—' if c['ci_lo'] is None else f"[{f1(c['ci_lo'])}, {f1(c['ci_hi'])}]",
-                              '—' if c['p'] is None else '< 0.001' if c['p'] < 0.001 else f"{c['p']:.3f}", '—' if c['mde'] is None else f1(c['mde']),
-                              c['verdict'] + (f" ({LABELS[c['better']].lower()} better)" if c['better'] else '')], fmt='str'))
-    comp = table(['mean a', 'mean b', '99% CI of a − b', 'paired p', 'detectable (80% power)', 'verdict'], comp_rows, title='Which differences are real?',
-                 row_header='Metric: a vs b', label='// Noise', nav='Noise', id='noise',
-                 caption=f"Paired two-sided t-test over the {len(seeds)} seeds (a seed fixes the data order, shared by the shapes; supra.stats.paired). Resolved = p < 0.01. "
-                         "Where a difference is not resolved, 'detectable' is the smallest true difference this run had an 80% chance to resolve.")
-    claim_tab = table(['verdict', 'evidence'], [row(c['claim'], [c['verdict'], c['evidence']], fmt='str') for c in claims(res)],
-                      title="The seed's claims", row_header='Claim (seed write-up 001)', label='// Claims', nav='Claims', id='claims',
-                      caption='Each verdict is computed from results.json by the paired test over seeds: supported, contradicted, or not resolved at this scale.')
-    rcols = [f"{LABELS[r['topology']].split(' ')[0]} s{r['seed']}" for r in res['runs']]
-    col = lambda k: [r.get(k) for r in res['runs']]
-    per_run = table(rcols, [row('Peak LR', col('lr'), fmt='.2e'), row('Step loss (↓)', col('step_loss'), best='min'), row('Train loss (↓)', col('train_loss'), best='min'),
-                            row('Held-out bpb (↓)', col('heldout_bpb'), fmt='num', digits=4, best='min'), row('WikiText word PPL (↓)', col('wikitext_word_ppl'), digits=2, best='min'),
-                            row('ARC-Easy (↑)', col('arc_easy'), col('arc_easy_stderr'), fmt='pct', best='max'), row('BLiMP (↑)', col('blimp'), col('blimp_stderr'), fmt='pct', best='max'),
-                            row('Samples/s (↑)', col('samples_s'), digits=1, best='max'), row('Train wall time', col('train_s'), fmt='dur')],
-                    title='Every run', label='// Per_Run', id='runs', caption='One column per (topology, seed). Accuracies ± lm-eval stderr of that run.')
-    lr_tab = table(cols, [row('Tuned peak LR', [topo[t]['lr'] for t in TOPOLOGIES], fmt='.3e'),
-                          row('Best proxy objective (held-out loss, ↓)', [topo[t]['lr_objective'] for t in TOPOLOGIES], digits=4, best='min'),
-                          row('Complete trials', [topo[t]['n_complete'] for t in TOPOLOGIES], fmt='int')],
-                   title='Learning rate, tuned per topology', label='// LR_Search', nav='LR search', id='lr',
-                   caption=f"Optuna TPE (seeded), search range [{pl['lr_lo']:.0e}, {pl['lr_hi']:.0e}] log-uniform, {pl['n_trials']} complete trials per topology, "
-                           f"the first {min(3, pl['n_trials'])} at fixed log-spaced points. Objective: mean token loss on held-out documents after a proxy run on the first "
-                           f"{pl['proxy_frac']:.0%} of the pool (same model, batch and schedule shape); tuned with seed {seeds[0]}, then used for every seed.")
-    gens = [dict(label=f"{LABELS[r['topology']]} (seed {r['seed']})", text=r.get('generation_greedy') or '') for r in res['runs'] if r['seed'] == seeds[0]]
-    n_tok = res['data']['n_tokens']
-    method = prose('Method', [
-        f"Three decoder-only transformers (Llama-style: RMSNorm, RoPE, SwiGLU with hidden 4·d, tied embeddings, no biases, head_dim "
-        f"{topo['balanced']['head_dim']}) of the shapes above, vocabulary {res['data']['vocab_size']:,}, context {tc['seq_len']}. Each is trained for "
-        f"**one epoch over the same pool of {fmt_int(n_tok)} unique tokens** of `{res['corpus']}` (batch {tc['batch_size']} × {tc['seq_len']} tokens, AdamW, {tc['schedule']} schedule), "
-        f"seeds {', '.join(map(str, seeds))}, on {hw} ({'bf16 autocast' if env.get('device') == 'cuda' else 'fp32'}).",
-        "Evaluation: lm-eval zero-shot on ARC-Easy and BLiMP, and WikiText word perplexity, each with the limits of the preset ("
-        + ', '.join(f"{t} {n}" + (' per paradigm' if t == 'blimp' else '') for t, n in (pl.get('limits') or ())) + "); held-out bits per byte "
-        "with a sliding window on documents of the corpus that the pool never contains. During training the same documents' first 32 windows are scored every ⅛ of the epoch "
-        "(held-out loss beside the training loss in the curves chart; that time is not counted as training time).",
-        "Floor: " + (f"an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from exactly the pool the transformers train on, scored by the same lm-eval tasks and held-out documents; "
-                     "each shape is tested against it (held-out bits/byte: a one-sample t-test of the seeds; accuracies: a z-test on lm-eval's stderrs)." if ng else "not measured in this run."),
-        "Statistics: mean ± std over seeds; a paired t-test over seeds for each pair of shapes (a seed fixes the data order, shared by the three shapes; p < 0.01 = resolved), its confidence interval, and the minimum detectable effect."],
-        [('Step loss vs train loss', 'step loss is the last step\'s batch loss; train loss is the mean over every step of the run, so it includes the early, high losses.'),
-         ('Parameter budgets', 'the shapes keep the seed\'s ratios, so the deep-narrow model has fewer parameters than the other two (as in the seed); a loss gap that favours wider models is partly a size gap.'),
-         ('Proxy LR search', 'a short proxy run tends to prefer a higher LR than the full run; the same bias applies to every topology.'),
-         ('Throughput', 'measured as training samples per second of wall time on this machine; on a shared CPU it is noisy, and CPU results do not transfer to GPUs.')],
-        label='// Method', nav='Method', id='method')
-    scale = (f"**Scale: `{pname}` preset.** Shapes scaled from the seed's 12×128 / 6×192 / 3×256 to "
-             f"{' / '.join(_shape(topo[t]).replace(' ', '') for t in TOPOLOGIES)} ({', '.join(fmt_int(topo[t]['params']) for t in TOPOLOGIES)} parameters), "
-             f"{fmt_int(n_tok)} tokens, {len(seeds)} seeds, {hw}. Absolute numbers are not comparable with the seed's; the comparison between shapes is the result."
-             if pname != 'paper' else None)
-    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), main,
-            chart(figs['ppl'], 'WikiText word perplexity by topology', 'Bars: mean over seeds; error bars: ± one std.', label='// Visualizations', nav='Charts', id='charts'),
-            chart(figs['bpb'], 'Held-out bits per byte by topology', 'Bars: mean over seeds; error bars: ± one std' + ('; dashed line: the trigram floor.' if ng else '.')),
-            chart(figs['throughput'], 'Training throughput by topology', f"Samples of {tc['seq_len']} tokens per second, on {hw}."),
-            *([fields] if fields else []),
-            chart(figs['curves'], 'Training and held-out loss curves', 'Every seed of every topology; faint: raw per-step loss, solid: EMA (0.8); dashed markers: held-out loss every ⅛ epoch, mean of the seeds.'),
-            lr_tab, chart(figs['lr'], 'LR search trace', 'Each dot is one Optuna trial (proxy run); the star is the LR used for the full runs.'),
-            comp, claim_tab, per_run,
-            samples(gens, prompt=pl['preset']['eval']['gen_prompt'], title='Generations', intro='Greedy continuations of each topology (first seed). Model text is shown escaped.', nav='Samples'),
-            method, links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with the plan, the machine and every Optuna trial.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Token pool': f'{fmt_int(n_tok)} tokens, 1 epoch',
-                   'Seeds': ', '.join(map(str, seeds)), 'LR search': f"Optuna TPE, {pl['n_trials']} trials / topology",
-                   'Compute: train · LR search · eval': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'lr_search_s', 'eval_s'))})]
-    spec = dict(title='Hidden Topology — Depth vs. Width', kicker='Experiment #4:', banner=scale, sections=secs,
-                lede=(f"Three shapes with a similar parameter budget — deep & narrow, balanced, shallow & wide — trained on the same {fmt_int(n_tok)} unique tokens "
-                      f"of {res['corpus']}, each with its own Optuna-tuned learning rate and {len(seeds)} seeds, evaluated on WikiText, ARC-Easy, BLiMP and held-out text."))
-    return write_paper(path, spec)
+    "The self-contained HTML paper from the envelope and its figures (`supra.experiments.topology_paper.paper`)."
+    from supra.experiments.topology_paper import paper as f
+    return f(res, figs, path)
