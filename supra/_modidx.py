@@ -428,6 +428,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                             'supra.experiments.topology._comp': ('topology.html#_comp', 'supra/experiments/topology.py'),
                                             'supra.experiments.topology._floor_txt': ( 'topology.html#_floor_txt',
                                                                                        'supra/experiments/topology.py'),
+                                            'supra.experiments.topology._floor_verdict': ( 'topology.html#_floor_verdict',
+                                                                                           'supra/experiments/topology.py'),
                                             'supra.experiments.topology._lead': ('topology.html#_lead', 'supra/experiments/topology.py'),
                                             'supra.experiments.topology._m': ('topology.html#_m', 'supra/experiments/topology.py'),
                                             'supra.experiments.topology._p': ('topology.html#_p', 'supra/experiments/topology.py'),

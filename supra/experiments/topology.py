@@ -277,6 +277,18 @@ def _spikes(res) -> str:
     return txt + (f" — {LABELS[hi].lower()}'s runs spike at its tuned LR, so its deficit may be its LR search's (a short proxy run favours a high LR), not its shape's"
                   if sp[hi] > 1.2 * max(others) else '')
 
+def _floor_verdict(res, k) -> str:
+    "One sentence: how many shapes beat, or lose to, the n-gram floor on `k` (resolved at p < 0.01)."
+    v = vs_floor(res, k)
+    if not v: return ''
+    low = METRICS[k][2] == 'min'
+    beat = [t for t, x in v.items() if x['resolved'] and (x['diff'] < 0) == low]
+    lose = [t for t, x in v.items() if x['resolved'] and (x['diff'] < 0) != low]
+    fl = next(iter(v.values()))['floor']
+    if len(lose) == len(v): return f" **No shape beats the trigram counted from the same pool** ({fl:.4f}): at this scale every shape predicts held-out text worse than counting does."
+    if len(beat) == len(v): return f" Every shape beats the trigram counted from the same pool ({fl:.4f})."
+    return f" Against the trigram counted from the same pool ({fl:.4f}): {len(beat)} of {len(v)} shapes beat it, {len(lose)} are worse, the rest not resolved."
+
 def claims(res:dict) -> list[dict]:
     "The seed write-up's claims, each with a verdict from the envelope: supported, contradicted, or not resolved at this scale."
     def verdict(k, a, b, better_a:bool):
@@ -302,9 +314,10 @@ def claims(res:dict) -> list[dict]:
 def findings(res:dict) -> list:
     "The key findings, computed from the envelope."
     m = lambda k, t: _m(res, k, t); out = []
-    for k, what, f in [('wikitext_word_ppl', 'WikiText word perplexity', '.1f'), ('heldout_bpb', 'held-out bits per byte', '.4f')]:
+    for k, what, f in [('heldout_bpb', 'held-out bits per byte', '.4f'), ('wikitext_word_ppl', 'WikiText word perplexity', '.1f')]:   # the first is the index's headline
         b = _best(res, k)
-        out.append((f'Language modelling ({what})', f"lowest for **{LABELS[b].lower()}** ({', '.join(f'{LABELS[t].lower()} {format(m(k, t), f)}' for t in TOPOLOGIES)}): {_lead(res, k, b)}."))
+        out.append((f'Language modelling ({what})', f"lowest for **{LABELS[b].lower()}** ({', '.join(f'{LABELS[t].lower()} {format(m(k, t), f)}' for t in TOPOLOGIES)}): {_lead(res, k, b)}."
+                    + (_floor_verdict(res, k) if k == 'heldout_bpb' else '')))
     fast, slow = _best(res, 'samples_s'), min(TOPOLOGIES, key=lambda t: m('samples_s', t))
     sc = res['summary'].get('seed_reference', {}).get('samples_s')
     seed_tp = f"; the seed reported ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} shallow-wide over deep-narrow on its GPU" if sc else ''
