@@ -269,13 +269,12 @@ def _floor_txt(res, k, f) -> str:
     return '; '.join(one(t, x) for t, x in vs_floor(res, k).items())
 
 def _spikes(res) -> str:
-    "The highest step loss after the first 5% of steps, mean over seeds, per topology; flagged when one shape's runs spike well above the others'."
-    def peak(c): k = max(1, len(c['loss']) // 20); return max(c['loss'][k:] or c['loss'])
-    sp = {t: float(np.mean([peak(c) for c in res['curves'][t].values()])) for t in TOPOLOGIES}
-    hi = max(sp, key=sp.get); others = [sp[t] for t in TOPOLOGIES if t != hi]
-    txt = '; the highest step loss after the first 5% of steps, mean over seeds: ' + ', '.join(f'{LABELS[t].lower()} {sp[t]:.2f}' for t in TOPOLOGIES)
-    return txt + (f" — {LABELS[hi].lower()}'s runs spike at its tuned LR, so its deficit may be its LR search's (a short proxy run favours a high LR), not its shape's"
-                  if sp[hi] > 1.2 * max(others) else '')
+    "Runs whose training loss rose above its first step's (≈ ln V at init): a loss spike, the sign of an LR too high for the shape."
+    out = []
+    for t in TOPOLOGIES:
+        up = [(s, max(c['loss'][1:]), c['step'][1 + int(np.argmax(c['loss'][1:]))]) for s, c in res['curves'][t].items() if len(c['loss']) > 1 and max(c['loss'][1:]) > c['loss'][0]]
+        if up: out.append(f"{LABELS[t].lower()}: {len(up)} of {len(res['curves'][t])} seeds' loss rose above its starting value (" + ', '.join(f'seed {s} to {v:.2f} at step {k}' for s, v, k in up) + ')')
+    return ('; loss spikes — ' + '; '.join(out) + ' — a sign that a short proxy run chose an LR too high for the full run') if out else '; no run\'s loss rose above its starting value'
 
 def _floor_verdict(res, k) -> str:
     "One sentence: how many shapes beat, or lose to, the n-gram floor on `k` (resolved at p < 0.01)."
