@@ -25,7 +25,7 @@ PARAMS = dict(epochs=8, preset='auto', corpus='wikipedia-en', seeds=None, device
 SCALE = {   # per preset: unique tokens, fresh-control reach (in pools), default seeds, cooldown, tasks and per-task evaluation sizes
     'smoke': dict(n_tokens=40_000, fresh_pools=2, seeds=(0,), cooldown_frac=0.2, tasks=('blimp', 'arc_easy', 'boolq', 'wikitext'), limits={}),
     'cpu':   dict(n_tokens=500_000, fresh_pools=4, seeds=(0, 1, 2), cooldown_frac=0.1, tasks=('blimp', 'arc_easy', 'wikitext'),
-                  limits={'blimp': 100, 'arc_easy': 800, 'wikitext': 20}),
+                  limits={'blimp': 120, 'arc_easy': 900, 'wikitext': 20}),
     'paper': dict(n_tokens=20_000_000, fresh_pools=8, seeds=(0, 1, 2), cooldown_frac=0.2, tasks=('blimp', 'arc_easy', 'boolq', 'wikitext'), limits={}),
 }
 MUENNIGHOFF_RD = 15.39    # R_D*: the fitted "half-life" of repeated data (Muennighoff et al. 2023, data-constrained scaling laws)
