@@ -293,9 +293,41 @@ def epochs_run_plan(steps_per_epoch:int, epochs:int, cooldown_frac:float, seed:i
                 branches=[dict(dir=f'epochs{k}', epochs=k, branch_step=b, end_step=k * steps_per_epoch) for k, b, _ in plan],
                 total_steps=plan[-1][1] + sum(d for _, _, d in plan))
 
+def _adopt(src:Path, dst:Path, **meta_update):
+    "Copy checkpoint directory (or branch directory) `src` to `dst` through a temporary sibling renamed into place; `meta_update` goes into every `meta.json` copied."
+    import shutil
+    tmp = dst.with_name(dst.name + '.adopting')
+    shutil.rmtree(tmp, ignore_errors=True); shutil.copytree(src, tmp)
+    for m in ([tmp / 'meta.json'] if (tmp / 'meta.json').exists() else []) + sorted(tmp.glob('*/meta.json')):
+        atomic_write(m, json.dumps(dict(json.loads(m.read_text()), **meta_update), indent=1, default=str))
+    shutil.rmtree(dst, ignore_errors=True); tmp.rename(dst)
+
+def _adopt_shared(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, out:Path, plan:list, src, j:int) -> bool:
+    """Take branches 1..`j` and the stable run up to `b_j` from the `train_epochs` run in `src`, whose first `j` epochs this
+    run would repeat step for step; False (train them) when `src` lacks them or this run has already started."""
+    src, b = Path(src), plan[j - 1][1]
+    snap = src / 'stable' / f'step{b}'
+    if (out / 'stable' / 'last' / 'meta.json').exists() or not (snap / 'meta.json').exists(): return False
+    if not all((src / f'epochs{k}' / 'final' / 'meta.json').exists() for k, _, _ in plan[:j]): return False
+    meta, ign = read_meta(snap), set(IGNORED_ON_RESUME)
+    same = lambda a, c: json.loads(json.dumps({x: y for x, y in a.items() if x not in ign})) == json.loads(json.dumps({x: y for x, y in c.items() if x not in ign}))
+    check(same(meta['model_cfg'], model_cfg.to_dict()) and same(meta['train_cfg'], cfg.to_dict()) and meta['step'] == b,
+          'shared', str(src), f'a train_epochs run of the same model and training configs with a branch point at step {b}')
+    for k, _, _ in plan[:j]: _adopt(src / f'epochs{k}', out / f'epochs{k}', shared_from=str(src))
+    ctx.loader.seek(b, None)    # this run's loader state at the branch point, in this run's own loader's terms
+    for d in (out / 'stable' / f'step{b}', out / 'stable' / 'last'):
+        d.parent.mkdir(parents=True, exist_ok=True)
+        _adopt(snap, d, pool_key=ctx.pool_key, loader=ctx.loader.state(), shared_from=str(src))
+    if (src / 'stable' / 'metrics.jsonl').exists():   # the resume cuts it back to step b_j
+        atomic_write(out / 'stable' / 'metrics.jsonl', (src / 'stable' / 'metrics.jsonl').read_text())
+    return True
+
 def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, epochs:int|None=None, quiet:bool=False, *,
-                 eval_hook=None, loader=None) -> list[dict]:
-    "One WSD run with a cooldown branched for every epoch count 1..`epochs`: one fully annealed model per epoch count."
+                 eval_hook=None, loader=None, shared:tuple|None=None) -> list[dict]:
+    """One WSD run with a cooldown branched for every epoch count 1..`epochs`: one fully annealed model per epoch count.
+    `shared=(other_out_dir, j)`: this run's first `j` epochs read the same tokens in the same order, from the same initialisation,
+    as the `train_epochs` run in `other_out_dir` (a fresh-data control whose first pool is the repeated pool): its branches 1..`j`
+    and its stable run up to the `j`-th branch point are taken from there instead of being trained again."""
     epochs = train_cfg.epochs if epochs is None else epochs
     check_int('epochs', epochs, lo=1)
     check(train_cfg.schedule == 'wsd', 'schedule', train_cfg.schedule, "'wsd' (train_epochs branches WSD cooldowns)")
@@ -306,6 +338,10 @@ def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, ep
     warmup = round(cfg.warmup_frac * spe)
     plan = wsd_branch_plan(spe, epochs, cfg.cooldown_frac)
     _write_run_json(out, epochs_run_plan(spe, epochs, cfg.cooldown_frac, cfg.seed), ctx.rank)
+    if shared is not None:
+        check_int('shared epochs', shared[1], lo=1, hi=epochs)
+        if ctx.rank == 0: _adopt_shared(ctx, model_cfg, cfg, out, plan, *shared)
+        if ctx.world > 1: dist.barrier()
     results = []
     for k, b, d in plan:
         branch_dir = out / f'epochs{k}'

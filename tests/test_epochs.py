@@ -136,3 +136,17 @@ def test_smoke_paper_renders_in_chromium_offline(smoke):
         text = page.eval('document.body.innerText')
         assert 'wikipedia-en' in text and f"{res['summary']['by_epochs'][-1]['heldout_loss']:.3f}" in text
     assert foreign_requests(page.requests) == [], page.requests
+
+def test_fresh_control_sharing_its_first_epoch_changes_no_weight(smoke, tmp_path):
+    "The fresh control adopts the repeated run's first epoch (train_epochs(shared=…)); trained alone it ends with the same weights."
+    from supra.experiments import epochs as E
+    from supra.data import build_pool
+    from supra.checkpoint import read_meta
+    p = E.plan(preset='smoke', epochs=2, out_dir=str(tmp_path), paper=str(tmp_path / 'epochs.html'))
+    pool, fresh, U = build_pool(p.data), build_pool(p.fresh_data), p.data.n_tokens
+    assert E.same_first_epoch(pool, fresh, U)
+    chunks = lambda tokens, cfg, rank, world: E.ChunkSteps(tokens, U, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.seed, rank, world)
+    alone = E._train_arm(p, fresh, 'fresh', 0, p.fresh_pools, loader=chunks, hook=E._hook(pool, p), dashboard=False)
+    shared = [r for r in json.loads((smoke / 'results.json').read_text())['runs'] if r['arm'] == 'fresh']
+    assert read_meta(smoke / shared[0]['checkpoint']).get('shared_from') and not read_meta(alone[0]['checkpoint']).get('shared_from')
+    assert [read_meta(a['checkpoint'])['model_sha256'] for a in alone] == [read_meta(smoke / s['checkpoint'])['model_sha256'] for s in shared]

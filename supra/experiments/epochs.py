@@ -15,8 +15,9 @@ from ..stats import ALPHA, group_summary, compare, paired, summary
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'BLIMP_FIELDS', 'predicted_value', 'EpochsPlan',
-           'plan', 'ChunkSteps', 'train_runs', 'evaluate_runs', 'effective_tokens', 'value_of_repeats', 'claims',
-           'above_chance', 'epoch_status', 'summarize', 'resummarize', 'run', 'findings', 'figures', 'paper']
+           'plan', 'ChunkSteps', 'same_first_epoch', 'train_runs', 'evaluate_runs', 'effective_tokens',
+           'value_of_repeats', 'claims', 'above_chance', 'epoch_status', 'summarize', 'resummarize', 'run', 'findings',
+           'figures', 'paper']
 
 # %% ../../nbs/07b_epochs.ipynb #a690459d
 NAME, TITLE = 'epochs', 'Is one epoch really all you need for SLMs?'
@@ -87,7 +88,7 @@ def _hook(pool, p:EpochsPlan):
     from supra.data import val_texts
     return texts_hook(pool, val_texts(p.data)[:p.eval.bpb_docs or 8], p.train.seq_len, max_windows=32)
 
-def _train_arm(p:EpochsPlan, pool, arm:str, seed:int, epochs:int, loader=None, hook=None, dashboard:bool=True) -> list[dict]:
+def _train_arm(p:EpochsPlan, pool, arm:str, seed:int, epochs:int, loader=None, hook=None, dashboard:bool=True, shared=None) -> list[dict]:
     from supra.train import train_epochs
     from supra.dashboard import DashboardThread, live
     spe = -(-(pool.n_tokens if loader is None else p.data.n_tokens) // (p.train.batch_size * p.train.seq_len))
@@ -95,7 +96,7 @@ def _train_arm(p:EpochsPlan, pool, arm:str, seed:int, epochs:int, loader=None, h
     d = run_dir(p.out_dir, f'{arm}-seed{seed}', pool.key, p.model, tc, arm=arm, chunk=p.data.n_tokens if loader else None)
     say(f"[epochs] training {arm} seed {seed}: epochs 1..{epochs} → {d} (dashboard: {d / 'dashboard.html'})")
     t0, view = time.time(), (live(d, every=5.0, background=True) if dashboard and _in_notebook() else None)
-    kw = dict(quiet=True, eval_hook=hook, **({'loader': loader} if loader is not None else {}))
+    kw = dict(quiet=True, eval_hook=hook, shared=shared, **({'loader': loader} if loader is not None else {}))
     try:
         with TerminalProgress(d, f'[epochs] {arm} seed {seed}'):
             if dashboard:
@@ -108,15 +109,22 @@ def _train_arm(p:EpochsPlan, pool, arm:str, seed:int, epochs:int, loader=None, h
     write_json(tf, dict(wall_s=wall))
     return [dict(r, arm=arm, seed=seed, run_dir=str(d), wall_s=wall) for r in res]
 
+def same_first_epoch(pool, fresh_pool, U:int) -> bool:
+    "Whether the fresh control's first chunk is the repeated pool itself (same U tokens), so its first epoch is the repeated run's."
+    return pool.n_tokens == U and fresh_pool.n_tokens >= U and bool(np.array_equal(np.asarray(pool.tokens), np.asarray(fresh_pool.tokens[:U])))
+
 def train_runs(p:EpochsPlan, pool, fresh_pool=None, dashboard:bool=True) -> list[dict]:
     "Every (arm, seed) run: one dict per (arm, seed, epoch count)."
     hook, U = _hook(pool, p), p.data.n_tokens
+    same_start = fresh_pool is not None and same_first_epoch(pool, fresh_pool, U)
     out = []
     for s in p.seeds:
-        out += _train_arm(p, pool, 'repeated', s, p.epochs, hook=hook, dashboard=dashboard)
+        rep = _train_arm(p, pool, 'repeated', s, p.epochs, hook=hook, dashboard=dashboard)
+        out += rep
         if fresh_pool is not None:
             chunks = lambda tokens, cfg, rank, world: ChunkSteps(tokens, U, cfg.batch_size, cfg.seq_len, cfg.grad_accum, cfg.seed, rank, world)
-            out += _train_arm(p, fresh_pool, 'fresh', s, p.fresh_pools, loader=chunks, hook=hook, dashboard=dashboard)
+            out += _train_arm(p, fresh_pool, 'fresh', s, p.fresh_pools, loader=chunks, hook=hook, dashboard=dashboard,
+                              shared=(rep[0]['run_dir'], 1) if same_start else None)   # its first epoch is this run's first epoch
     return out
 
 # %% ../../nbs/07b_epochs.ipynb #e6e0f68c
@@ -125,12 +133,17 @@ BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')
 
 def evaluate_runs(p:EpochsPlan, pool, runs:list[dict]) -> tuple[list[dict], dict]:
     "(rows, baselines): every annealed checkpoint evaluated (cached) into one row per (arm, epoch count, seed)."
-    rows, base, lim = [], {}, dict(p.limits)
+    from supra.checkpoint import read_meta
+    rows, base, lim, done = [], {}, dict(p.limits), {}   # done: the repeated arm's evaluations by their weights' sha256
     for i, r in enumerate(runs):
         ev_cfg = p.eval if r['arm'] == 'repeated' else p.eval.replace(tasks=tuple(t for t in p.eval.tasks if t == 'blimp'))
-        say(f"[epochs] evaluating {i + 1}/{len(runs)}: {r['arm']}, {r['epochs']} epochs, seed {r['seed']}")
-        ev = evaluate_checkpoint(r['checkpoint'], pool, ev_cfg, p.device, limits=lim)
-        if r['arm'] == 'repeated': base = base or task_baselines(ev)
+        sha = read_meta(r['checkpoint'])['model_sha256']
+        if r['arm'] != 'repeated' and sha in done:    # the same weights (the fresh control's shared first epoch): its rows of that evaluation
+            ev = dict(done[sha], eval_s=0.0, table=[t for t in done[sha]['table'] if t['task'].split(':')[0].startswith(ev_cfg.tasks)])
+        else:
+            say(f"[epochs] evaluating {i + 1}/{len(runs)}: {r['arm']}, {r['epochs']} epochs, seed {r['seed']}")
+            ev = evaluate_checkpoint(r['checkpoint'], pool, ev_cfg, p.device, limits=lim)
+        if r['arm'] == 'repeated': base, done[sha] = base or task_baselines(ev), ev
         m = eval_metrics(ev)
         rows.append(dict(arm=r['arm'], epochs=r['epochs'], seed=r['seed'], steps=r['steps'], tokens=r['tokens'], unique_tokens=(r['epochs'] if r['arm'] == 'fresh' else 1) * p.data.n_tokens,
                          train_loss=r.get('loss_tail'), last_step_loss=r.get('loss'), train_s=r.get('train_s', r.get('elapsed')), **m,
