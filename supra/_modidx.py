@@ -201,6 +201,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
             'supra.eval': { 'supra.eval._as_lm': ('eval.html#_as_lm', 'supra/eval.py'),
                             'supra.eval._baselines': ('eval.html#_baselines', 'supra/eval.py'),
                             'supra.eval._jsonable': ('eval.html#_jsonable', 'supra/eval.py'),
+                            'supra.eval._load_prepared': ('eval.html#_load_prepared', 'supra/eval.py'),
+                            'supra.eval._loaded_key': ('eval.html#_loaded_key', 'supra/eval.py'),
                             'supra.eval._num': ('eval.html#_num', 'supra/eval.py'),
                             'supra.eval._quiet': ('eval.html#_quiet', 'supra/eval.py'),
                             'supra.eval._tasks': ('eval.html#_tasks', 'supra/eval.py'),

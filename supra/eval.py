@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 import lm_eval, lm_eval.evaluator
 from lm_eval.api.model import LM
 
-from .config import EvalConfig, check_int
+from .config import EvalConfig, cache_dir, check_int, stable_hash
 from .score import EOS, pack_rows, tree_mask, score_rows
 from .backend import SupraLM, hf_lm, load_model
 from .tasks import (TaskDataError, allowed_tasks, blimp_paradigms, check_task_data, expand_tasks, task_dir, task_manager)
@@ -121,6 +121,31 @@ def _as_lm(m, batch_size:int, device:str, encodings:dict) -> LM:
     lm._enc = encodings.setdefault(_tok_id(lm.tokenizer), {})
     return lm
 
+_LOADED, _ENCODINGS = {}, {}   # this process's loaded tasks with their requests installed, and each tokenizer's encodings
+
+def _loaded_key(names:list, limit, cache:bool) -> str:
+    "What loaded tasks with replayed requests depend on: names, limit, the cache and data roots, and each data file's path, size and mtime."
+    from supra.tasks import _task_specs, _data_root
+    root, specs = _data_root(), _task_specs()
+    files = [] if root is None else [(str(f), st.st_size, st.st_mtime_ns) for t in names for f in sorted((root / specs[t][1]).glob('*'))
+                                     if f.is_file() for st in [f.stat()]]
+    return stable_hash(dict(names=names, limit=limit, cache=cache, cache_root=str(cache_dir('eval', 'requests')),
+                            root=str(root), files=files))
+
+def _load_prepared(names:list, limit, cache:bool) -> tuple[dict, dict]:
+    """(lm-eval's loaded tasks with their requests installed for replay, `{task: 'built' | 'cached'}`): loaded once per process
+    and reused — loading 67 BLiMP tasks and walking their documents costs as much as scoring a small model on them."""
+    key = _loaded_key(names, limit, cache)
+    if key in _LOADED: return _LOADED[key][0], {t: 'cached' for t in _LOADED[key][1]}
+    with zero_shot_loading(): loaded = task_manager().load(_tasks(names))
+    for t in loaded['tasks'].values():   # what simple_evaluate sets before evaluating
+        if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
+        t.set_fewshot_seed(seed=FEWSHOT_SEED)
+    how = prepare_requests(loaded, limit, cache=cache)
+    if len(_LOADED) >= 8: _LOADED.pop(next(iter(_LOADED)))
+    _LOADED[key] = (loaded, how)
+    return loaded, how
+
 def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|None=None, batch_size:int|None=None,
                   device:str='cpu', cache:bool=True, verbose:bool=False) -> dict:
     """Evaluate every model of `models` (`{name: (model, tokenizer) | checkpoint path | (path, tokenizer) | lm-eval LM}`)
@@ -132,15 +157,12 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
     limit = cfg.limit if limit is None else limit
     if limit is not None: check_int('limit', limit, lo=1)
     check_task_data(names)
-    out, encodings = {}, {}
+    out = {}
+    if len(_ENCODINGS) > 4: _ENCODINGS.clear()
     with _quiet(verbose), compiled_templates():
-        with zero_shot_loading(): loaded = task_manager().load(_tasks(names))
-        for t in loaded['tasks'].values():   # what simple_evaluate sets before evaluating
-            if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
-            t.set_fewshot_seed(seed=FEWSHOT_SEED)
-        how = prepare_requests(loaded, limit, cache=cache)
+        loaded, how = _load_prepared(names, limit, cache)
         for name, m in models.items():
-            lm = _as_lm(m, batch_size or cfg.batch_size, device, encodings)
+            lm = _as_lm(m, batch_size or cfg.batch_size, device, _ENCODINGS)
             random.seed(0); np.random.seed(1234); torch.manual_seed(1234)   # simple_evaluate's seeds
             res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
             df = tidy_results(res)

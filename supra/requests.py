@@ -88,7 +88,9 @@ def build_requests(task, limit=None, samples:list|None=None, cache:bool=True) ->
 
 # %% ../nbs/04e_requests.ipynb #c049d250
 def replay(task, requests:list, limit=None, samples:list|None=None):
-    "Make `task.build_all_requests` install fresh `Instance`s of `requests` (built for `limit`/`samples`) instead of building them."
+    """Make `task.build_all_requests` install fresh `Instance`s of `requests` (built for `limit`/`samples`) instead of building them,
+    and `task.doc_iterator` for that same selection hand back the documents read here (lm-eval walks them again to score each
+    one; re-reading an Arrow table row by row costs as much as a small model's forward pass)."""
     lim = get_sample_size(task, limit)
     docs = _docs(task, lim, samples)
     missing = {d['doc_id'] for d in requests} - set(docs)
@@ -97,8 +99,12 @@ def replay(task, requests:list, limit=None, samples:list|None=None):
         assert (limit, samples, rank, world_size) == (lim, samples_, 0, 1), \
             f"{task.config.task}: requests were prepared for limit={lim}, samples={samples_} on one process, not limit={limit}, samples={samples}, rank={rank}/{world_size}"
         task._instances = [_decode(d, docs[d['doc_id']]) for d in requests]
+    stock_iter = type(task).doc_iterator.__get__(task)
+    def doc_iterator(*, rank:int=0, limit=None, samples=None, world_size:int=1):
+        if (rank, world_size, samples, limit) == (0, 1, samples_, lim): return iter(docs.items())
+        return stock_iter(rank=rank, limit=limit, samples=samples, world_size=world_size)
     samples_ = samples
-    task.build_all_requests = build_all_requests
+    task.build_all_requests, task.doc_iterator = build_all_requests, doc_iterator
 
 def prepare_requests(loaded:dict, limit=None, samples:dict|None=None, cache:bool=True) -> dict:
     """Build (or read from the cache) the requests of every task of `TaskManager.load`'s result `loaded` once and
