@@ -309,15 +309,15 @@ def _adopt_shared(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, out:Path, pl
     snap = src / 'stable' / f'step{b}'
     if (out / 'stable' / 'last' / 'meta.json').exists() or not (snap / 'meta.json').exists(): return False
     if not all((src / f'epochs{k}' / 'final' / 'meta.json').exists() for k, _, _ in plan[:j]): return False
-    meta, ign = read_meta(snap), set(IGNORED_ON_RESUME)
+    meta, ign = read_meta(snap), set(IGNORED_ON_RESUME) | {'epochs'}   # the run's length: the stable phase does not depend on it
     same = lambda a, c: json.loads(json.dumps({x: y for x, y in a.items() if x not in ign})) == json.loads(json.dumps({x: y for x, y in c.items() if x not in ign}))
     check(same(meta['model_cfg'], model_cfg.to_dict()) and same(meta['train_cfg'], cfg.to_dict()) and meta['step'] == b,
           'shared', str(src), f'a train_epochs run of the same model and training configs with a branch point at step {b}')
-    for k, _, _ in plan[:j]: _adopt(src / f'epochs{k}', out / f'epochs{k}', shared_from=str(src))
+    for k, _, _ in plan[:j]: _adopt(src / f'epochs{k}', out / f'epochs{k}', train_cfg=cfg.to_dict(), shared_from=str(src))
     ctx.loader.seek(b, None)    # this run's loader state at the branch point, in this run's own loader's terms
     for d in (out / 'stable' / f'step{b}', out / 'stable' / 'last'):
         d.parent.mkdir(parents=True, exist_ok=True)
-        _adopt(snap, d, pool_key=ctx.pool_key, loader=ctx.loader.state(), shared_from=str(src))
+        _adopt(snap, d, pool_key=ctx.pool_key, train_cfg=cfg.to_dict(), loader=ctx.loader.state(), shared_from=str(src))
     if (src / 'stable' / 'metrics.jsonl').exists():   # the resume cuts it back to step b_j
         atomic_write(out / 'stable' / 'metrics.jsonl', (src / 'stable' / 'metrics.jsonl').read_text())
     return True
