@@ -156,7 +156,7 @@ def effective_tokens(bpb:float, fresh:list[tuple[float, float]]) -> tuple[float,
     "Fresh tokens that reach held-out `bpb` on the fresh curve `[(tokens, bpb), ...]`: (tokens, '=' | '>' | '<')."
     pts = sorted(fresh)
     if bpb <= min(b for _, b in pts): return pts[-1][0], '>'        # better than the longest fresh run: at least that many
-    if bpb >= pts[0][1]: return pts[0][0], '<'
+    if bpb > pts[0][1]: return pts[0][0], '<'                      # worse than the shortest: at most that many (equal: exactly it)
     for (t0, b0), (t1, b1) in zip(pts, pts[1:]):
         if (b0 - bpb) * (b1 - bpb) <= 0 and b0 != b1:
             f = (b0 - bpb) / (b0 - b1)
@@ -215,7 +215,7 @@ def claims(rows:list[dict], epochs:int) -> list[dict]:
         wt, wh = _w(rows, 'train_loss', epochs, mid), _w(rows, 'heldout_loss', epochs, mid)
         falls = wt['resolved'] and wt['diff'] < 0
         if not falls: v = 'contradicted' if wt['resolved'] else 'not resolved at this scale'
-        else: v = 'contradicted' if wh['resolved'] and wh['diff'] < 0 else 'supported' if not wh['resolved'] or wh['diff'] > 0 else 'not resolved at this scale'
+        else: v = ('contradicted' if wh['diff'] < 0 else 'supported') if wh['resolved'] else 'not resolved at this scale'   # a stall needs evidence, not a missing test
         out.append(dict(claim='More epochs keep lowering training loss while generalisation stalls', verdict=v,
                         evidence=f"{epochs} vs {mid} epochs — train loss {wt['diff']:+.3f} ({_pt(wt)}); held-out loss {wh['diff']:+.3f} ({_pt(wh)})"))
     return out
