@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 __all__ = ['CORPORA', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TRACKERS', 'TASKS', 'PRESETS', 'ConfigError',
            'check', 'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'DataConfig', 'ModelConfig',
            'TrainConfig', 'EvalConfig', 'resolve_device', 'resolve_preset', 'Preset', 'preset', 'as_int', 'as_ints',
-           'project_root', 'env_path', 'cache_dir', 'atomic_write']
+           'project_root', 'env_path', 'cache_dir', 'atomic_write', 'field_notes', 'field_flag']
 
 # %% ../nbs/00_config.ipynb #50bbce38
 class ConfigError(ValueError):
@@ -376,3 +376,32 @@ def atomic_write(path, data:bytes|str) -> Path:
         try: os.fsync(dfd)
         finally: os.close(dfd)
     return path
+
+# %% ../nbs/00_config.ipynb #d1f429f0
+def field_notes(cls) -> dict:
+    "The comment after each field of dataclass `cls` in its source (`name: type = default   # comment`): the flags' help."
+    import inspect, re
+    try: src = inspect.getsource(cls)
+    except (OSError, TypeError): return {}
+    return {m[1]: m[2].strip() for m in re.finditer(r'^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$', src, re.M)}
+
+def field_flag(ap, group, f, hints:dict, prefix:str='', choices=None, note:str=''):
+    "One `--{prefix}{name}` option for dataclass field `f`, typed from its annotation; left out, the preset's value stays."
+    import argparse, typing, types
+    t, name = hints[f.name], f'--{prefix}{f.name}'
+    args = typing.get_args(t) if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else ()
+    base = next((a for a in args if a is not type(None)), t)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    opt = type(None) in args
+    help_ = (note + '; ' if note else '') + f"default {default!r}" + (" ('none' for None)" if opt and base is not bool else '')
+    dest = f'{prefix}{f.name}'
+    if base is bool:   # bool, or compile's bool | str: --x / --no-x
+        group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
+    elif base is tuple:
+        kind = float if f.name == 'betas' else str
+        group.add_argument(name, dest=dest, nargs=2 if f.name == 'betas' else '*', type=kind, default=argparse.SUPPRESS, choices=choices, metavar=f.name.upper(),
+                           help=help_)
+    else:
+        conv = (lambda s, b=base: None if s.lower() == 'none' else b(s)) if opt else base
+        group.add_argument(name, dest=dest, type=conv, default=argparse.SUPPRESS, choices=choices, metavar=None if choices else base.__name__.upper(), help=help_)
+

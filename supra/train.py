@@ -13,7 +13,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from .config import ConfigError, check, check_int, ModelConfig, TrainConfig, stable_hash, atomic_write
+from .config import ConfigError, check, check_int, field_notes, field_flag, ModelConfig, TrainConfig, stable_hash, atomic_write
 
 # %% auto #0
 __all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'main', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan',
@@ -360,33 +360,6 @@ def train_epochs(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, ep
 
 
 # %% ../nbs/03_train.ipynb #0e553102
-def _field_notes(cls) -> dict:
-    "The comment after each field of dataclass `cls` in its source (`name: type = default   # comment`): the flags' help."
-    import inspect, re
-    try: src = inspect.getsource(cls)
-    except (OSError, TypeError): return {}
-    return {m[1]: m[2].strip() for m in re.finditer(r'^\s+(\w+)\s*:[^=\n]+=[^#\n]*#\s*(.+)$', src, re.M)}
-
-def _field_flag(ap, group, f, hints:dict, prefix:str='', choices=None, note:str=''):
-    "One `--{prefix}{name}` option for dataclass field `f`, typed from its annotation; left out, the preset's value stays."
-    import typing, types
-    t, name = hints[f.name], f'--{prefix}{f.name}'
-    args = typing.get_args(t) if isinstance(t, types.UnionType) or typing.get_origin(t) is typing.Union else ()
-    base = next((a for a in args if a is not type(None)), t)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-    opt = type(None) in args
-    help_ = (note + '; ' if note else '') + f"default {default!r}" + (" ('none' for None)" if opt and base is not bool else '')
-    dest = f'{prefix}{f.name}'
-    if base is bool:   # bool, or compile's bool | str: --x / --no-x
-        group.add_argument(name, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_)
-    elif base is tuple:
-        kind = float if f.name == 'betas' else str
-        group.add_argument(name, dest=dest, nargs=2 if f.name == 'betas' else '*', type=kind, default=argparse.SUPPRESS, choices=choices, metavar=f.name.upper(),
-                           help=help_)
-    else:
-        conv = (lambda s, b=base: None if s.lower() == 'none' else b(s)) if opt else base
-        group.add_argument(name, dest=dest, type=conv, default=argparse.SUPPRESS, choices=choices, metavar=None if choices else base.__name__.upper(), help=help_)
-
 def train_arg_parser(prog:str='python -m supra.train') -> argparse.ArgumentParser:
     "The training command line: a preset, an output directory, and one flag per `TrainConfig` field and (`--model_<field>`) per `ModelConfig` field."
     import typing
@@ -400,8 +373,8 @@ def train_arg_parser(prog:str='python -m supra.train') -> argparse.ArgumentParse
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, device=DEVICES, mlp=MLPS, norm=NORMS, tracker=TRACKERS)
     for cls, prefix, title in ((TrainConfig, '', 'training (TrainConfig)'), (ModelConfig, 'model_', 'model shape (ModelConfig)')):
-        g, hints, notes = ap.add_argument_group(title + " — a flag left out keeps the preset's value"), typing.get_type_hints(cls), _field_notes(cls)
-        for f in dataclasses.fields(cls): _field_flag(ap, g, f, hints, prefix, choices.get(f.name), notes.get(f.name, ''))
+        g, hints, notes = ap.add_argument_group(title + " — a flag left out keeps the preset's value"), typing.get_type_hints(cls), field_notes(cls)
+        for f in dataclasses.fields(cls): field_flag(ap, g, f, hints, prefix, choices.get(f.name), notes.get(f.name, ''))
     return ap
 
 def _configs_from_args(a, p) -> tuple[ModelConfig, TrainConfig]:
