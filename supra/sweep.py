@@ -172,6 +172,7 @@ def tune(objective:Callable[[dict], float|dict], space:dict, n_trials:int, study
                 with warnings.catch_warnings():
                     warnings.simplefilter('ignore', UserWarning)   # "heartbeat is supposed to be used with optimize": _run_trial keeps it
                     trial = study.ask()                    # RUNNING before the lock is released: the next worker counts it
+                rdb.record_heartbeat(trial._trial_id)      # a worker killed before its heartbeat thread ticks leaves a trial that goes stale
         if done >= n_trials: break
         if trial is None: time.sleep(poll_s); continue     # the remaining trials are running elsewhere: wait for them (or their failure)
         fails += _run_trial(study, fn, trial) != TrialState.COMPLETE
