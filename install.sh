@@ -16,7 +16,7 @@ ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || pkgs="libjemalloc2"
 [ $DEV = 1 ] && ! command -v chromium >/dev/null 2>&1 && pkgs="$pkgs chromium"
 # PostgreSQL server binaries for the two-worker shared-sweep test (tests/test_sweep.py starts a throwaway cluster)
 [ $DEV = 1 ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v initdb >/dev/null 2>&1 && pkgs="$pkgs postgresql"
-# WordNet 3.0 for flm's WordNet losses (supra.flm_wordnet reads it with NLTK; without it flm trains without them and says so)
+# WordNet 3.0 for flm's WordNet losses (supra.flm.wordnet reads it with NLTK; without it flm trains without them and says so)
 [ -f /usr/share/wordnet/data.noun ] || pkgs="$pkgs wordnet-base"
 if [ -n "$pkgs" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
   echo "install.sh: apt-get install $pkgs"
@@ -33,7 +33,7 @@ extra=""; [ $DEV = 1 ] && extra="[dev]"
 # with jemalloc preloaded where present. Registered inside the venv (--sys-prefix) so that it
 # never points at another checkout.
 JE=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2/{print $NF; exit}')
-# (MALLOC_CONF: jemalloc keeps freed pages instead of faulting them back in every step; see nbs/03_train.ipynb)
+# (MALLOC_CONF: jemalloc keeps freed pages instead of faulting them back in every step; see nbs/03_train/06_trainer.ipynb)
 envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE" --env MALLOC_CONF "dirty_decay_ms:-1,muzzy_decay_ms:-1")
 .venv/bin/python -m ipykernel install --sys-prefix --name supra --display-name "Python 3 (supra)" "${envargs[@]}" >/dev/null
 echo "install.sh: ok — kernel 'supra' -> $(pwd)/.venv/bin/python${JE:+ (jemalloc: $JE)}"

@@ -3,7 +3,7 @@ import math
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
-from supra.model import Transformer, EOS_TOKEN
+from supra.model.transformer import Transformer, EOS_TOKEN
 
 
 def scaled(cfg, seed=0):

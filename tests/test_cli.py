@@ -16,8 +16,8 @@ def supra(*args, check=True):
 def run(tmp_path_factory):
     d = tmp_path_factory.mktemp('cli') / 'run'
     supra('train', '--preset', 'smoke', '--out_dir', d, '--tokens', 2048, '--quiet')
-    from supra.config import preset
-    from supra.data import build_pool
+    from supra.core.config import preset
+    from supra.data.pool import build_pool
     tok = d.parent / 'tokenizer.json'
     build_pool(preset('smoke', 'cpu').data).tokenizer.save(str(tok))
     return d, tok

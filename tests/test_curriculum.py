@@ -31,8 +31,8 @@ def smoke(tmp_path_factory):
     return dict(tmp=tmp, results=json.loads((tmp / 'out' / 'results.json').read_text()), page=(tmp / 'curriculum.html').read_text())
 
 def test_results_complete_and_consistent(smoke):
-    from supra.experiment import ENVELOPE_KEYS
-    from supra.experiments.curriculum import seed_speedups, curriculum_stages
+    from supra.lab.experiment import ENVELOPE_KEYS
+    from supra.experiments.curriculum.run import seed_speedups, curriculum_stages
     res = smoke['results']; pl, sm = res['plan'], res['summary']
     assert list(res) == list(ENVELOPE_KEYS) and res['preset'] == 'smoke' and res['environment']['device'] == 'cpu'
     arms, seeds = pl['arms'], pl['seeds']
@@ -81,9 +81,9 @@ def test_paper(smoke):
 SCRIPT = textwrap.dedent('''
     import json, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from supra.config import ModelConfig, TrainConfig
-    from supra.hooks import heldout_hook
-    from supra.experiments.curriculum import train_run, curriculum_stages
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.train.hooks import heldout_hook
+    from supra.experiments.curriculum.run import train_run, curriculum_stages
     m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
     pool = np.load(sys.argv[3], mmap_mode='r')
     stages = curriculum_stages((8, 16, 32), 256, 150)
@@ -100,8 +100,8 @@ def bigram_pool(n=45_000, vocab=64, seed=0):
 
 def test_curriculum_run_resumes_after_sigkill(tmp_path):
     "train_run with the curriculum, killed with SIGKILL inside its second stage, resumes to the uninterrupted run: same rows, same weights."
-    from supra.config import ModelConfig, TrainConfig
-    from supra.checkpoint import read_meta, load_checkpoint
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.model.checkpoint import read_meta, load_checkpoint
     np.save(tmp_path / 'pool.npy', bigram_pool())
     mcfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
     tcfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3, ckpt_every_s=0.02, eval_every=10)
@@ -132,8 +132,8 @@ def test_curriculum_run_resumes_after_sigkill(tmp_path):
 
 def test_fp8_refused_here_with_reason(tmp_path):
     "No GPU on this machine: the capability check refuses and names CUDA; the plan leaves FP8 out and keeps the reason."
-    from supra.fp8 import fp8_support, require_fp8, Fp8Unavailable
-    from supra.experiments.curriculum import plan
+    from supra.model.fp8 import fp8_support, require_fp8, Fp8Unavailable
+    from supra.experiments.curriculum.run import plan
     if torch.cuda.is_available(): pytest.skip('a CUDA device is present')
     s = fp8_support('cpu')
     assert not s.available and 'CUDA GPU' in s.reason

@@ -1,12 +1,13 @@
-"""supra.dashboard and `supra dashboard`: robust reading of a metrics.jsonl being written, the self-refreshing
+"""supra.dashboard.live and `supra dashboard`: robust reading of a metrics.jsonl being written, the self-refreshing
 dashboard.html in headless Chromium (shows new steps within one refresh, keeps scroll, no network), and the CLI
 following a run trained by another process."""
 import json, math, os, subprocess, sys, time
 from pathlib import Path
 
 import pytest
-from supra.dashboard import (DashboardThread, DashboardWriter, DONE_QUIET_S, RunLog, _LOGS, downsample, is_branched, is_done, mark_done, render_dashboard,
-                             write_dashboard)
+from supra.dashboard.live import DashboardThread, DashboardWriter, _LOGS, render_dashboard, write_dashboard
+from supra.train.runlog import DONE_QUIET_S, RunLog, is_branched, is_done, mark_done
+from supra.pages.svg import downsample
 try: from tests.browser import Page, foreign_requests
 except ImportError:
     sys.path.insert(0, str(Path(__file__).parent)); from browser import Page, foreign_requests
@@ -71,7 +72,7 @@ def test_hostile_log_is_inert_in_chromium(tmp_path):
         f.write(json.dumps({'step': 4, 'eval': {'<script>window.__pwned=2</script>': 1.0}}) + '\n')
     (run / 'run.json').write_text(json.dumps({'name': '<script>window.__pwned=3</script>'}))
     path = write_dashboard(run)
-    from supra.pages import stylesheet
+    from supra.pages.html import stylesheet
     assert stylesheet('dash').strip()[:60] in path.read_text()          # the one shared stylesheet, inline
     with Page(width=1200, height=800) as page:
         page.goto(path.as_uri())
@@ -193,11 +194,11 @@ def test_cli_once(tmp_path):
 def test_trainers_final_checkpoint_means_done(tmp_path):
     run = tmp_path / 'stable'; append(run, 1, 3)
     assert not is_done(run)
-    (run / 'final').mkdir(); (run / 'final' / 'meta.json').write_text('{}')   # what supra.train writes at the end
+    (run / 'final').mkdir(); (run / 'final' / 'meta.json').write_text('{}')   # what supra.train.trainer writes at the end
     assert is_done(run)
 
 
-# ---------------------------------------------------------------- a branched run (supra.train.train_epochs' out_dir)
+# ---------------------------------------------------------------- a branched run (supra.train.trainer.train_epochs' out_dir)
 
 def branched(out, epochs=2, spe=40, frac=0.25, upto=None, start=0, run_json=True):
     """Synthetic train_epochs layout: stable/metrics.jsonl and epochs<k>/metrics.jsonl (steps continuing from the branch
@@ -306,14 +307,14 @@ def test_dashboard_thread_exception_and_errors(tmp_path, monkeypatch, capsys):
         with DashboardThread(run, every_s=0.1):
             raise ValueError('diverged')
     assert not is_done(run) and 'st-running' in (run / 'dashboard.html').read_text()
-    import supra.dashboard as D
+    import supra.dashboard.live as D
     def boom(*a, **k): raise RuntimeError('render bug')
     monkeypatch.setattr(D, 'render_dashboard', boom)
     with DashboardThread(run, every_s=0.05) as dt:                            # training is not disturbed ...
         time.sleep(0.4); total = sum(range(1000))
     assert total == 499500 and dt.errors >= 3 and dt.writes == 0
     err = capsys.readouterr().err
-    assert err.count('supra.dashboard: could not write') == 1 and 'render bug' in err   # ... and it is said once
+    assert err.count('supra.dashboard.live: could not write') == 1 and 'render bug' in err   # ... and it is said once
 
 
 def test_cli_branched_run_once(tmp_path):

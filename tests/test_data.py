@@ -1,4 +1,4 @@
-"""supra.data: corpora, tokenizer, token pool, epochs, byte accounting — beyond the notebook's lessons.
+"""supra.data.pool: corpora, tokenizer, token pool, epochs, byte accounting — beyond the notebook's lessons.
 
 Needs SUPRA_DATA pointing at shared/data (wikipedia-en) for the real-text tests; tiny corpora are written to tmp dirs.
 """
@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from supra.config import ConfigError, DataConfig
-import supra.data as D
-import supra.tokenizers as T
-from supra.data import (EOS, BOS, EpochLoader, build_pool, count_bytes, decode_bytes, get_tokenizer, iter_docs,
-                        read_pool, token_byte_lengths, tokenizer_key, val_texts, write_corpus, write_pool)
+from supra.core.config import ConfigError, DataConfig
+import supra.data.pool as D
+import supra.data.tokenizers as T
+from supra.data.pool import EOS, EpochLoader, build_pool, read_pool, write_pool
+from supra.data.tokenizers import BOS, get_tokenizer, tokenizer_key
+from supra.data.textbytes import count_bytes, decode_bytes, token_byte_lengths
+from supra.data.corpus import iter_docs, val_texts, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 HAVE_WIKI = 'wikipedia-en' in D.available_corpora()
@@ -71,8 +73,8 @@ def _run(code, env, timeout=120):
 
 
 HUB_CODE = """
-    from supra.config import DataConfig, ConfigError
-    from supra.data import build_pool
+    from supra.core.config import DataConfig, ConfigError
+    from supra.data.pool import build_pool
     try: build_pool(DataConfig(corpus='fineweb-edu', n_tokens=1024, vocab_size=300, tokenizer_chars=1000))
     except ConfigError as e: print('ERR', e); raise SystemExit(3)
     print('NO ERROR')
@@ -276,8 +278,8 @@ def test_concurrent_builders_agree(tmp_path):
     "Two processes (e.g. DDP ranks) building the same pool at once: one builds, both get the same valid pool."
     root, _ = tiny_root(tmp_path, n=200)
     code = f"""
-        from supra.config import DataConfig
-        from supra.data import build_pool
+        from supra.core.config import DataConfig
+        from supra.data.pool import build_pool
         p = build_pool(DataConfig(n_tokens=4000, vocab_size=300, tokenizer_chars=5000, val_docs=3), root={str(root)!r}, cache={str(tmp_path / 'c')!r})
         print(p.meta['sha256'])
     """
@@ -451,7 +453,7 @@ def test_superbpe_round_trip(superbpe):
 @needs_wiki
 def test_superbpe_is_bpe_then_superwords(superbpe, mid_pool):
     "Stage 1 is the ordinary BPE at the transition size; stage 2 adds tokens that cross spaces, never sentence ends or newlines."
-    from supra.tokenizers import train_bpe, _head_chars
+    from supra.data.tokenizers import train_bpe, _head_chars
     texts = [t for b in _head_chars(iter_docs('wikipedia-en'), MID.tokenizer_chars) for t in b]
     s1 = train_bpe([texts], SB_T)
     assert [superbpe.id_to_token(i) for i in range(SB_T)] == [s1.id_to_token(i) for i in range(SB_T)]
@@ -471,7 +473,7 @@ def re_sentence_cut(t):
 
 @needs_wiki
 def test_superbpe_more_chars_per_token_at_equal_vocab(superbpe, mid_pool):
-    from supra.tokenizers import encoding_stats
+    from supra.data.tokenizers import encoding_stats
     val = val_texts(MID)
     chars = sum(map(len, val))
     cpt = {k: chars / sum(len(e.ids) for e in t.encode_batch(val)) for k, t in (('bpe', mid_pool.tokenizer), ('superbpe', superbpe))}
@@ -497,7 +499,7 @@ def test_tokenizer_kind_is_part_of_the_key(tmp_path):
 def test_tokenizer_kind_from_config_fields(tmp_path):
     "Once DataConfig has `tokenizer` / `superbpe_transition`, they are read from it (simulated with a stand-in config)."
     from dataclasses import dataclass
-    from supra.tokenizers import tokenizer_spec
+    from supra.data.tokenizers import tokenizer_spec
     @dataclass(frozen=True)
     class Cfg:
         corpus: str = 'wikipedia-en'; vocab_size: int = 300; tokenizer_chars: int = 5000; val_docs: int = 3
@@ -575,7 +577,7 @@ def test_doc_bytes_sentencepiece_style_byte_fallback():
 
 # ---------------------------------------------------------------- n-gram floor
 
-from supra.ngram import NGramLM, ngram_bpb, ngram_floor, score_pairs
+from supra.data.ngram import NGramLM, ngram_bpb, ngram_floor, score_pairs
 
 
 def _ref_kn(toks, V, n):

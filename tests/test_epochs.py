@@ -25,7 +25,7 @@ def finite(x): return isinstance(x, (int, float)) and math.isfinite(x)
 
 def test_results_json_has_every_metric(smoke):
     res = json.loads((smoke / 'results.json').read_text())
-    from supra.experiment import ENVELOPE_KEYS
+    from supra.lab.experiment import ENVELOPE_KEYS
     assert list(res) == list(ENVELOPE_KEYS)
     assert res['corpus'] == 'wikipedia-en' and res['preset'] == 'smoke' and res['plan']['seeds'] == [0]
     rep = [r for r in res['runs'] if r['arm'] == 'repeated']
@@ -139,9 +139,9 @@ def test_smoke_paper_renders_in_chromium_offline(smoke):
 
 def test_fresh_control_sharing_its_first_epoch_changes_no_weight(smoke, tmp_path):
     "The fresh control adopts the repeated run's first epoch (train_epochs(shared=…)); trained alone it ends with the same weights."
-    from supra.experiments import epochs as E
-    from supra.data import build_pool
-    from supra.checkpoint import read_meta
+    from supra.experiments.epochs import run as E
+    from supra.data.pool import build_pool
+    from supra.model.checkpoint import read_meta
     p = E.plan(preset='smoke', epochs=2, out_dir=str(tmp_path), paper=str(tmp_path / 'epochs.html'))
     pool, fresh, U = build_pool(p.data), build_pool(p.fresh_data), p.data.n_tokens
     assert E.same_first_epoch(pool, fresh, U)

@@ -11,10 +11,12 @@ if not (DATA / 'blimp').is_dir(): pytest.skip(f"evaluation data not found at {DA
 os.environ['SUPRA_DATA'] = str(DATA)
 os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS_OFFLINE', '1')
 
-import supra.eval as E
-from supra.config import ConfigError, EvalConfig, preset
-from supra.data import get_tokenizer, val_texts, count_bytes
-from supra.model import Transformer
+import supra.eval.harness as E
+from supra.core.config import ConfigError, EvalConfig, preset
+from supra.data.tokenizers import get_tokenizer
+from supra.data.corpus import val_texts
+from supra.data.textbytes import count_bytes
+from supra.model.transformer import Transformer
 
 P = preset('smoke')
 
@@ -46,7 +48,7 @@ def model(tok):
 
 @pytest.fixture(scope='module')
 def hf_dir(model, tok, tmp_path_factory):
-    from supra.export import export_hf
+    from supra.eval.export import export_hf
     d = tmp_path_factory.mktemp('hf')
     export_hf(model, tok, d)
     return d
@@ -166,7 +168,7 @@ def test_bad_input(tok, model, tmp_path, monkeypatch):
 
 
 def test_checkpoint(tok, model, tmp_path):
-    from supra.checkpoint import save_checkpoint
+    from supra.model.checkpoint import save_checkpoint
     ck = tmp_path / 'ck'
     save_checkpoint(ck, model)
     lm = E.SupraLM(checkpoint=str(ck), tokenizer=tok)
@@ -206,7 +208,7 @@ MANY = ['blimp_adjunct_island', 'blimp_anaphor_gender_agreement', 'arc_easy', 'b
 def test_evaluate_many_equals_each_alone(tok, model, tmp_path, monkeypatch):
     "Checkpoints scored together on requests built once get exactly lm-eval's results of evaluating each alone."
     import pandas as pd
-    from supra.checkpoint import save_checkpoint
+    from supra.model.checkpoint import save_checkpoint
     monkeypatch.setenv('SUPRA_CACHE', str(tmp_path / 'cache'))
     torch.manual_seed(3); other = Transformer(model.cfg).eval()
     save_checkpoint(tmp_path / 'ck', other); tok.save(str(tmp_path / 'ck' / 'tokenizer.json'))
@@ -238,7 +240,7 @@ def test_request_cache_rebuilds_on_changed_data_or_limit(tok, model, tmp_path, m
     got = E.evaluate_many({'m': (model, tok)}, tasks=['boolq'], limit=5)['m']
     assert got.attrs['requests']['boolq'] == 'built'
     assert got.equals(E.evaluate(model, tok, tasks=['boolq'], limit=5))
-    from supra.requests import build_requests
+    from supra.eval.requests import build_requests
     task = E.task_manager().load(['boolq'])['tasks']['boolq']; task.set_config(key='num_fewshot', value=0)
     reqs, hit = build_requests(task, limit=5)
     assert hit and q[::-1] in reqs[0]['args'][0] and q not in reqs[0]['args'][0]   # the new requests are the new data's
@@ -246,18 +248,18 @@ def test_request_cache_rebuilds_on_changed_data_or_limit(tok, model, tmp_path, m
 
 
 def test_eval_never_imports_train():
-    "Evaluation, export and the eval benchmark load checkpoints through supra.checkpoint, never through the trainer."
+    "Evaluation, export and the eval benchmark load checkpoints through supra.model.checkpoint, never through the trainer."
     import subprocess, sys
-    code = ("import sys, supra.eval, supra.export, supra.evalbench, supra.requests; "
-            "bad = sorted(m for m in sys.modules if m.startswith('supra.train') or m.startswith('supra.optim')); assert not bad, bad")
+    code = ("import sys, supra.eval.harness, supra.eval.export, supra.eval.bench, supra.eval.requests; "
+            "bad = sorted(m for m in sys.modules if m.startswith('supra.train')); assert not bad, bad")
     subprocess.run([sys.executable, '-c', code], check=True, env={**os.environ, 'PYTHONWARNINGS': 'ignore'})
 
 
 def test_request_cache_hits_in_a_new_process(tmp_path):
     "Keys are the same in every process (WikiText's config holds a Python function: keyed by its source, not its address)."
     import subprocess, sys
-    code = ("from supra.eval import task_manager, _quiet; from supra.requests import prepare_requests\n"
-            "with _quiet():\n    l = task_manager().load(['blimp_adjunct_island', 'arc_easy', 'boolq', 'wikitext'])\n"
+    code = ("from supra.eval.harness import task_manager, quiet_lm_eval; from supra.eval.requests import prepare_requests\n"
+            "with quiet_lm_eval():\n    l = task_manager().load(['blimp_adjunct_island', 'arc_easy', 'boolq', 'wikitext'])\n"
             "    [t.set_config(key='num_fewshot', value=0) for t in l['tasks'].values()]\n    print(sorted(set(prepare_requests(l, 2).values())))")
     env = {**os.environ, 'SUPRA_CACHE': str(tmp_path), 'HF_DATASETS_OFFLINE': '1', 'HF_HUB_OFFLINE': '1'}
     run = lambda: subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, check=True).stdout.split('\n')[-2]

@@ -1,15 +1,15 @@
-"supra.export: the exported LlamaForCausalLM folder loads with stock transformers and reproduces Supra's logits."
+"supra.eval.export: the exported LlamaForCausalLM folder loads with stock transformers and reproduces Supra's logits."
 import json, math
 import pytest
 import torch
 
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig, GenerationConfig
-from supra.config import ModelConfig, ConfigError
-from supra.model import Transformer, EOS_TOKEN
+from supra.core.config import ModelConfig, ConfigError
+from supra.model.transformer import Transformer, EOS_TOKEN
 try: from tests.common import scaled, tiny_bpe
 except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
-from supra.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
+from supra.eval.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
 
 transformers.utils.logging.disable_progress_bar()
 TOL = 1e-4

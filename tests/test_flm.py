@@ -31,8 +31,8 @@ def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) a
 
 def test_results(smoke):
     res = smoke['res']
-    from supra.experiment import ENVELOPE_KEYS
-    from supra.experiments.flm import PROBES
+    from supra.lab.experiment import ENVELOPE_KEYS
+    from supra.experiments.flm.run import PROBES
     assert list(res) == list(ENVELOPE_KEYS) and res['corpus'] == 'flm-programmatic' and res['preset'] == 'smoke'
     runs = {(r['arm'], r['seed']) for r in res['runs']}
     assert runs == {(a, s) for a in ('geometry', 'no_geometry') for s in res['plan']['seeds']}
@@ -68,14 +68,14 @@ def test_bad_parameters_stop_first_cell(tmp_path, bad):
 
 @pytest.mark.parametrize('bad', [dict(seeds='abc'), dict(corpus='wikipedia-en'), dict(geometry='maybe'), dict(preset='cpu', seeds='0'), dict(paper='x.pdf')])
 def test_plan_refuses(tmp_path, bad):
-    from supra.config import ConfigError
-    from supra.experiments.flm import plan
+    from supra.core.config import ConfigError
+    from supra.experiments.flm.run import plan
     with pytest.raises(ConfigError) as e: plan(**{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': None, **bad})
     assert next(iter(bad if len(bad) == 1 else {'seeds': 0})) in str(e.value)
 
 def test_vocabulary_separation():
     import random
-    from supra.flm_data import FLMData, FLMDataConfig, split_vocab, leaked, geometry_items, _sentences, words_of
+    from supra.flm.data import FLMData, FLMDataConfig, split_vocab, leaked, geometry_items, _sentences, words_of
     tr, te = split_vocab()
     assert not tr & te
     data = FLMData(FLMDataConfig(n_pairs=3000, n_test=64, seed=3))
@@ -88,7 +88,7 @@ def test_vocabulary_separation():
 def test_checkpoint_loads_in_a_fresh_process(smoke):
     r0 = smoke['res']['runs'][0]
     ck = smoke['tmp'] / 'out' / r0['run_dir'] / 'final'
-    code = ("import sys, supra.flm; from supra.checkpoint import load_checkpoint; m, meta = load_checkpoint(sys.argv[1]); "
+    code = ("import sys, supra.flm.model; from supra.model.checkpoint import load_checkpoint; m, meta = load_checkpoint(sys.argv[1]); "
             "print(type(m).__name__, meta['family'], m.n_params())")
     out = subprocess.run([str(PY), '-c', code, str(ck)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -97,7 +97,7 @@ def test_checkpoint_loads_in_a_fresh_process(smoke):
 def test_dashboard_in_chromium(smoke):
     sys.path.insert(0, str(ROOT))
     from tests.browser import Page, foreign_requests
-    from supra.flm_dashboard import PANELS, write_flm_dashboard
+    from supra.flm.dashboard import PANELS, write_flm_dashboard
     r0 = next(r for r in smoke['res']['runs'] if r['arm'] == 'geometry')
     run = smoke['tmp'] / 'out' / r0['run_dir']
     page_path = write_flm_dashboard(run)

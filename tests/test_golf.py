@@ -46,9 +46,9 @@ def test_results_complete(smoke):
 def test_artefacts_on_disk(smoke):
     "Each artefact's recorded size is its file's size, and it reloads to the fake-quantised weights of the trained checkpoint, bit for bit."
     import torch
-    import supra.golf_model    # registers the 'golf' family (a checkpoint names its family; the module defining it must be imported)
-    from supra.checkpoint import load_checkpoint
-    from supra.quant import load_artefact, fake_quantised_state
+    import supra.golf.model    # registers the 'golf' family (a checkpoint names its family; the module defining it must be imported)
+    from supra.model.checkpoint import load_checkpoint
+    from supra.golf.quant import load_artefact, fake_quantised_state
     out = smoke['tmp'] / 'out'
     for r in smoke['results']['runs']:
         f = out / r['artefact']

@@ -1,6 +1,6 @@
 """Every link on every page in papers/ resolves for a reader of the repository: an in-page anchor that exists, an https
 link, or a relative path to a file that is committed (not a git-ignored run artefact that only the machine that ran the
-experiment has). Pages embed everything else (no src= other than data: URIs). Plus the renderer side: supra.report.links
+experiment has). Pages embed everything else (no src= other than data: URIs). Plus the renderer side: supra.pages.paper.links
 names an ignored artefact with a note instead of linking it."""
 import subprocess
 from html.parser import HTMLParser
@@ -8,7 +8,7 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import pytest
-from supra.report import LOCAL_NOTE, findings, links, write_paper
+from supra.pages.paper import LOCAL_NOTE, findings, links, write_paper
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted((ROOT / 'papers').glob('*.html'))

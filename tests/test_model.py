@@ -1,4 +1,4 @@
-"Tests of supra.model beyond the lesson cells of nbs/02_model.ipynb."
+"Tests of supra.model.transformer beyond the lesson cells of nbs/02_model/00_transformer.ipynb."
 import math
 import pytest
 import torch
@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
-from supra.config import ModelConfig, ConfigError
-from supra.model import Transformer, KVCache, count_params, generate_text, EOS_TOKEN
+from supra.core.config import ModelConfig, ConfigError
+from supra.model.transformer import Transformer, KVCache, count_params, generate_text, EOS_TOKEN
 try: from tests.common import scaled, tiny_bpe
 except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
 
@@ -34,7 +34,7 @@ def test_param_count_formula(name):
 def test_count_params_every_combination():
     "count_params equals the built model's sum(p.numel()) for every combination of norm, MLP, GQA, rank, tying, QK-norm, RoPE, softcap."
     import itertools
-    from supra.config import MLPS, NORMS
+    from supra.core.config import MLPS, NORMS
     opts = dict(norm=NORMS, mlp=MLPS, n_kv_head=(None, 2, 1), embed_rank=(None, 1, 8, 64), tie_embeddings=(True, False),
                 qk_norm=(False, True), rotary_frac=(1.0, 0.5), softcap=(None, 30.0), mlp_hidden=(None, 40))
     n = 0
@@ -239,7 +239,7 @@ def test_generate_text_without_eos_token():
 
 @pytest.mark.parametrize('chunk', [7, 1024])
 def test_chunked_cross_entropy_matches_plain(chunk):
-    from supra.model import chunked_cross_entropy
+    from supra.model.transformer import chunked_cross_entropy
     torch.manual_seed(0)
     x = torch.randn(50, 32, dtype=torch.double, requires_grad=True)
     w = torch.randn(40, 32, dtype=torch.double, requires_grad=True)

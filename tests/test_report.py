@@ -1,11 +1,12 @@
-"""supra.report: the HTML paper opens offline in headless Chromium, renders its tables and figures, makes no
+"""supra.pages.paper: the HTML paper opens offline in headless Chromium, renders its tables and figures, makes no
 network request, and shows model text as text. Plus the figure helpers' files."""
 import json, re
 from pathlib import Path
 
 import pytest
-from supra.report import (Markup, bar_chart, chart, curves_chart, findings, line_chart, links, prose, render_paper, row,
-                          samples, stats, table, twin_axis_chart, write_paper)
+from markupsafe import Markup
+from supra.pages.figures import bar_chart, curves_chart, line_chart, twin_axis_chart
+from supra.pages.paper import chart, findings, links, prose, render_paper, row, samples, stats, table, write_paper
 try: from tests.browser import Page, foreign_requests
 except ImportError:  # pytest run without the project root on sys.path
     import sys; sys.path.insert(0, str(Path(__file__).parent)); from browser import Page, foreign_requests
@@ -122,7 +123,7 @@ def test_wide_table_fits_the_seed_width_and_badges_only_real_winners(tmp_path):
 
 
 def test_index_renders_in_chromium_offline(tmp_path):
-    from supra.index import write_index
+    from supra.pages.index import write_index
     papers, outputs = tmp_path / 'papers', tmp_path / 'outputs'
     _matrix_paper(papers); (papers / 'matrix.html').rename(papers / 'golf.html')
     (outputs / 'golf').mkdir(parents=True)

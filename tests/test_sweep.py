@@ -1,4 +1,4 @@
-"""A sweep shared through a real PostgreSQL server: two worker processes run one Optuna study (supra.sweep.tune with
+"""A sweep shared through a real PostgreSQL server: two worker processes run one Optuna study (supra.lab.sweep.tune with
 storage='postgresql+psycopg2://...') and together leave exactly n_trials COMPLETE trials, numbered 0..n-1, none lost,
 none run twice, both workers contributing.
 
@@ -67,7 +67,7 @@ def postgres():
 WORKER = textwrap.dedent('''
     import math, os, sys, time
     from pathlib import Path
-    from supra.sweep import tune, log_uniform
+    from supra.lab.sweep import tune, log_uniform
     Path(f'ready-{os.getpid()}').touch()                 # imports done: wait for the other worker, then start together
     while not Path('go').exists(): time.sleep(0.01)
     def bowl(p):

@@ -68,7 +68,7 @@ def test_results_complete_and_finite(smoke):
         assert res['plan']['lr_lo'] <= t[x]['lr'] <= res['plan']['lr_hi']
         assert t[x]['lr_objective'] == min(tr['value'] for tr in done)
         assert t[x]['lr'] == next(tr['lr'] for tr in done if tr['value'] == t[x]['lr_objective'])
-    from supra.experiment import ENVELOPE_KEYS
+    from supra.lab.experiment import ENVELOPE_KEYS
     assert list(res) == list(ENVELOPE_KEYS)
     S = {s['topology']: s for s in res['summary']['by_topology']}
     for m in ('wikitext_word_ppl', 'heldout_bpb', 'samples_s', 'arc_easy', 'blimp'):
@@ -93,7 +93,7 @@ def test_floor_fields_and_heldout_curves(smoke):
         assert all(_finite(x) and x > 0 for x in c['loss'] + c['bpb'])
     S = {s['topology']: s for s in res['summary']['by_topology']}
     assert all(_finite(S[t][f]) for t in TOPOLOGIES for f in fields)
-    from supra.experiments.topology import vs_floor
+    from supra.experiments.topology.paper import vs_floor
     v = vs_floor(res, 'heldout_bpb')
     assert set(v) == set(TOPOLOGIES) and all(abs(x['diff'] - (S[t]['heldout_bpb'] - ng['heldout_bpb'])) < 1e-9 for t, x in v.items())
     page = html.unescape(smoke['page'])
@@ -119,7 +119,7 @@ def test_paper(smoke):
 
 def test_findings_quote_only_results(smoke):
     "A results.json without the seed's reference numbers gives findings without them: nothing comes from constants."
-    from supra.experiments.topology import findings
+    from supra.experiments.topology.paper import findings
     res = smoke['results']
     ref = {'lr': 0.5, 'samples_s': {'deep-narrow': 1.0, 'balanced': 2.0, 'shallow-wide': 4.0}}
     with_ref = ' '.join(t for l, t in findings(dict(res, summary=dict(res['summary'], seed_reference=ref))) if not l.startswith('Seed claim'))

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np, pytest
 
-from supra.trackers import open_trackers, scalars, tracker_names
-from supra.config import ConfigError
+from supra.train.trackers import open_trackers, scalars, tracker_names
+from supra.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = dict(model=dict(n_layer=2, d_model=32), train=dict(lr=0.003, batch_size=8), corpus='wikipedia-en')
@@ -25,7 +25,7 @@ def _write(tmp_path, names, rows=ROWS, **env):
     run_dir = tmp_path / 'exp' / 'run0'
     code = textwrap.dedent(f'''
         import json, sys
-        from supra.trackers import open_trackers
+        from supra.train.trackers import open_trackers
         rows, config = json.loads(sys.argv[1]), json.loads(sys.argv[2])
         tr = open_trackers({tuple(names)!r}, {str(run_dir)!r}, config)
         for r in rows: tr.log(r, r['step'])
@@ -124,19 +124,19 @@ def test_wandb_offline(tmp_path):
 
 def _trainer_wired():
     try:
-        import inspect, supra.train
-        from supra.config import TrainConfig
-        return 'tracker' in TrainConfig.__dataclass_fields__ and 'open_trackers' in inspect.getsource(supra.train)
+        import inspect, supra.train.trainer
+        from supra.core.config import TrainConfig
+        return 'tracker' in TrainConfig.__dataclass_fields__ and 'open_trackers' in inspect.getsource(supra.train.trainer)
     except Exception: return False
 
 
 @pytest.mark.skipif(not has('tensorboard'), reason="needs tensorboard (pip install 'supra[tensorboard]')")
-@pytest.mark.skipif(not _trainer_wired(), reason='the trainer does not call supra.trackers yet (TrainConfig.tracker)')
+@pytest.mark.skipif(not _trainer_wired(), reason='the trainer does not call supra.train.trackers yet (TrainConfig.tracker)')
 def test_trainer_mirrors_metrics_to_tensorboard(tmp_path):
     "A real (tiny) training run with tracker=('tensorboard',): every metrics.jsonl row's loss is in the event file."
     import torch
-    from supra.config import ModelConfig, TrainConfig
-    from supra.train import train
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.train.trainer import train
     torch.set_num_threads(1)
     g = np.random.default_rng(0)
     pool = g.integers(0, 64, size=8_000).astype(np.uint16)

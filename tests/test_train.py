@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np, pytest, torch
 
-from supra.config import ModelConfig, TrainConfig, ConfigError
-from supra.train import (train, train_epochs, load_checkpoint, read_meta, save_checkpoint, make_optimizers,
-                         CheckpointError, TrainingDiverged, jemalloc_path, with_jemalloc_env, lr_factor)
+from supra.core.config import ModelConfig, TrainConfig, ConfigError
+from supra.train.trainer import train, train_epochs, read_meta, TrainingDiverged
+from supra.model.checkpoint import load_checkpoint, save_checkpoint, CheckpointError
+from supra.train.optim import make_optimizers, lr_factor
+from supra.train.runtime import jemalloc_path, with_jemalloc_env
 
 torch.set_num_threads(1)   # tiny models gain nothing from more threads; spinning OpenMP workers crawl on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,8 +44,8 @@ def metrics(run_dir):
 SCRIPT = textwrap.dedent('''
     import json, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from supra.config import ModelConfig, TrainConfig
-    from supra.train import train
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.train.trainer import train
     m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
     res = train(np.load(sys.argv[3], mmap_mode='r'), m, t, sys.argv[4], quiet=True)
     print(json.dumps(res))
@@ -96,8 +98,8 @@ def test_sigkill_resume_matches_uninterrupted(pool_file, tmp_path):
 DDP_SCRIPT = textwrap.dedent('''
     import json, os, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from supra.config import ModelConfig, TrainConfig
-    from supra.train import train
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.train.trainer import train
     m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
     res = train(np.load(sys.argv[3], mmap_mode='r'), m, t, sys.argv[4], quiet=True)
     if os.environ.get('RANK', '0') == '0': print(json.dumps(res))
@@ -135,7 +137,7 @@ def test_grad_accum_matches_full_batch(pool_file, tmp_path):
 
 
 def test_muon_split_and_learning(pool_file, tmp_path):
-    model = __import__('supra.model', fromlist=['Transformer']).Transformer(MCFG)
+    model = __import__('supra.model.transformer', fromlist=['Transformer']).Transformer(MCFG)
     adamw, muon = make_optimizers(model, TCFG.replace(optimizer='muon'))
     in_muon = {id(p) for g in muon.param_groups for p in g['params']}
     block_linears = [m.weight for blk in model.modules() if isinstance(blk, torch.nn.ModuleList)
@@ -161,7 +163,7 @@ def test_divergence_names_step_and_checkpoint(pool_file, tmp_path, monkeypatch):
     msg = str(e.value)
     assert 'at step ' in msg and 'none (no checkpoint' in msg and 'lower the learning rate' in msg and 'grad_clip=None' in msg
     # a schedule that explodes after step 40, with checkpoints every step: the error names the last good one
-    import supra.train as st
+    import supra.train.trainer as st
     real = st.lr_factor
     monkeypatch.setattr(st, 'lr_factor', lambda step, *a, **k: 1e9 if step >= 40 else real(step, *a, **k))
     with pytest.raises(TrainingDiverged) as e:
@@ -174,7 +176,7 @@ def test_divergence_names_step_and_checkpoint(pool_file, tmp_path, monkeypatch):
 
 
 def test_checkpoint_refuses_corruption(tmp_path):
-    m = __import__('supra.model', fromlist=['Transformer']).Transformer(MCFG)
+    m = __import__('supra.model.transformer', fromlist=['Transformer']).Transformer(MCFG)
     save_checkpoint(tmp_path / 'ck', m, dict(step=1))
     meta = read_meta(tmp_path / 'ck')
     f = tmp_path / 'ck' / meta['model_file']
@@ -207,7 +209,7 @@ def test_train_epochs_branch_equals_standalone_run(pool_file, tmp_path):
     assert round(0.1 * 2 * spe) == round(0.2 * spe)
     assert alone['loss'] == rows[1]['loss']
     with pytest.raises(ConfigError, match='schedule'): train_epochs(pool, MCFG, cfg.replace(schedule='cosine'), tmp_path / 'x')
-    from supra.loader import EpochSteps     # a loader factory reading today's epochs gives the same branches, bit for bit
+    from supra.train.loader import EpochSteps     # a loader factory reading today's epochs gives the same branches, bit for bit
     same = train_epochs(pool, MCFG, cfg, tmp_path / 'ep2', quiet=True,
                         loader=lambda t, c, rank, world: EpochSteps(t, c.batch_size, c.seq_len, c.grad_accum, c.seed, rank, world))
     assert [r['loss'] for r in same] == [r['loss'] for r in rows]
@@ -223,7 +225,7 @@ def test_jemalloc_env():
 
 def _data_ready():
     try:
-        from supra.data import available_corpora
+        from supra.data.corpus import available_corpora
         return 'wikipedia-en' in available_corpora()
     except Exception: return False
 
@@ -254,7 +256,7 @@ def test_train_config_eval_every_and_tracker():
 def test_cli_exposes_every_config_field_and_refuses_bad_values(tmp_path, capsys):
     "train_arg_parser has a flag per TrainConfig field and --model_<field> per ModelConfig field; a bad value exits 2 naming it."
     import dataclasses
-    from supra.train import train_arg_parser, train_main
+    from supra.train.trainer import train_arg_parser, train_main
     ap = train_arg_parser()
     flags = {o for a in ap._actions for o in a.option_strings}
     assert {f'--{f.name}' for f in dataclasses.fields(TrainConfig)} <= flags
@@ -273,10 +275,10 @@ def test_cli_exposes_every_config_field_and_refuses_bad_values(tmp_path, capsys)
 SEAMS_SCRIPT = textwrap.dedent('''
     import json, sys, numpy as np, torch
     torch.set_num_threads(1)
-    from supra.config import ModelConfig, TrainConfig
-    from supra.train import train
-    from supra.loader import StageLoader
-    from supra.hooks import heldout_hook
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.train.trainer import train
+    from supra.train.loader import StageLoader
+    from supra.train.hooks import heldout_hook
     m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
     pool = np.load(sys.argv[3], mmap_mode='r')
     loader = StageLoader.constant_tokens(pool[:25_000], [8, 16, 32], tokens_per_step=256, steps=[60, 60, 40], lr_scales=[1.0, 1.0, 0.5], seed=t.seed)
@@ -315,7 +317,7 @@ def test_curriculum_with_eval_hook_resumes_bitwise_after_sigkill(pool_file, tmp_
 
 
 def test_tensorboard_tracker_gets_the_rows(pool_file, tmp_path):
-    "tracker=('tensorboard',): supra.trackers is opened for the run and its event file holds the logged losses."
+    "tracker=('tensorboard',): supra.train.trackers is opened for the run and its event file holds the logged losses."
     pytest.importorskip('tensorboard')
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     pool = np.load(pool_file)
@@ -332,11 +334,11 @@ DDP_SEAMS_SCRIPT = textwrap.dedent('''
     import json, os, sys, numpy as np, torch
     from dataclasses import dataclass
     torch.set_num_threads(1)
-    from supra.config import ModelConfig, TrainConfig
-    from supra.model import Transformer
-    from supra.checkpoint import register_family
-    from supra.loader import StageLoader
-    from supra.train import train
+    from supra.core.config import ModelConfig, TrainConfig
+    from supra.model.transformer import Transformer
+    from supra.model.checkpoint import register_family
+    from supra.train.loader import StageLoader
+    from supra.train.trainer import train
     @dataclass(frozen=True)
     class AuxConfig(ModelConfig): pass
     class AuxLM(Transformer):   # reports its cross-entropy and its logit scale as auxiliary metrics
