@@ -151,6 +151,16 @@ class Page:
         if 'exceptionDetails' in r: raise RuntimeError(f'JS error in {js!r}: {r["exceptionDetails"]}')
         return r['result'].get('value')
 
+    def wait_for(self, js: str, timeout: float, every: float = 0.5, what: str | None = None):
+        """Evaluate `js` every `every` seconds until it returns a truthy value, and return that value; past `timeout`,
+        TimeoutError naming `what` (or the expression) and the last value it returned."""
+        t0, last = time.monotonic(), None
+        while True:
+            last = self.eval(js)
+            if last: return last
+            if time.monotonic() - t0 > timeout: raise TimeoutError(f'{what or js!r} not true within {timeout:g}s (last value: {last!r})')
+            self.pump(every)
+
     def pump(self, seconds: float):
         "Keep recording events for `seconds` (lets timers and reloads happen)."
         t0 = time.monotonic()
