@@ -4,22 +4,15 @@ uninterrupted result; FP8 refused here with its reason; a bad parameter stopping
 import html, json, math, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pytest, torch
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
 NB = ROOT / 'nbs' / 'curriculum.ipynb'
 VERDICTS = {'supported', 'contradicted', 'not resolved at this scale', 'not resolved (one seed)', 'not measurable here'}
 
-def _env(cache=None, **kw):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1', OMP_NUM_THREADS='1', SUPRA_NO_JEMALLOC='1', **kw)
-    if not env.get('SUPRA_DATA') and (ROOT.parent / 'shared' / 'data').is_dir(): env['SUPRA_DATA'] = str(ROOT.parent / 'shared' / 'data')
-    if cache is not None: env.setdefault('SUPRA_CACHE', str(cache))
-    return env
+def _env(cache=None, **kw): return nb_env(cache, OMP_NUM_THREADS='1', SUPRA_NO_JEMALLOC='1', **kw)
 
-def papermill(out_nb, cache, **params):
-    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
-    for k, v in params.items(): args += ['-p', k, str(v)]
-    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=900)
+def papermill(out_nb, cache, **params): return run_papermill('curriculum', out_nb, env=_env(cache), **params)
 
 def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -143,9 +136,5 @@ def test_fp8_refused_here_with_reason(tmp_path):
 
 def test_bad_parameter_fails_first(tmp_path):
     r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', preset='smoke', device='cpu', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', stages=3)
-    assert r.returncode != 0
-    nb = json.loads((tmp_path / 'bad.ipynb').read_text())
-    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
-    assert len(errs) == 1 and 'exp.plan(' in ''.join(nb['cells'][errs[0][0]]['source'])
-    assert errs[0][1]['ename'] == 'ConfigError' and 'parameter=' in errs[0][1]['evalue']
+    assert_stopped_in_plan_cell(r, tmp_path / 'bad.ipynb', 'parameter')
     assert not (tmp_path / 'p.html').exists() and not (tmp_path / 'out' / 'runs').exists()

@@ -3,6 +3,7 @@ caching on a re-run, resume after a kill, and bad parameters stopped in the firs
 import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, nbformat
+from conftest import assert_plan_refuses, assert_stopped_in_plan_cell
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'epochs.ipynb'
@@ -105,18 +106,16 @@ def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
 
 @pytest.mark.parametrize('name,value,field', [('epochs', 0, 'epochs'), ('epochs', 'abc', 'epochs'), ('preset', 'fast', 'preset'), ('corpus', 'c4', 'corpus'),
                                               ('seeds', 'x', 'seeds'), ('epoch', 8, 'parameter'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper')])
-def test_bad_parameter_stops_the_first_cell(tmp_path, name, value, field):
-    params = {'epochs': 2, name: value}
-    args = [a for k, v in params.items() for a in ('-p', k, str(v))]
-    r = papermill(tmp_path, *args, check=False)
-    assert r.returncode != 0
-    nb = nbformat.read(tmp_path / 'out.ipynb', 4)
-    code = [c for c in nb.cells if c.cell_type == 'code']
-    failed = [i for i, c in enumerate(code) if any(o.get('output_type') == 'error' for o in c.get('outputs', []))]
-    # cells: 0 parameters, 1 injected parameters, 2 validation
-    assert failed == [2], failed
-    err = next(o for o in code[2].outputs if o.output_type == 'error')
-    assert err.ename == 'ConfigError' and f'{field}=' in err.evalue, err.evalue
+def test_plan_refuses_a_bad_parameter(tmp_path, name, value, field):
+    "In-process: the plan names the parameter, the value and what is allowed."
+    from supra.experiments.epochs.run import plan
+    assert_plan_refuses(plan, field, **{'preset': 'smoke', 'out_dir': str(tmp_path), 'paper': str(tmp_path / 'e.html'), 'epochs': 2, name: value})
+    assert not (tmp_path / 'runs').exists()
+
+def test_bad_parameter_stops_the_first_cell(tmp_path):
+    "End to end, once: papermill stops in the plan cell, before any compute."
+    r = papermill(tmp_path, '-p', 'epochs', 0, check=False)
+    assert_stopped_in_plan_cell(r, tmp_path / 'out.ipynb', 'epochs')
     assert not (tmp_path / 'runs').exists()
 
 def test_smoke_paper_renders_in_chromium_offline(smoke):

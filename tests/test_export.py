@@ -7,8 +7,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig, GenerationConfig
 from supra.core.config import ModelConfig, ConfigError
 from supra.model.transformer import Transformer, EOS_TOKEN
-try: from tests.common import scaled, tiny_bpe
-except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
+from conftest import scaled, tiny_bpe
 from supra.eval.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
 
 transformers.utils.logging.disable_progress_bar()

@@ -4,21 +4,15 @@ and the live dashboard in headless Chromium."""
 import json, math, os, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
 NB = ROOT / 'nbs' / 'flm.ipynb'
 PY = ROOT / '.venv' / 'bin' / 'python'
 
-def _env(cache):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', OMP_NUM_THREADS='1')
-    env.setdefault('SUPRA_CACHE', str(cache))
-    return env
+def _env(cache=None, **kw): return nb_env(cache, OMP_NUM_THREADS='1', **kw)
 
-def papermill(out_nb, cache, **params):
-    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
-    for k, v in params.items(): args += ['-p', k, str(v)]
-    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=600)
+def papermill(out_nb, cache, **params): return run_papermill('flm', out_nb, env=_env(cache), **params)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -60,18 +54,18 @@ def test_paper(smoke):
     for s in ('Concept Bottleneck', "The seed&#39;s targets", 'Geometry on vs off', 'Probe trajectories', 'not met'):
         assert s in page or s.replace('&#39;', "'") in page, s
 
-@pytest.mark.parametrize('bad', [dict(preset='fast'), dict(epoch=3)])
-def test_bad_parameters_stop_first_cell(tmp_path, bad):
-    r = papermill(tmp_path / 'o.ipynb', tmp_path / 'cache', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', **bad)
-    assert r.returncode != 0 and 'ConfigError' in (r.stderr + r.stdout)
+def test_bad_parameter_stops_first_cell(tmp_path):
+    "End to end, once: papermill stops in the plan cell, before any compute."
+    r = papermill(tmp_path / 'o.ipynb', tmp_path / 'cache', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', epoch=3)
+    assert_stopped_in_plan_cell(r, tmp_path / 'o.ipynb', 'parameter')
     assert not (tmp_path / 'out' / 'runs').exists()
 
-@pytest.mark.parametrize('bad', [dict(seeds='abc'), dict(corpus='wikipedia-en'), dict(geometry='maybe'), dict(preset='cpu', seeds='0'), dict(paper='x.pdf')])
-def test_plan_refuses(tmp_path, bad):
-    from supra.core.config import ConfigError
+@pytest.mark.parametrize('bad,field', [(dict(seeds='abc'), 'seeds'), (dict(corpus='wikipedia-en'), 'corpus'), (dict(geometry='maybe'), 'geometry'),
+                                       (dict(preset='cpu', seeds='0'), 'seeds'), (dict(paper='x.pdf'), 'paper'), (dict(preset='fast'), 'preset'),
+                                       (dict(epoch=3), 'parameter')])
+def test_plan_refuses(tmp_path, bad, field):
     from supra.experiments.flm.run import plan
-    with pytest.raises(ConfigError) as e: plan(**{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': None, **bad})
-    assert next(iter(bad if len(bad) == 1 else {'seeds': 0})) in str(e.value)
+    assert_plan_refuses(plan, field, **{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': None, **bad})
 
 def test_vocabulary_separation():
     import random

@@ -4,21 +4,14 @@ the paper), the artefacts on disk checked against the envelope, and a bad parame
 import json, math, os, subprocess
 from pathlib import Path
 import pytest
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
 NB = ROOT / 'nbs' / 'golf.ipynb'
 
-def _env(cache):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-    if not env.get('SUPRA_DATA') and (ROOT.parent / 'shared' / 'data').is_dir(): env['SUPRA_DATA'] = str(ROOT.parent / 'shared' / 'data')
-    env.setdefault('SUPRA_CACHE', str(cache))
-    return env
+def _env(cache=None, **kw): return nb_env(cache, **kw)
 
-def papermill(out_nb, cache, **params):
-    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
-    for k, v in params.items(): args += ['-p', k, str(v)]
-    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=900)
+def papermill(out_nb, cache, **params): return run_papermill('golf', out_nb, env=_env(cache), **params)
 
 def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -69,9 +62,5 @@ def test_paper(smoke):
 
 def test_bad_parameter_fails_first(tmp_path):
     r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', techniques='bigram,warp')
-    assert r.returncode != 0
-    nb = json.loads((tmp_path / 'bad.ipynb').read_text())
-    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
-    assert len(errs) == 1 and 'exp.plan(' in ''.join(nb['cells'][errs[0][0]]['source'])
-    assert errs[0][1]['ename'] == 'ConfigError' and 'techniques=' in errs[0][1]['evalue']
+    assert_stopped_in_plan_cell(r, tmp_path / 'bad.ipynb', 'techniques')
     assert not (tmp_path / 'p.html').exists()

@@ -8,8 +8,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
 from supra.core.config import ModelConfig, ConfigError
 from supra.model.transformer import Transformer, KVCache, count_params, generate_text, EOS_TOKEN
-try: from tests.common import scaled, tiny_bpe
-except ImportError: from common import scaled, tiny_bpe   # pytest run from inside tests/
+from conftest import scaled, tiny_bpe
 
 TINY = ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256, seq_len=32)
 VARIANTS = {

@@ -3,24 +3,17 @@ results.json, paper), its caching (a re-run trains and tunes nothing), and bad p
 import html, json, math, os, re, subprocess, sys
 from pathlib import Path
 import pytest
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPERMILL = ROOT / '.venv' / 'bin' / 'papermill'
 NB = ROOT / 'nbs' / 'topology.ipynb'
 TOPOLOGIES = ('deep-narrow', 'balanced', 'shallow-wide')
 RUN_METRICS = ('params', 'lr', 'step_loss', 'train_loss', 'heldout_loss', 'heldout_bpb', 'wikitext_word_ppl', 'wikitext_byte_ppl',
                'arc_easy', 'arc_easy_stderr', 'blimp', 'blimp_stderr', 'samples_s', 'tokens_s', 'train_s')
 
-def _env(cache):
-    env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-    if not env.get('SUPRA_DATA') and (ROOT.parent / 'shared' / 'data').is_dir(): env['SUPRA_DATA'] = str(ROOT.parent / 'shared' / 'data')
-    env.setdefault('SUPRA_CACHE', str(cache))
-    return env
+def _env(cache=None, **kw): return nb_env(cache, **kw)
 
-def papermill(out_nb, cache, **params):
-    args = [str(PAPERMILL), str(NB), str(out_nb), '--cwd', str(ROOT), '-k', 'supra']
-    for k, v in params.items(): args += ['-p', k, str(v)]
-    return subprocess.run(args, env=_env(cache), capture_output=True, text=True, timeout=900)
+def papermill(out_nb, cache, **params): return run_papermill('topology', out_nb, env=_env(cache), **params)
 
 def _finite(v): return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -141,14 +134,14 @@ def test_rerun_is_cached(smoke):
 
 @pytest.mark.parametrize('param,value,field', [('seeds', 'abc', 'seeds'), ('preset', 'fast', 'preset'), ('storage', 'redis://localhost/0', 'storage'),
                                                ('n_trials', 0, 'n_trials'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper')])
-def test_bad_parameter_fails_first(tmp_path, param, value, field):
-    params = {**dict(preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html'), param: value}
-    r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', **params)
-    assert r.returncode != 0
-    nb = json.loads((tmp_path / 'bad.ipynb').read_text())
-    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
-    assert len(errs) == 1
-    i, err = errs[0]
-    assert 'exp.plan(' in ''.join(nb['cells'][i]['source'])          # the validation cell, before any compute
-    assert err['ename'] == 'ConfigError' and f'{field}=' in err['evalue'], err['evalue']
+def test_plan_refuses_a_bad_parameter(tmp_path, param, value, field):
+    "In-process: the plan names the parameter, the value and what is allowed."
+    from supra.experiments.topology.run import plan
+    assert_plan_refuses(plan, field, **{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': str(tmp_path / 'p.html'), param: value})
+    assert not (tmp_path / 'out' / 'optuna.db').exists()
+
+def test_bad_parameter_fails_first(tmp_path):
+    "End to end, once: papermill stops in the plan cell, before any compute."
+    r = papermill(tmp_path / 'bad.ipynb', tmp_path / 'cache', preset='smoke', out_dir=tmp_path / 'out', paper=tmp_path / 'p.html', storage='redis://localhost/0')
+    assert_stopped_in_plan_cell(r, tmp_path / 'bad.ipynb', 'storage')
     assert not (tmp_path / 'out' / 'optuna.db').exists() and not (tmp_path / 'p.html').exists()

@@ -1,0 +1,70 @@
+"""Helpers shared by the test modules: the project root, the environment a notebook or command runs in, papermill runs of
+an experiment notebook, the checks that a bad parameter is refused (in-process by the plan, and end to end in the notebook's
+first cell), and small model and tokenizer fixtures that need no data set."""
+import json, math, os, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPERMILL = Path(sys.executable).parent / 'papermill'
+OFFLINE = dict(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
+
+def data_root() -> str | None:
+    "The local data sets: $SUPRA_DATA, else ../shared/data beside the checkout (as ./test.sh finds it)."
+    if os.environ.get('SUPRA_DATA'): return os.environ['SUPRA_DATA']
+    d = ROOT.parent / 'shared' / 'data'
+    return str(d) if d.is_dir() else None
+
+def nb_env(cache=None, **kw) -> dict:
+    "The environment of a notebook or command under test: offline, the local data sets, `cache` as SUPRA_CACHE unless one is set."
+    env = dict(os.environ, **OFFLINE, **{k: str(v) for k, v in kw.items()})
+    if not env.get('SUPRA_DATA') and data_root(): env['SUPRA_DATA'] = data_root()
+    if cache is not None: env.setdefault('SUPRA_CACHE', str(cache))
+    return env
+
+def papermill(nb:str, out_nb, cache=None, env:dict|None=None, timeout:int=900, **params) -> subprocess.CompletedProcess:
+    "Run `nbs/<nb>.ipynb` through papermill on the `supra` kernel from the project root, `params` as `-p key value`."
+    args = [str(PAPERMILL), str(ROOT / 'nbs' / f'{nb}.ipynb'), str(out_nb), '--cwd', str(ROOT), '-k', 'supra', '--no-progress-bar']
+    for k, v in params.items(): args += ['-p', k, str(v)]
+    return subprocess.run(args, env=env or nb_env(cache), capture_output=True, text=True, timeout=timeout)
+
+def finite(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+def assert_plan_refuses(plan, field:str, **params):
+    "`plan(**params)` raises ConfigError naming `field` (the experiment's validation, in-process: no kernel, no compute)."
+    from supra.core.config import ConfigError
+    with pytest.raises(ConfigError) as e: plan(**params)
+    assert f'{field}=' in str(e.value), str(e.value)
+    return e.value
+
+def assert_stopped_in_plan_cell(r:subprocess.CompletedProcess, out_nb, field:str):
+    "A papermill run `r` that failed in the notebook's plan cell — and only there — with a ConfigError naming `field`."
+    assert r.returncode != 0, r.stderr[-2000:]
+    nb = json.loads(Path(out_nb).read_text())
+    errs = [(i, o) for i, c in enumerate(nb['cells']) for o in c.get('outputs', []) if o.get('output_type') == 'error']
+    assert len(errs) == 1, [e for _, e in errs]
+    i, err = errs[0]
+    assert 'exp.plan(' in ''.join(nb['cells'][i]['source'])          # the validation cell, before any compute
+    assert err['ename'] == 'ConfigError' and f'{field}=' in err['evalue'], err['evalue']
+
+def scaled(cfg, seed=0):
+    """A random model with O(1) logits: at the 0.02 init logits are ~1e-2, so greedy decoding would barely depend on
+    the weights and a 1e-4 tolerance would prove little."""
+    import torch
+    from supra.model.transformer import Transformer
+    torch.manual_seed(seed)
+    m = Transformer(cfg).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 1 / math.sqrt(p.shape[-1])) if p.dim() == 2 else p.normal_(1, 0.1)
+    return m
+
+def tiny_bpe(text:str, vocab_size:int, specials=None):
+    "A byte-level BPE tokenizer trained on `text` in memory, with the pool's end-of-text token."
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+    from supra.model.transformer import EOS_TOKEN
+    t = Tokenizer(models.BPE())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials or (EOS_TOKEN,)),
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return t
