@@ -3,11 +3,29 @@
 #   ./install.sh          the package, JupyterLab, papermill and the kernel
 #   ./install.sh --dev    also the test tools (trackio, TensorBoard, W&B, psycopg2), headless Chromium for the browser
 #                         tests and PostgreSQL for the shared-sweep test
+#   ./install.sh --data DIR   use DIR (laid out like shared/data, see its MANIFEST.md) as the local data root
+# The data root — DIR, else ../shared/data beside this checkout when it exists — is recorded in .venv/supra-data, which
+# Supra reads in every process of this venv (kernel, papermill, the supra command, tests); $SUPRA_DATA, when set, wins.
+# Without one, the named corpora and evaluation sets come from the Hugging Face Hub.
 # Where the machine allows it (root with apt), it also installs jemalloc, which speeds up CPU
-# training by 40-60%; Supra's kernel, CLI and torchrun runs preload it automatically.
+# training by 40-60%; every Supra entry point preloads it: the supra command, python -m supra.train and supra.bench,
+# each torchrun rank, and the supra kernel.
 set -euo pipefail
+DEV=0; DATA=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dev) DEV=1 ;;
+    --data) [ $# -ge 2 ] || { echo "install.sh: --data needs a directory (./install.sh --data DIR)" >&2; exit 2; }; DATA=$2; shift ;;
+    --data=*) DATA=${1#--data=} ;;
+    *) echo "install.sh: unknown option '$1' (allowed: --dev, --data DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -n "$DATA" ]; then   # resolved against the directory install.sh was started from
+  [ -d "$DATA" ] || { echo "install.sh: --data '$DATA' is not a directory (a data root laid out like shared/data)" >&2; exit 2; }
+  DATA=$(cd "$DATA" && pwd)
+fi
 cd "$(dirname "$0")"
-DEV=0; [ "${1:-}" = "--dev" ] && DEV=1
 PY=${PYTHON:-python3}
 
 # System libraries (optional): jemalloc and WordNet always; with --dev chromium and postgresql for the tests.
@@ -29,11 +47,24 @@ extra=""; [ $DEV = 1 ] && extra="[dev]"
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q -e ".${extra}"
 
-# The Jupyter kernel that papermill and JupyterLab use for Supra's notebooks: this venv's Python,
-# with jemalloc preloaded where present. Registered inside the venv (--sys-prefix) so that it
-# never points at another checkout.
-JE=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2/{print $NF; exit}')
-# (MALLOC_CONF: jemalloc keeps freed pages instead of faulting them back in every step; see nbs/03_train/06_trainer.ipynb)
-envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE" --env MALLOC_CONF "dirty_decay_ms:-1,muzzy_decay_ms:-1")
-.venv/bin/python -m ipykernel install --sys-prefix --name supra --display-name "Python 3 (supra)" "${envargs[@]}" >/dev/null
-echo "install.sh: ok — kernel 'supra' -> $(pwd)/.venv/bin/python${JE:+ (jemalloc: $JE)}"
+# The Jupyter kernel that papermill and JupyterLab use for Supra's notebooks: this venv's Python, registered inside the
+# venv (sys.prefix) so that it never points at another checkout. Its command is supra.train.runtime.launch_kernel, which
+# restarts the kernel once with jemalloc preloaded where present (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless
+# you set your own), like every Supra entry point; SUPRA_NO_JEMALLOC=1 turns it off. See nbs/03_train/01_runtime.ipynb.
+JE=$(.venv/bin/python -c "from supra.train.runtime import jemalloc_path; print(jemalloc_path() or '')")
+.venv/bin/python -c "from supra.train.runtime import install_kernel; install_kernel()" >/dev/null
+
+# The data root, recorded where every process of this venv finds it (supra.data.corpus.data_root reads <venv>/supra-data)
+[ -z "$DATA" ] && [ -d ../shared/data ] && DATA=../shared/data
+if [ -n "$DATA" ]; then
+  DATA=$(cd "$DATA" && pwd)
+  known=0; for d in wikipedia-en fineweb-edu blimp arc_easy boolq wikitext2; do [ -d "$DATA/$d" ] && known=1; done
+  [ $known = 1 ] || echo "install.sh: warning: $DATA holds none of wikipedia-en, fineweb-edu, blimp, arc_easy, boolq, wikitext2 (layout of shared/data)"
+  echo "$DATA" > .venv/supra-data
+  datamsg="data root $DATA"
+elif [ -f .venv/supra-data ]; then
+  datamsg="data root $(cat .venv/supra-data) (recorded earlier)"
+else
+  datamsg="no data root: named data sets stream from the Hugging Face Hub (./install.sh --data DIR for a local copy)"
+fi
+echo "install.sh: ok — kernel 'supra' -> $(pwd)/.venv/bin/python${JE:+ (jemalloc: $JE)}; $datamsg"

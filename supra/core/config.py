@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, fields, asdict
 from typing import Any, ClassVar
 
 # %% auto #0
-__all__ = ['CORPORA', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TRACKERS', 'TASKS', 'PRESETS', 'ConfigError',
-           'check', 'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'DataConfig', 'ModelConfig',
-           'TrainConfig', 'EvalConfig', 'resolve_device', 'resolve_preset', 'Preset', 'preset', 'as_int', 'as_ints',
-           'project_root', 'env_path', 'cache_dir', 'atomic_write', 'field_notes', 'field_flag']
+__all__ = ['CORPORA', 'CORPUS_FILES', 'MLPS', 'NORMS', 'OPTIMIZERS', 'SCHEDULES', 'DEVICES', 'TRACKERS', 'TASKS', 'PRESETS',
+           'ConfigError', 'check', 'check_int', 'check_num', 'check_choice', 'Config', 'stable_hash', 'check_corpus',
+           'DataConfig', 'ModelConfig', 'TrainConfig', 'EvalConfig', 'resolve_device', 'resolve_preset', 'Preset',
+           'preset', 'as_int', 'as_ints', 'project_root', 'env_path', 'cache_dir', 'atomic_write', 'field_notes',
+           'field_flag']
 
 # %% ../../nbs/00_core/00_config.ipynb #50bbce38
 class ConfigError(ValueError):
@@ -75,12 +76,24 @@ def stable_hash(obj, n:int=16) -> str:
     return hashlib.sha256(s.encode()).hexdigest()[:n]
 
 # %% ../../nbs/00_core/00_config.ipynb #71c92758
-CORPORA = ('wikipedia-en', 'fineweb-edu')
+from pathlib import Path
+CORPORA, CORPUS_FILES = ('wikipedia-en', 'fineweb-edu'), ('.txt', '.jsonl')   # the named corpora; the files of a folder corpus
+
+def check_corpus(value, field:str='corpus') -> str:
+    "A named corpus (`CORPORA`) as is, or a path to a folder holding .txt/.jsonl files, made absolute; else ConfigError naming `field`."
+    allowed = f"one of {list(CORPORA)}, or a path to a folder of {'/'.join(CORPUS_FILES)} files"
+    check(isinstance(value, (str, Path)) and str(value).strip() != '', field, value, allowed)
+    if str(value) in CORPORA: return str(value)
+    p = Path.cwd() / Path(value).expanduser()          # a relative path: relative to the working directory
+    check(p.is_dir(), field, str(value), f"{allowed} ({p} {'is a file, not a folder' if p.exists() else 'does not exist'})")
+    check(any(f.suffix.lower() in CORPUS_FILES and f.is_file() and not any(s.startswith('.') for s in f.relative_to(p).parts) for f in p.rglob('*')),
+          field, str(value), f"{allowed} ({p} holds no {' or '.join(CORPUS_FILES)} files)")
+    return str(p.resolve())
 
 @dataclass(frozen=True)
 class DataConfig(Config):
     "Corpus → tokenizer → token pool."
-    corpus: str = 'wikipedia-en'   # named corpus (see `supra.data.pool`)
+    corpus: str = 'wikipedia-en'   # a named corpus, or a path to a folder of .txt/.jsonl files (see `supra.data.corpus`)
     n_tokens: int = 20_000_000     # exact size of the token pool
     vocab_size: int = 8192         # byte-level BPE vocabulary, specials included
     tokenizer_chars: int = 20_000_000  # characters of pool text that train the tokenizer
@@ -89,7 +102,7 @@ class DataConfig(Config):
     superbpe_transition: int | None = None   # superbpe: vocabulary size at which stage 2 starts (None: 90% of vocab_size)
 
     def validate(self):
-        check_choice('corpus', self.corpus, CORPORA)
+        object.__setattr__(self, 'corpus', check_corpus(self.corpus))   # a folder is recorded by its absolute path
         check_int('n_tokens', self.n_tokens, lo=1024)
         check_int('vocab_size', self.vocab_size, lo=260, hi=2**32 - 1)  # 256 bytes + specials; uint16 pool up to 65,536 ids, uint32 above
         check_choice('tokenizer', self.tokenizer, ('bpe', 'superbpe'))
@@ -330,8 +343,6 @@ def as_ints(name:str, value, lo:int|None=None) -> list[int]:
     return [as_int(name, v, lo) for v in vals]
 
 # %% ../../nbs/00_core/00_config.ipynb #64917ebe
-from pathlib import Path
-
 def project_root(start=None) -> Path:
     "The nearest directory at or above `start` (default: cwd) holding Supra's pyproject.toml; else cwd."
     here = Path(start or os.getcwd()).resolve()

@@ -125,7 +125,8 @@ _LOADED, _ENCODINGS = {}, {}   # this process's loaded tasks with their requests
 
 def _loaded_key(names:list, limit, cache:bool) -> str:
     "What loaded tasks with replayed requests depend on: names, limit, the cache and data roots, and each data file's path, size and mtime."
-    from supra.eval.tasks import task_specs, data_root
+    from supra.eval.tasks import task_specs
+    from supra.data.corpus import data_root
     root, specs = data_root(), task_specs()
     files = [] if root is None else [(str(f), st.st_size, st.st_mtime_ns) for t in names for f in sorted((root / specs[t][1]).glob('*'))
                                      if f.is_file() for st in [f.stat()]]

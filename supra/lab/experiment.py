@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime, timezone
 from ..core.config import (Config, ConfigError, check, check_choice, as_ints, preset as _preset, resolve_device, resolve_preset,
-                     Preset, CORPORA, PRESETS, stable_hash, cache_dir, project_root, atomic_write)
+                     Preset, CORPORA, PRESETS, check_corpus, stable_hash, cache_dir, project_root, atomic_write)
 from ..core.cache import code_fingerprint, read_json, write_json
 from ..pages.index import write_index
 
@@ -44,7 +44,7 @@ def check_writable(field:str, path, is_dir:bool=True) -> Path:
 def check_common(preset:str, corpus:str, seeds, device:str, out_dir, paper) -> dict:
     "Validate the parameters every experiment notebook shares; returns them cleaned."
     check_choice('preset', preset, PRESETS)
-    check_choice('corpus', corpus, CORPORA)
+    corpus = check_corpus(corpus)     # a named corpus, or a folder of your own text (made absolute)
     seeds = as_ints('seeds', seeds, lo=0)
     check(len(set(seeds)) == len(seeds), 'seeds', seeds, 'distinct integers')
     device = resolve_device(device)

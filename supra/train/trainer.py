@@ -368,6 +368,8 @@ def train_arg_parser(prog:str='python -m supra.train') -> argparse.ArgumentParse
     ap.add_argument('--preset', default='smoke', help="smoke, cpu, paper or auto (default smoke)")
     ap.add_argument('--out_dir', required=True, help='run directory (resumes from what it holds)')
     ap.add_argument('--model', default=None, help=f"a named topology: {', '.join(ModelConfig.NAMED)} (vocab and seq_len from the preset)")
+    ap.add_argument('--corpus', default=None, help="a named corpus (wikipedia-en, fineweb-edu) or a path to a folder of your own .txt/.jsonl "
+                    "files (default: the preset's, wikipedia-en)")
     ap.add_argument('--branch', action='store_true', help='train_epochs: one annealed model per epoch count 1..epochs')
     ap.add_argument('--quiet', action='store_true', help='no progress bar')
     choices = dict(optimizer=OPTIMIZERS, schedule=SCHEDULES, device=DEVICES, mlp=MLPS, norm=NORMS, tracker=TRACKERS)
@@ -392,12 +394,13 @@ def train_main(argv=None) -> int:
     try:
         p = get_preset(a.preset, getattr(a, 'device', 'auto'))
         mcfg, tcfg = _configs_from_args(a, p)
+        if a.corpus is not None: p = p.replace(data=p.data.replace(corpus=a.corpus))
     except ConfigError as e: ap.error(str(e))
     from supra.data.pool import build_pool
     pool = build_pool(p.data)
     try:
         res = (train_epochs(pool, mcfg, tcfg, a.out_dir, quiet=a.quiet) if a.branch else train(pool, mcfg, tcfg, a.out_dir, quiet=a.quiet))
-        if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(dict(result=res, jemalloc=jemalloc_loaded()), default=str))
+        if int(os.environ.get('RANK', '0')) == 0: print(json.dumps(dict(result=res, corpus=p.data.corpus, pool=pool.key, jemalloc=jemalloc_loaded()), default=str))
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
     return 0

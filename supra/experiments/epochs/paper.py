@@ -207,7 +207,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     secs.append(links(arts, title='Artefacts', id='downloads', nav='Artefacts'))
     secs.append(prose('Limitations', bullets=[
         f"Scale: the {res['preset']} preset — {m['n_params']:,} parameters and a {d['n_tokens']:,}-token pool on {env['hardware']}. The seed write-up trained a larger model on a 20M-token FineWeb-Edu pool; conclusions need not transfer across scales.",
-        f"Corpus: {res['corpus']}" + (" (English Wikipedia), not FineWeb-Edu: the pool's domain differs from the seed's." if res['corpus'] != 'fineweb-edu' else '.'),
+        f"Corpus: {res['corpus']}" + ('.' if res['corpus'] == 'fineweb-edu' else f"{' (English Wikipedia)' if res['corpus'] == 'wikipedia-en' else ' (a folder of text)'}, not FineWeb-Edu: the pool's domain differs from the seed's."),
         f"{nseeds} seed{'s' * (nseeds > 1)}: " + ("a single seed cannot separate an effect from noise." if nseeds == 1 else "few seeds; the tests have little power, and their minimum detectable effects are stated.")],
         id='limitations', label='// Limitations'))
     spec = dict(title="Is One Epoch Really All You Need for SLMs?", kicker="Experiment #3:",
