@@ -5,9 +5,8 @@ training dashboards (in the training cell while it runs), the results table, the
 path; the kernel's progress lines reach the terminal that runs JupyterLab. Then the plan cell runs again in the same
 kernel, as a user does after editing a parameter.
 
-Three checks are strict xfails, each naming a defect a JupyterLab user meets (a stale dashboard after training, every
-progress line shown twice, the plan cell failing when run again): each turns into a failure (XPASS) once fixed, and then
-its marker goes.
+Three checks guard what a JupyterLab user met before they were fixed: a stale dashboard after training, every progress
+line shown twice (once in a red stderr box), the plan cell failing when run again.
 
 The copy differs from nbs/epochs.ipynb only in its parameters cell (smoke preset, 2 epochs, outputs under a temporary
 directory); it sits inside the served root (under outputs/, which git ignores) so that JupyterLab can open it.
@@ -287,16 +286,12 @@ def test_progress_reaches_the_jupyterlab_terminal(lab):
     assert any('paper:' in l for l in lines), lab.terminal[-3000:]
 
 
-@pytest.mark.xfail(strict=True, reason="say() writes its terminal copy to fd 2, which ipykernel also forwards to the notebook: "
-                                       "every progress line shows twice, the copy in a red stderr box (the 20-second lines only there)")
 def test_progress_lines_show_once_in_the_notebook(lab):
     "The notebook shows each progress line once, as plain output; the timestamped terminal copy stays in the terminal."
     red = [o['text'][:300] for c in lab.cells for o in c['outputs'] if o['mime'] == 'application/vnd.jupyter.stderr' and '[supra ' in o['text']]
     assert not red, red
 
 
-@pytest.mark.xfail(strict=True, reason="supra's live() notebook view stops without a last update: the notebook keeps the state of "
-                                       "its last 5-second tick (a run shown 'running' or 'waiting' after it finished)")
 def test_dashboards_show_the_finished_runs(lab):
     "After training, each dashboard in the notebook shows what its run's own dashboard.html shows: done, at the last step."
     def state(page: str):
@@ -306,8 +301,6 @@ def test_dashboards_show_the_finished_runs(lab):
     assert [(d['status'], d['step']) for d in _training(lab)['dashboards']] == files
 
 
-@pytest.mark.xfail(strict=True, reason="notebook_params(globals()) also collects the notebook's own results (plan, res, ...) "
-                                       "once they exist: running the plan cell again raises ConfigError 'plan'")
 def test_plan_cell_runs_again_in_the_same_kernel(lab):
     assert not _errors([lab.rerun]) and 'error' not in lab.rerun['types'], _text(lab.rerun)[-3000:]
     assert "'preset': 'smoke'" in _text(lab.rerun), _text(lab.rerun)[-3000:]

@@ -299,7 +299,9 @@ def live(run_dir, every:float=2.0, timeout:float|None=3600.0, background:bool=Fa
             lv.updates += 1
             if done: lv.reason = 'done'; return
             if timeout is not None and time.monotonic() - t0 >= timeout: lv.reason = 'timeout'; return
-            if lv._stop.wait(every): lv.reason = 'stopped'; return
+            if lv._stop.wait(every):   # stopped: one last update, so the notebook keeps the run's final state
+                if handle is not None: handle.update(HTML(render_dashboard(run_dir, standalone=False, points=points)))
+                lv.updates += 1; lv.reason = 'stopped'; return
     if background:
         lv.thread = threading.Thread(target=loop, name=f'supra-live-{run_dir.name}', daemon=True); lv.thread.start()
     else:

@@ -78,7 +78,7 @@ def verdict_table(results:list, title:str='Comparisons and claims', **kw) -> dic
     tests = [r['label'] or f"{r['a']} vs {r['b']}: {r['metric']}" for r in results]
     rows = [row(name, [c[k] for c in cells], fmt='str') for name, k in (('effect', 'effect'), ('interval', 'interval'), ('MDE', 'mde'), ('p', 'p'), ('p (Holm)', 'p_adj'))]
     m = results[0]['family_size'] if results else 0
-    cap = (f"The family: these {m} tests, decided together (Holm–Bonferroni at α = 0.01); intervals simultaneous at 1 − α/{m} and MDEs "
-           f"(the true effect detected with 80% power) at α/{m}, in each metric's unit. 'bounded' is a bound, never a measurement.")
+    cap = (f"The family: the paper's {m} tests, decided together (Holm–Bonferroni at α = 0.01; p (Holm) is the adjusted p); intervals simultaneous "
+           f"at 1 − α/{m} and MDEs (the true effect detected with 80% power) at α/{m}, in each metric's unit. 'bounded' is a bound, never a measurement.")
     return table(tests, rows, status=[(c['verdict'], c['tone']) for c in cells], transpose=True, column_header='Test',
                  **{'title': title, 'caption': cap, 'id': 'verdicts', 'nav': 'Verdicts', **kw})

@@ -14,16 +14,19 @@ from ..core.cache import code_fingerprint, read_json, write_json
 from ..pages.index import write_index
 
 # %% auto #0
-__all__ = ['EVAL_CODE', 'TRAIN_CODE', 'ENVELOPE_KEYS', 'notebook_params', 'check_known', 'check_writable', 'check_common', 'Plan',
-           'experiment_preset', 'environment', 'evaluate_checkpoint', 'run_dir', 'rel', 'envelope', 'say',
-           'progress_line', 'TerminalProgress', 'publish']
+__all__ = ['EVAL_CODE', 'TRAIN_CODE', 'ENVELOPE_KEYS', 'notebook_params', 'check_known', 'check_writable', 'in_project',
+           'check_common', 'Plan', 'plan_preamble', 'experiment_preset', 'environment', 'evaluate_checkpoint',
+           'run_dir', 'rel', 'envelope', 'say', 'progress_line', 'TerminalProgress', 'publish']
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #1b851e22
 def notebook_params(ns:dict) -> dict:
-    "The notebook parameters in namespace `ns` (call it right after the parameters cell): plain values whose names don't start with '_'."
+    """The notebook parameters in namespace `ns` (call it right after the parameters cell): plain values whose names don't start
+    with '_'. The names are those of the first call, remembered in `ns`: running the plan cell again in the same kernel (a user
+    edits a value in JupyterLab) re-reads their values and does not mistake the notebook's own results (`plan`, `res`) for parameters."""
     skip = {'In', 'Out', 'get_ipython', 'exit', 'quit', 'open'}
-    return {k: v for k, v in ns.items() if not k.startswith('_') and k not in skip
-            and not callable(v) and not isinstance(v, types.ModuleType)}
+    names = ns.setdefault('_supra_param_names', [k for k, v in ns.items() if not k.startswith('_') and k not in skip
+                                                 and not callable(v) and not isinstance(v, types.ModuleType)])
+    return {k: ns[k] for k in names if k in ns}
 
 def check_known(given:dict, known) -> dict:
     "Raise ConfigError for a parameter name not in `known` (naming the known ones); returns `given`."
@@ -41,15 +44,24 @@ def check_writable(field:str, path, is_dir:bool=True) -> Path:
     except OSError as e: raise ConfigError(field, str(path), f"a writable location ({e.strerror or e})") from None
     return p
 
-def check_common(preset:str, corpus:str, seeds, device:str, out_dir, paper) -> dict:
+def in_project(path):
+    """`path` as the project sees it: a relative path is relative to the project root wherever the kernel runs (JupyterLab
+    starts a notebook's kernel in its folder, nbs/, where `outputs/epochs` would land in nbs/outputs/)."""
+    if path is None or Path(path).is_absolute() or Path.cwd().resolve() == project_root(): return path
+    return str(project_root() / path)
+
+def check_common(preset:str, corpus:str, seeds, device:str, out_dir, paper, corpora=CORPORA) -> dict:
     "Validate the parameters every experiment notebook shares; returns them cleaned."
     check_choice('preset', preset, PRESETS)
-    corpus = check_corpus(corpus)     # a named corpus, or a folder of your own text (made absolute)
+    if tuple(corpora) == CORPORA:    # a named corpus, or a folder of your own text (relative: to the project, as out_dir; made absolute)
+        corpus = check_corpus(corpus if corpus in CORPORA or not isinstance(corpus, (str, Path)) or not str(corpus).strip() else in_project(corpus))
+    else: check_choice('corpus', corpus, corpora)
     seeds = as_ints('seeds', seeds, lo=0)
     check(len(set(seeds)) == len(seeds), 'seeds', seeds, 'distinct integers')
     device = resolve_device(device)
     check(isinstance(out_dir, (str, Path)) and str(out_dir).strip() != '', 'out_dir', out_dir, 'a directory path')
     check(paper is None or (isinstance(paper, (str, Path)) and str(paper).endswith('.html')), 'paper', paper, 'a path ending in .html, or None')
+    out_dir, paper = in_project(out_dir), in_project(paper)
     check_writable('out_dir', out_dir)
     if paper: check_writable('paper', paper, is_dir=False)
     return dict(preset=resolve_preset(preset, device), corpus=corpus, seeds=tuple(seeds), device=device,
@@ -74,6 +86,19 @@ class Plan(Config):
     def train(self): return self.preset.train
     @property
     def eval(self): return self.preset.eval
+
+def plan_preamble(params:dict, defaults:dict, scales:dict, corpora=CORPORA) -> tuple[dict, dict, dict]:
+    """What every experiment's `plan(**params)` does first: refuse an unknown parameter name, fill the defaults, validate the
+    shared fields, look up the preset's scale (`scales[preset]`), and take its seeds unless given — at least its `min_seeds`.
+    Returns (params with defaults, the shared fields for `Plan`, the scale)."""
+    check_known(params, defaults)
+    p = {**defaults, **params}
+    c = check_common(p['preset'], p['corpus'], 0 if p['seeds'] is None else p['seeds'], p['device'], p['out_dir'], p['paper'], corpora)
+    sc = scales[c['preset']]
+    c['seeds'] = tuple(sc['seeds']) if p['seeds'] is None else c['seeds']
+    n = sc.get('min_seeds', 1)
+    check(len(c['seeds']) >= n, 'seeds', list(c['seeds']), f"at least {n} distinct seeds at preset {c['preset']!r} (one seed cannot tell signal from noise)")
+    return p, c, sc
 
 def experiment_preset(preset:str='auto', corpus:str='wikipedia-en', device:str='auto') -> Preset:
     "The preset's configs with the experiment's corpus and device."
@@ -171,7 +196,8 @@ def say(*parts, notebook:bool=True):
     msg = ' '.join(str(p) for p in parts)
     if notebook: print(msg, flush=True)
     if 'ipykernel' in sys.modules:
-        try: os.write(2, (f"[supra {datetime.now().strftime('%H:%M:%S')}] " + msg + '\n').encode())
+        fd = getattr(sys.stderr, '_original_stdstream_copy', None)   # ipykernel forwards fd 2 to the notebook too; this copy is the terminal alone
+        try: os.write(fd if isinstance(fd, int) else 2, (f"[supra {datetime.now().strftime('%H:%M:%S')}] " + msg + '\n').encode())
         except OSError: pass
 
 def _tail_rows(f:Path) -> tuple[int, dict | None]:

@@ -129,13 +129,15 @@ class Versus:
 @dataclass(frozen=True)
 class Claim:
     """A seed's claim: arm `a` against `b` on `metric`, the seed's `value` as a difference a − b in stored units, or as a factor
-    a/b (`ratio=True`, tested on the log scale); `untestable` gives the reason when this run cannot test it."""
+    a/b (`ratio=True`, tested on the log scale); a claim of direction only gives `sign` (−1: a below b) and no value; a claim of
+    no change (a stall) gives `value=0`. `untestable` gives the reason when this run cannot test it."""
     claim: str
     metric: Metric
     a: object
     b: object
     value: float | None = None
     ratio: bool = False
+    sign: int = 0
     by: str = 'arm'
     paired: bool = True
     untestable: str = ''
@@ -151,8 +153,15 @@ def holm(ps) -> list:
 # %% ../../nbs/07_lab/03_verdict.ipynb #03c46273
 def _q(df, p): return float(st.norm.ppf(p)) if df is None or not math.isfinite(df) else float(st.t.ppf(p, df))
 
-def _claim_verdict(lo, hi, claimed) -> tuple[str, str]:
-    if claimed is None: return ('resolved', '') if lo > 0 or hi < 0 else ('bounded', '')
+def _claim_verdict(lo, hi, claimed, sign:int=0) -> tuple[str, str]:
+    if claimed is None and not sign: return ('resolved', '') if lo > 0 or hi < 0 else ('bounded', '')
+    if claimed is None:            # a direction only
+        if (lo > 0 and sign > 0) or (hi < 0 and sign < 0): return 'supported', 'the interval excludes no effect, the claimed way'
+        if lo > 0 or hi < 0: return 'contradicted', 'the interval excludes no effect, the other way'
+        return 'bounded', 'the interval contains no effect'
+    if claimed == 0:               # no change: never proven, only bounded
+        if lo > 0 or hi < 0: return 'contradicted', 'the interval excludes no change'
+        return 'bounded', 'consistent with no change; a change up to the MDE could go unseen'
     s = 1 if claimed > 0 else -1
     lo_s, hi_s = sorted((lo * s, hi * s))          # oriented so that the claim is positive
     c = abs(claimed)
@@ -184,7 +193,7 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='') -> lis
             lo, hi, e = r['effect'] - h, r['effect'] + h, r['effect']
             if isinstance(t, Claim):
                 claimed = None if t.value is None else (math.log(t.value) if ratio else t.value)
-                v, why = _claim_verdict(lo, hi, claimed)
+                v, why = _claim_verdict(lo, hi, claimed, t.sign)
                 if v == 'resolved': v = 'supported' if claimed is None else v
                 res.update(verdict=v, reason=why, claimed=t.value)
             else:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from ...core.config import check, ModelConfig
 from ...train.loader import Stage, StageLoader, EpochSteps
-from ...lab.experiment import (Plan, check_known, check_common, experiment_preset, run_dir, rel, envelope, environment, say, TerminalProgress)
+from ...lab.experiment import (Plan, plan_preamble, experiment_preset, run_dir, rel, envelope, environment, say, TerminalProgress)
 from ...lab.stats import ALPHA, summary, compare, group_summary
 
 # %% auto #0
@@ -118,12 +118,7 @@ class CurriculumPlan(Plan):
 def plan(**params) -> CurriculumPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
     from supra.model.fp8 import fp8_support
-    check_known(params, PARAMS)
-    p = {**PARAMS, **params}
-    c = check_common(p['preset'], p['corpus'], 0 if p['seeds'] is None else p['seeds'], p['device'], p['out_dir'], p['paper'])
-    sc = SCALE[c['preset']]
-    seeds = tuple(sc['seeds']) if p['seeds'] is None else c['seeds']
-    check(len(seeds) >= sc['min_seeds'], 'seeds', list(seeds), f"at least {sc['min_seeds']} distinct seeds at preset {c['preset']!r} (one seed cannot tell signal from noise)")
+    p, c, sc = plan_preamble(params, PARAMS, SCALE)
     pre = experiment_preset(c['preset'], c['corpus'], c['device'])
     T, tps, V = max(sc['seq_lens']), sc['tokens_per_step'], sc['vocab']
     data = pre.data.replace(n_tokens=sc['steps'] * tps + 1, vocab_size=V)       # one epoch = exactly `steps` steps
@@ -131,7 +126,7 @@ def plan(**params) -> CurriculumPlan:
     train = pre.train.replace(batch_size=tps // T, seq_len=T, epochs=1, tokens=None, schedule='wsd', warmup_frac=0.05, cooldown_frac=0.2)
     fp8 = fp8_support(c['device'])
     arms = tuple(a for a in ARMS if a != 'fp8' or fp8.available)
-    return CurriculumPlan(**{**c, 'seeds': seeds, 'preset': pre.replace(data=data, model=model, train=train)},
+    return CurriculumPlan(**{**c, 'preset': pre.replace(data=data, model=model, train=train)},
                           n_layer=sc['n_layer'], d_model=sc['d_model'], n_head=sc['n_head'], seq_lens=tuple(sc['seq_lens']), tokens_per_step=tps,
                           steps=sc['steps'], embed_rank=sc['embed_rank'], evals=sc['evals'], heldout_chars=sc['heldout_chars'], arms=arms,
                           fp8_reason='' if fp8.available else fp8.reason)

@@ -9,15 +9,17 @@ from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
 from ...core.config import as_int, check, check_choice, Preset
-from ...lab.experiment import Plan, check_known, check_common, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say, TerminalProgress
+from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...eval.harness import eval_metrics, task_baselines
 from ...core.cache import read_json, write_json
+from ...lab.verdict import versus
 from ...lab.stats import ALPHA, group_summary, compare, paired, summary
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'BLIMP_FIELDS', 'predicted_value', 'EpochsPlan',
-           'plan', 'ChunkSteps', 'same_first_epoch', 'train_runs', 'evaluate_runs', 'effective_tokens',
-           'value_of_repeats', 'claims', 'above_chance', 'epoch_status', 'summarize', 'run']
+           'plan', 'ChunkSteps', 'same_first_epoch', 'train_runs', 'control_eval', 'evaluate_runs', 'effective_tokens',
+           'value_of_repeats', 'claims', 'above_chance', 'planned_work', 'plan_line', 'epoch_status', 'summarize',
+           'run']
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #a690459d
 NAME, TITLE = 'epochs', 'Is one epoch really all you need for SLMs?'
@@ -47,17 +49,13 @@ class EpochsPlan(Plan):
 
 def plan(**params) -> EpochsPlan:
     "Validate the notebook's parameters (unknown names included) into a plan; a bad value raises ConfigError naming it."
-    check_known(params, PARAMS)
-    p = {**PARAMS, **params}
+    p, c, sc = plan_preamble(params, PARAMS, SCALE)
     epochs = as_int('epochs', p['epochs'], lo=1, hi=64)
     check(isinstance(p['fresh'], bool), 'fresh', p['fresh'], 'True or False')
-    c = check_common(p['preset'], p['corpus'], 0 if p['seeds'] is None else p['seeds'], p['device'], p['out_dir'], p['paper'])
-    sc = SCALE[c['preset']]
     pre = experiment_preset(c['preset'], c['corpus'], c['device'])
     pre = pre.replace(data=pre.data.replace(n_tokens=sc['n_tokens']), train=pre.train.replace(epochs=epochs, schedule='wsd', cooldown_frac=sc['cooldown_frac']),
                       eval=pre.eval.replace(tasks=sc['tasks']))
-    seeds = tuple(sc['seeds']) if p['seeds'] is None else c['seeds']
-    return EpochsPlan(**{**c, 'seeds': seeds, 'preset': pre}, epochs=epochs, fresh_pools=min(sc['fresh_pools'], epochs) if p['fresh'] else 0,
+    return EpochsPlan(**{**c, 'preset': pre}, epochs=epochs, fresh_pools=min(sc['fresh_pools'], epochs) if p['fresh'] else 0,
                       limits=tuple(sorted(sc['limits'].items())))
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #56c23a03
@@ -88,12 +86,16 @@ def _hook(pool, p:EpochsPlan):
     from supra.data.corpus import val_texts
     return texts_hook(pool, val_texts(p.data)[:p.eval.bpb_docs or 8], p.train.seq_len, max_windows=32)
 
+def _arm_dir(p:EpochsPlan, pool, arm:str, seed:int, chunked:bool=False):
+    "(training config, run directory) of one arm and seed: `out_dir/runs/<arm>-seed<seed>-<key>`."
+    spe = -(-(p.data.n_tokens if chunked else pool.n_tokens) // (p.train.batch_size * p.train.seq_len))
+    tc = p.train.replace(seed=seed, eval_every=max(1, spe // 4))
+    return tc, run_dir(p.out_dir, f'{arm}-seed{seed}', pool.key, p.model, tc, arm=arm, chunk=p.data.n_tokens if chunked else None)
+
 def _train_arm(p:EpochsPlan, pool, arm:str, seed:int, epochs:int, loader=None, hook=None, dashboard:bool=True, shared=None) -> list[dict]:
     from supra.train.trainer import train_epochs
     from supra.dashboard.live import DashboardThread, live
-    spe = -(-(pool.n_tokens if loader is None else p.data.n_tokens) // (p.train.batch_size * p.train.seq_len))
-    tc = p.train.replace(seed=seed, eval_every=max(1, spe // 4))
-    d = run_dir(p.out_dir, f'{arm}-seed{seed}', pool.key, p.model, tc, arm=arm, chunk=p.data.n_tokens if loader else None)
+    tc, d = _arm_dir(p, pool, arm, seed, chunked=loader is not None)
     say(f"[epochs] training {arm} seed {seed}: epochs 1..{epochs} → {d} (dashboard: {d / 'dashboard.html'})")
     t0, view = time.time(), (live(d, every=5.0, background=True) if dashboard and _in_notebook() else None)
     kw = dict(quiet=True, eval_hook=hook, shared=shared, **({'loader': loader} if loader is not None else {}))
@@ -131,12 +133,16 @@ def train_runs(p:EpochsPlan, pool, fresh_pool=None, dashboard:bool=True) -> list
 METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
 BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')
 
+def control_eval(p:EpochsPlan):
+    "The fresh control's evaluation: BLiMP alone (its question is held-out bits/byte against unique tokens; BLiMP tracks the repeated arm's)."
+    return p.eval.replace(tasks=tuple(t for t in p.eval.tasks if t == 'blimp'))
+
 def evaluate_runs(p:EpochsPlan, pool, runs:list[dict]) -> tuple[list[dict], dict]:
     "(rows, baselines): every annealed checkpoint evaluated (cached) into one row per (arm, epoch count, seed)."
     from supra.model.checkpoint import read_meta
     rows, base, lim, done = [], {}, dict(p.limits), {}   # done: the repeated arm's evaluations by their weights' sha256
     for i, r in enumerate(runs):
-        ev_cfg = p.eval if r['arm'] == 'repeated' else p.eval.replace(tasks=tuple(t for t in p.eval.tasks if t == 'blimp'))
+        ev_cfg = p.eval if r['arm'] == 'repeated' else control_eval(p)
         sha = read_meta(r['checkpoint'])['model_sha256']
         if r['arm'] != 'repeated' and sha in done:    # the same weights (the fresh control's shared first epoch): its rows of that evaluation
             ev = dict(done[sha], eval_s=0.0, table=[t for t in done[sha]['table'] if t['task'].split(':')[0].startswith(ev_cfg.tasks)])
@@ -222,14 +228,46 @@ def claims(rows:list[dict], epochs:int) -> list[dict]:
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #a0d4a50a
 def above_chance(rows:list[dict], metric:str='blimp', chance:float=0.5, arm:str='repeated') -> dict:
-    "The epoch count with the highest mean `metric`, its mean, pooled stderr over seeds and one-sided p against `chance`."
-    from scipy import stats
+    """The epoch count with the highest mean `metric` against `chance`, by the verdict engine: every seed scores the same items (their
+    error does not shrink with seeds), and the count was picked as the best of k (p × k). Its mean, standard error, z and two-sided p."""
     ks = sorted({r['epochs'] for r in rows if r['arm'] == arm and r.get(metric) is not None})
     if not ks: return {}
     by = {k: [r for r in rows if r['arm'] == arm and r['epochs'] == k] for k in ks}
     k = max(ks, key=lambda k: np.mean([r[metric] for r in by[k]]))
-    m = float(np.mean([r[metric] for r in by[k]])); se = math.sqrt(sum(r[f'{metric}_stderr'] ** 2 for r in by[k])) / len(by[k])
-    return dict(epochs=k, mean=m, stderr=se, z=(m - chance) / se, p=float(stats.norm.sf((m - chance) / se)), chance=chance)
+    v = versus(by[k], metric, arm, chance, select=len(ks))
+    return dict(epochs=k, mean=v['effect'] + chance, stderr=v['se'], z=v['effect'] / v['se'] if v['se'] else None, p=v['p'], chance=chance, test=v['test'])
+
+# %% ../../../nbs/10_experiments/00_epochs_run.ipynb #9945780b
+def planned_work(p:EpochsPlan, pool=None, fresh_pool=None) -> dict:
+    """The plan's training steps and evaluations, counted before any compute: per seed the repeated run and the fresh control
+    (its first epoch shared with the repeated run's), and the checkpoints to evaluate as `[(eval_cfg, limits, n)]` (the control's, BLiMP alone, counted at the whole suite's cost). With the
+    pools, a run already trained under `out_dir` counts only the steps it has left (`trained`: the runs with none left)."""
+    from supra.train.trainer import epochs_run_plan
+    from supra.lab.estimate import steps_per_epoch, done_steps
+    spe = steps_per_epoch(p.data.n_tokens, p.train.batch_size, p.train.seq_len, p.train.grad_accum)
+    shared = fresh_pool is None or same_first_epoch(pool, fresh_pool, p.data.n_tokens)
+    full = {'repeated': epochs_run_plan(spe, p.epochs, p.train.cooldown_frac)['total_steps']}
+    if p.fresh_pools: full['fresh'] = epochs_run_plan(spe, p.fresh_pools, p.train.cooldown_frac)['total_steps']
+    steps, trained = 0, 0
+    for s in p.seeds:
+        for arm, n in full.items():
+            first = spe if arm == 'fresh' and shared else 0          # the shared first epoch: adopted, not trained
+            done = 0
+            if pool is not None and (arm == 'repeated' or fresh_pool is not None):
+                done = done_steps(_arm_dir(p, pool if arm == 'repeated' else fresh_pool, arm, s, chunked=arm == 'fresh')[1])
+            left = max(0, n - max(done, first))
+            steps += left; trained += left == 0 and done > 0
+    n_control = len(p.seeds) * max(0, p.fresh_pools - shared)
+    return dict(steps_per_epoch=spe, steps=steps, tokens=steps * p.train.batch_size * p.train.seq_len, seeds=len(p.seeds), arms=len(full),
+                runs=len(p.seeds) * len(full), trained=trained, evaluations=len(p.seeds) * p.epochs + n_control,
+                evals=[(p.eval, dict(p.limits), len(p.seeds) * p.epochs + n_control)])   # the control's BLiMP-only ones at the suite's time: at most that
+
+def plan_line(p:EpochsPlan, work:dict) -> str:
+    "The terminal's first line: the plan, and the work it holds."
+    n = lambda k, what: f"{k} {what}{'s' if k != 1 else ''}"
+    return (f"[epochs] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · epochs 1..{p.epochs} · seeds {list(p.seeds)}"
+            + (f" · fresh control to {p.fresh_pools} pools" if p.fresh_pools else '') + f" · {p.device} — {n(work['seeds'], 'seed')} × {n(work['arms'], 'arm')}: "
+            f"{work['steps']:,} training steps ({work['tokens']:,} tokens), {n(work['evaluations'], 'checkpoint')} to evaluate")
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #2654d9d5
 def epoch_status(rows:list[dict], alpha:float=ALPHA) -> dict:
@@ -284,14 +322,17 @@ def run(p:EpochsPlan, dashboard:bool=True) -> dict:
     "The whole experiment: pools → both arms per seed → evaluation → effective data, claims → the results envelope (not yet written)."
     from supra.data.pool import build_pool
     from supra.model.transformer import count_params
+    from supra.lab.estimate import estimate
     t0 = time.time()
-    say(f"[epochs] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · epochs 1..{p.epochs} · seeds {list(p.seeds)}"
-        + (f" · fresh control to {p.fresh_pools} pools" if p.fresh_pools else '') + f" · {p.device}")
+    say(plan_line(p, planned_work(p)))
     pool = build_pool(p.data)
     fresh = build_pool(p.fresh_data) if p.fresh_pools else None
     if fresh is not None:
         check(fresh.tokenizer.to_str() == pool.tokenizer.to_str(), 'fresh', fresh.key, 'a pool with the repeated pool’s tokenizer')
     say(f"[epochs] pool: {pool.n_tokens:,} tokens, vocab {p.data.vocab_size}" + (f"; fresh pool {fresh.n_tokens:,}" if fresh is not None else ''))
+    work = planned_work(p, pool, fresh)            # before training: how long it takes here (runs already trained count what they have left)
+    if work['trained']: say(f"[epochs] {work['trained']} of {work['runs']} runs already trained under {p.out_dir}: reused")
+    say('[epochs]', estimate(pool, p.model, p.train, p.device, work['steps'], work['evals'], say=lambda m: say('[epochs]', m))['line'])
     runs = train_runs(p, pool, fresh, dashboard)
     rows, base = evaluate_runs(p, pool, runs)
     from supra.eval.floors import ngram_floor_eval, floor_metrics

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from ...core.config import Config, ConfigError, check, check_choice, as_ints, resolve_device, TrainConfig
 from ...core.cache import code_fingerprint
-from ...lab.experiment import check_known, check_writable, run_dir, rel, envelope, environment, say, TerminalProgress
+from ...lab.experiment import Plan, plan_preamble, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...lab.stats import ALPHA, group_summary, compare
 
 # %% auto #0
@@ -33,9 +33,10 @@ PROBES = ('analogy', 'analogy_base', 'cluster_gap', 'dir_consistency', 'word_ord
 LOWER_BETTER = {'word_order_sim'}
 
 @dataclass(frozen=True)
-class FLMPlan(Config):
-    "Everything that determines one run of the flm experiment."
-    preset: str; corpus: str; seeds: tuple; device: str; out_dir: str; paper: str | None
+class FLMPlan(Plan):
+    """Everything that determines one run of the flm experiment: the shared fields of every plan — but `preset` is the name of
+    one of flm's own scales (PRESETS), its model a family of its own — then flm's knobs."""
+    preset: str
     arms: tuple = ('geometry', 'no_geometry'); wordnet: bool = False
     model: str = 'smoke'; n_pairs: int = 1000; n_test: int = 32; steps: int = 40; batch: int = 16; lr: float = 3e-3
     eval_every: int = 20; geo_warmup: int = 20; warmup: int = 4
@@ -43,26 +44,16 @@ class FLMPlan(Config):
 def plan(**params) -> FLMPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
     from supra.flm.wordnet import wordnet_root, MISSING
-    check_known(params, PARAMS); p = {**PARAMS, **params}
-    device = resolve_device(p['device'])
-    preset = ('paper' if device == 'cuda' else 'cpu') if p['preset'] == 'auto' else p['preset']
-    check_choice('preset', preset, PRESETS); check_choice('corpus', p['corpus'], (CORPUS,)); check_choice('geometry', p['geometry'], ('both', 'on', 'off'))
-    d = PRESETS[preset]
-    seeds = tuple(d['seeds']) if p['seeds'] is None else tuple(as_ints('seeds', p['seeds'], lo=0))
-    check(len(set(seeds)) == len(seeds) and len(seeds) >= d['min_seeds'], 'seeds', list(seeds), f"at least {d['min_seeds']} distinct seeds at preset {preset!r}")
+    p, c, d = plan_preamble(params, PARAMS, PRESETS, corpora=(CORPUS,))
+    check_choice('geometry', p['geometry'], ('both', 'on', 'off'))
     wn = d['wordnet'] if p['wordnet'] == 'auto' else p['wordnet']
     check(wn in (True, False, 'auto'), 'wordnet', p['wordnet'], "'auto', True or False")
     if wn is True: check(wordnet_root() is not None, 'wordnet', True, MISSING)
     if wn == 'auto':
         wn = wordnet_root() is not None
         if not wn: say(f'[flm] {MISSING}')
-    check(isinstance(p['out_dir'], (str, Path)) and str(p['out_dir']).strip(), 'out_dir', p['out_dir'], 'a directory path')
-    check(p['paper'] is None or str(p['paper']).endswith('.html'), 'paper', p['paper'], 'a path ending in .html, or None')
-    check_writable('out_dir', p['out_dir'])
-    if p['paper']: check_writable('paper', p['paper'], is_dir=False)
     arms = {'both': ('geometry', 'no_geometry'), 'on': ('geometry',), 'off': ('no_geometry',)}[p['geometry']]
-    return FLMPlan(preset=preset, corpus=CORPUS, seeds=seeds, device=device, out_dir=str(p['out_dir']), paper=None if p['paper'] is None else str(p['paper']),
-                   arms=arms, wordnet=bool(wn), **{k: v for k, v in d.items() if k not in ('seeds', 'min_seeds', 'wordnet')})
+    return FLMPlan(**c, arms=arms, wordnet=bool(wn), **{k: v for k, v in d.items() if k not in ('seeds', 'min_seeds', 'wordnet')})
 
 # %% ../../../nbs/10_experiments/08_flm_run.ipynb #04b8d22c
 FLM_CODE = ('flm.model', 'flm.loader', 'flm.probes', 'flm.data', 'flm.losses', 'flm.wordnet')

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from ...core.config import check, as_int, ModelConfig, TrainConfig, Preset, ConfigError
 from ...core.cache import code_fingerprint
-from ...lab.experiment import Plan, check_known, check_common, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
+from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics
 from ...core.cache import write_json, read_json
 from ...lab.stats import ALPHA, group_summary, compare
@@ -71,12 +71,8 @@ def _names(field, v, default) -> tuple:
 
 def plan(**params) -> GolfPlan:
     "Validate the notebook's parameters into a plan; a bad value (or an unknown name) raises ConfigError naming it."
-    check_known(params, PARAMS)
-    p = {**PARAMS, **params}
-    c = check_common(p['preset'], p['corpus'], 0 if p['seeds'] is None else p['seeds'], p['device'], p['out_dir'], p['paper'])
-    s = SCALE[c['preset']]
-    seeds = tuple(s['seeds']) if p['seeds'] is None else c['seeds']
-    check(len(seeds) >= s['min_seeds'], 'seeds', list(seeds), f"at least {s['min_seeds']} distinct seeds at preset {c['preset']!r}")
+    p, c, s = plan_preamble(params, PARAMS, SCALE)
+    seeds = c['seeds']
     byte_budget = s['byte_budget'] if p['byte_budget'] is None else as_int('byte_budget', p['byte_budget'], lo=10_000)
     budget = s['budget_s'] if p['budget_s'] is None else p['budget_s']
     try: budget = float(budget)
@@ -89,7 +85,7 @@ def plan(**params) -> GolfPlan:
     if pre.name == 'paper': pre = pre.replace(data=pre.data.replace(vocab_size=1024, n_tokens=200_000_000))
     ev = pre.eval.replace(tasks=s['tasks'], bpb_context=s['seq_len'], bpb_stride=min(64, s['seq_len'] // 2))
     pre = pre.replace(eval=ev, train=pre.train.replace(batch_size=s['batch'], seq_len=s['seq_len'], grad_accum=s.get('accum', 1), grad_clip=0.3, log_every=1))
-    return GolfPlan(**{**c, 'seeds': seeds, 'preset': pre}, byte_budget=byte_budget, budget_s=budget, techniques=techniques, ablate=ablate,
+    return GolfPlan(**{**c, 'preset': pre}, byte_budget=byte_budget, budget_s=budget, techniques=techniques, ablate=ablate,
                     ablation_seeds=min(len(seeds), s['ablation_seeds']))
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #447600a5

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 from .run import (TOPOLOGIES, LABELS, METRICS, TESTED, BLIMP_FIELDS, FIELDS, )
 from ...lab.stats import ALPHA
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p
 
 # %% auto #0
-__all__ = ['vs_floor', 'informative', 'claims', 'findings', 'lr_trace_chart', 'figures', 'paper']
+__all__ = ['UNITS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings', 'lr_trace_chart', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/03_topology_paper.ipynb #8a50636c
 def _S(res) -> dict: return {s['topology']: s for s in res['summary']['by_topology']}
@@ -19,36 +20,57 @@ def _m(res, k, t): return _S(res)[t][k]
 def _best(res, k):
     means = {t: _m(res, k, t) for t in TOPOLOGIES}
     return (min if METRICS[k][2] == 'min' else max)(means, key=means.get)
+UNITS = dict(heldout_bpb='bits/byte', step_loss='nats/token', train_loss='nats/token', wikitext_word_ppl='word perplexity', samples_s='samples/s')
+
+def _metric(k) -> Metric:
+    lab, fmt, best, _ = METRICS[k]
+    return Metric(k, 'points' if fmt == 'pct' else UNITS[k], best == 'min', 100.0 if fmt == 'pct' else 1.0, lab.split(' (')[0])
+
+def family(res:dict) -> list:
+    """Every test this paper reports, one family for the verdict engine: each pair of shapes on each ranked metric (paired: a seed
+    fixes the data order every shape reads), each shape against the trigram counted from the same pool, and the seed's claims."""
+    ks = [k for k in TESTED if k in res['runs'][0]]; ng = res['summary'].get('ngram') or {}
+    out = [Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}")
+           for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:]]
+    out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', by='topology', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
+                   label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
+    for k, what in [('heldout_bpb', 'held-out bits per byte'), ('wikitext_word_ppl', 'WikiText word perplexity')]:
+        out += [Claim(f'Shallow & wide wins on {what}: vs {LABELS[o].lower()}', _metric(k), 'shallow-wide', o, sign=-1, by='topology') for o in ('balanced', 'deep-narrow')]
+    out.append(Claim('Depth is a bottleneck: deep & narrow is worse than balanced (held-out bits/byte)', _metric('heldout_bpb'), 'deep-narrow', 'balanced', sign=1, by='topology'))
+    sc = res['summary'].get('seed_reference', {}).get('samples_s')
+    seed_x = f"×{sc['shallow-wide'] / sc['deep-narrow']:.2f} on its GPU" if sc else 'faster'
+    out.append(Claim(f'Shallow & wide trains faster than deep & narrow (the seed: {seed_x}; the direction is tested — speed ratios do not transfer across hardware)',
+                     _metric('samples_s'), 'shallow-wide', 'deep-narrow', sign=1, by='topology'))
+    return out
+
+def verdicts(res:dict) -> list[dict]:
+    "Every test of the family, judged by the engine (Holm over the family, α = 0.01)."
+    return judge(res['runs'], family(res), family='topology')
+
 def _comp(res, k, a, b):
-    c = next(c for c in res['summary']['comparisons'] if c['metric'] == k and {c['a'], c['b']} == {a, b})
-    return c if c['a'] == a else {**c, 'a': b, 'b': a, 'diff': -c['diff'] if c['diff'] is not None else None}
+    "The engine's comparison of shapes `a` and `b` on `k`, oriented a − b (effect in the metric's display unit)."
+    r = next(x for x in verdicts(res) if x['kind'] == 'comparison' and x['metric'] == k and {x['a'], x['b']} == {a, b})
+    flip = r['a'] != a
+    return dict(r, a=a, b=b, diff=None if r['effect'] is None else (-r['effect'] if flip else r['effect']), resolved=r['verdict'] == 'resolved')
+
 def _p(c) -> str:
     if c['p'] is None: return 'no test: one seed'
-    return ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}") + ('' if c['resolved'] else f"; could detect ≥ {c['mde']:.3g}")
+    return f"Holm p {fmt_p(c['p_adj'])}" + ('' if c['verdict'] == 'resolved' else f"; could detect {verdict_cells(c)['mde']}")
 
 def _lead(res, k, best) -> str:
-    return '; '.join(f"{'**resolved**' if (c := _comp(res, k, best, o))['resolved'] else 'not resolved'} vs {LABELS[o].lower()} ({_p(c)})"
+    return '; '.join(f"{'**resolved**' if (c := _comp(res, k, best, o))['resolved'] else 'bounded'} vs {LABELS[o].lower()} ({_p(c)})"
                      for o in TOPOLOGIES if o != best)
 
 def vs_floor(res:dict, k:str) -> dict:
-    """Each topology against the n-gram floor on metric `k`: {topology: dict(mean, floor, diff, p, resolved)}. Held-out bits/byte:
-    a one-sample t-test of the seeds against the floor's value (counting has no seed noise); accuracies: a z-test on lm-eval's
-    stderrs, the topology's pooled over seeds. None where the floor did not measure `k`."""
-    from scipy import stats
+    """Each topology against the n-gram floor on metric `k`, from the engine's family: {topology: dict(mean, floor, diff, p (Holm), resolved, test)}.
+    Held-out bits/byte: a one-sample t-test of the seeds against the floor's value (counting has no seed noise); BLiMP: the items
+    every seed and the floor share keep their error (the floor's stderr added). None where the floor did not measure `k`."""
     ng = res['summary'].get('ngram') or {}
     if ng.get(k) is None: return None
-    out = {}
-    for t in TOPOLOGIES:
-        xs = [r[k] for r in res['runs'] if r['topology'] == t and r.get(k) is not None]
-        m = float(np.mean(xs))
-        if k.startswith(('blimp', 'arc_easy')):
-            ses = [r.get(f'{k}_stderr') for r in res['runs'] if r['topology'] == t]
-            se = math.sqrt(sum(s ** 2 for s in ses)) / len(ses) if all(s is not None for s in ses) else None
-            sf = ng.get(f'{k}_stderr')
-            p = float(2 * stats.norm.sf(abs(m - ng[k]) / math.hypot(se, sf))) if se and sf else None
-        else: p = float(stats.ttest_1samp(xs, ng[k]).pvalue) if len(xs) > 1 and np.std(xs) > 0 else None
-        out[t] = dict(mean=m, floor=float(ng[k]), diff=m - float(ng[k]), p=p, resolved=p is not None and p < ALPHA)
-    return out
+    R = {r['a']: r for r in verdicts(res) if r['kind'] == 'versus' and r['metric'] == k}
+    sc = _metric(k).scale
+    return {t: dict(mean=float(ng[k]) + R[t]['effect'] / sc, floor=float(ng[k]), diff=R[t]['effect'] / sc, p=R[t]['p_adj'], resolved=R[t]['verdict'] == 'resolved', test=R[t]['test'])
+            for t in TOPOLOGIES if t in R and R[t]['effect'] is not None}
 
 def informative(res:dict, k:str) -> bool:
     "An accuracy is informative at this scale when some topology's mean beats the larger of chance and majority by two (pooled) lm-eval stderrs."
@@ -64,8 +86,8 @@ def informative(res:dict, k:str) -> bool:
 def _floor_txt(res, k, f) -> str:
     def one(t, x):
         better = (x['diff'] < 0) == (METRICS[k][2] == 'min')
-        v = ('**beats it**' if better else '**worse**') if x['resolved'] else 'not resolved'
-        p = '' if x['p'] is None else ', p < 0.001' if x['p'] < 0.001 else f", p = {x['p']:.3f}"
+        v = ('**beats it**' if better else '**worse**') if x['resolved'] else 'bounded'
+        p = '' if x['p'] is None else f", Holm p {fmt_p(x['p'])}"
         return f"{LABELS[t].lower()} {format(x['mean'], f)} ({v}, {format(x['diff'], '+' + f)}{p})"
     return '; '.join(one(t, x) for t, x in vs_floor(res, k).items())
 
@@ -78,7 +100,7 @@ def _spikes(res) -> str:
     return ('; loss spikes — ' + '; '.join(out) + ' — a sign that a short proxy run chose an LR too high for the full run') if out else '; no run\'s loss rose above its starting value'
 
 def _floor_verdict(res, k) -> str:
-    "One sentence: how many shapes beat, or lose to, the n-gram floor on `k` (resolved at p < 0.01)."
+    "One sentence: how many shapes beat, or lose to, the n-gram floor on `k` (resolved: Holm p < 0.01 over the paper's family)."
     v = vs_floor(res, k)
     if not v: return ''
     low = METRICS[k][2] == 'min'
@@ -87,28 +109,16 @@ def _floor_verdict(res, k) -> str:
     fl = next(iter(v.values()))['floor']
     if len(lose) == len(v): return f" **No shape beats the trigram counted from the same pool** ({fl:.4f}): at this scale every shape predicts held-out text worse than counting does."
     if len(beat) == len(v): return f" Every shape beats the trigram counted from the same pool ({fl:.4f})."
-    return f" Against the trigram counted from the same pool ({fl:.4f}): {len(beat)} of {len(v)} shapes beat it, {len(lose)} are worse, the rest not resolved."
+    return f" Against the trigram counted from the same pool ({fl:.4f}): {len(beat)} of {len(v)} shapes beat it, {len(lose)} {'is' if len(lose) == 1 else 'are'} worse, the rest bounded (Holm over the paper's tests)."
 
 def claims(res:dict) -> list[dict]:
-    "The seed write-up's claims, each with a verdict from the envelope: supported, contradicted, or not resolved at this scale."
-    def verdict(k, a, b, better_a:bool):
-        c = _comp(res, k, a, b)
-        if not c['resolved']: return 'not resolved at this scale', f"{_p(c)}"
-        a_better = (c['diff'] < 0) == (METRICS[k][2] == 'min')
-        return ('supported' if a_better == better_a else 'contradicted'), _p(c)
+    "The seed write-up's claims, each with the engine's verdict (supported, contradicted, bounded, not testable here) and its evidence."
     out = []
-    for k, what in [('heldout_bpb', 'held-out bits per byte'), ('wikitext_word_ppl', 'WikiText word perplexity')]:
-        vs = [verdict(k, 'shallow-wide', o, True) for o in ('balanced', 'deep-narrow')]
-        v = 'supported' if all(x[0] == 'supported' for x in vs) else 'contradicted' if any(x[0] == 'contradicted' for x in vs) else 'not resolved at this scale'
-        out.append(dict(claim=f'Shallow & wide wins on {what}', verdict=v, evidence=f"vs balanced: {vs[0][0]} ({vs[0][1]}); vs deep & narrow: {vs[1][0]} ({vs[1][1]})"))
-    v, e = verdict('heldout_bpb', 'deep-narrow', 'balanced', False)
-    out.append(dict(claim='Depth is a bottleneck: deep & narrow is worst', verdict=v, evidence=f'held-out bpb, deep & narrow vs balanced: {e}'))
-    ratio = _m(res, 'samples_s', 'shallow-wide') / _m(res, 'samples_s', 'deep-narrow')
-    v, e = verdict('samples_s', 'shallow-wide', 'deep-narrow', True)
-    sc = res['summary'].get('seed_reference', {}).get('samples_s')
-    seed_x = f"×{sc['shallow-wide'] / sc['deep-narrow']:.2f}" if sc else 'a ratio'
-    out.append(dict(claim=f'Shallow & wide trains faster than deep & narrow (the seed: {seed_x})', verdict=v,
-                    evidence=f'×{ratio:.2f} samples/s here ({e}); the seed measured {seed_x} on a GPU — the direction is what is tested, speed ratios do not transfer across hardware'))
+    for r in verdicts(res):
+        if r['kind'] != 'claim': continue
+        c = verdict_cells(r)
+        ev = f"effect {c['effect']}, interval {c['interval']}, MDE {c['mde']}, Holm p {c['p_adj']}" if r['effect'] is not None else r['reason']
+        out.append(dict(claim=r['label'], verdict=r['verdict'], evidence=(f"{r['reason']}: " if r['reason'] and r['effect'] is not None else '') + ev))
     return out
 
 def findings(res:dict) -> list:
@@ -190,6 +200,7 @@ def _shape(info) -> str: return f"{info['n_layer']}L × {info['d_model']}"
 def paper(res:dict, figs:dict, path) -> Path:
     "The topology paper for the envelope `res` and its figures."
     from supra.pages.paper import findings as findings_, table, row, chart, samples, prose, stats, links, write_paper
+    from supra.lab.arms import verdict_table
     from supra.pages.fmt import fmt_int, fmt_duration
     pl, env, sm = res['plan'], res['environment'], res['summary']; topo, S = sm['topologies'], _S(res)
     pname, seeds, hw, tc = pl['preset']['name'], pl['seeds'], env.get('hardware', env.get('device')), pl['preset']['train']
@@ -218,21 +229,9 @@ def paper(res:dict, figs:dict, path) -> Path:
                  **({'trigram': ng[k]} if ng.get(k) is not None else {})) for f, k in zip(BLIMP_FIELDS, FIELDS) if S['balanced'].get(k) is not None]
     fields = table(cols, frows, title='BLiMP by field', baselines=('chance',) + (('trigram',) if ng else ()), label='// BLiMP_Fields', id='blimp-fields',
                    caption=f"Mean accuracy over the paradigms of each linguistic field (lm-eval's BLiMP paradigms grouped by field), mean ± std over {len(seeds)} seeds.") if frows else None
-    comp_rows = []
-    for c in sm['comparisons']:
-        d = METRICS[c['metric']]
-        f1 = (lambda v: f'{100*v:.2f}%') if d[1] == 'pct' else (lambda v: f'{v:,.{3 if d[3] is None else d[3]}f}')
-        comp_rows.append(row(f"{d[0].split(' (')[0]}: {LABELS[c['a']].lower()} vs {LABELS[c['b']].lower()}",
-                             [f1(c['mean_a']), f1(c['mean_b']), '—' if c['ci_lo'] is None else f"[{f1(c['ci_lo'])}, {f1(c['ci_hi'])}]",
-                              '—' if c['p'] is None else '< 0.001' if c['p'] < 0.001 else f"{c['p']:.3f}", '—' if c['mde'] is None else f1(c['mde']),
-                              c['verdict'] + (f" ({LABELS[c['better']].lower()} better)" if c['better'] else '')], fmt='str'))
-    comp = table(['mean a', 'mean b', '99% CI of a − b', 'paired p', 'detectable (80% power)', 'verdict'], comp_rows, title='Which differences are real?',
-                 row_header='Metric: a vs b', label='// Noise', nav='Noise', id='noise',
-                 caption=f"Paired two-sided t-test over the {len(seeds)} seeds (a seed fixes the data order, shared by the shapes; supra.lab.stats.paired). Resolved = p < 0.01. "
-                         "Where a difference is not resolved, 'detectable' is the smallest true difference this run had an 80% chance to resolve.")
-    claim_tab = table(['verdict', 'evidence'], [row(c['claim'], [c['verdict'], c['evidence']], fmt='str') for c in claims(res)],
-                      title="The seed's claims", row_header='Claim (seed write-up 001)', label='// Claims', nav='Claims', id='claims',
-                      caption='Each verdict is computed from results.json by the paired test over seeds: supported, contradicted, or not resolved at this scale.')
+    V = verdicts(res)
+    comp = verdict_table([r for r in V if r['kind'] != 'claim'], title='Which differences are real?', label='// Noise', nav='Noise', id='noise')
+    claim_tab = verdict_table([r for r in V if r['kind'] == 'claim'], title="The seed's claims", label='// Claims', nav='Claims', id='claims')
     rcols = [f"{LABELS[r['topology']].split(' ')[0]} s{r['seed']}" for r in res['runs']]
     col = lambda k: [r.get(k) for r in res['runs']]
     per_run = table(rcols, [row('Peak LR', col('lr'), fmt='.2e'), row('Step loss (↓)', col('step_loss'), best='min'), row('Train loss (↓)', col('train_loss'), best='min'),

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from ...core.config import check, as_int, stable_hash, ModelConfig, Preset
 from ...core.cache import code_fingerprint
-from ...lab.experiment import Plan, check_known, check_common, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
+from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines
 from ...lab.stats import ALPHA, group_summary, compare
 
@@ -63,18 +63,13 @@ class TopologyPlan(Plan):
 def plan(**params) -> TopologyPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
     from supra.lab.sweep import storage_url
-    check_known(params, PARAMS)
-    p = {**PARAMS, **params}
-    c = check_common(p['preset'], p['corpus'], 0 if p['seeds'] is None else p['seeds'], p['device'], p['out_dir'], p['paper'])
-    d = PLAN_DEFAULTS[c['preset']]
-    seeds = tuple(d['seeds']) if p['seeds'] is None else c['seeds']
-    check(len(seeds) >= d['min_seeds'], 'seeds', list(seeds), f"at least {d['min_seeds']} distinct seeds at preset {c['preset']!r} (one seed cannot tell signal from noise)")
+    p, c, d = plan_preamble(params, PARAMS, PLAN_DEFAULTS)
     n_trials = d['n_trials'] if p['n_trials'] is None else as_int('n_trials', p['n_trials'], lo=1, hi=1000)
     pre = experiment_preset(c['preset'], c['corpus'], c['device'])
     data = pre.data.replace(n_tokens=50_000_000 if pre.name == 'paper' else d.get('n_tokens', pre.data.n_tokens))
     bpb_docs = pre.eval.bpb_docs or data.val_docs // 2      # the rest of the held-out documents score the LR search
     pre = pre.replace(data=data, train=pre.train.replace(epochs=1), eval=pre.eval.replace(tasks=EVAL_TASKS, bpb_docs=bpb_docs))
-    return TopologyPlan(**{**c, 'seeds': seeds, 'preset': pre}, storage=storage_url(p['storage'], c['out_dir']), n_trials=n_trials,
+    return TopologyPlan(**{**c, 'preset': pre}, storage=storage_url(p['storage'], c['out_dir']), n_trials=n_trials,
                         lr_lo=d['lr_lo'], lr_hi=d['lr_hi'], proxy_frac=d['proxy_frac'], limits=tuple(sorted(d.get('limits', {}).items())))
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aa37846c
