@@ -8,7 +8,8 @@
 # Supra reads in every process of this venv (kernel, papermill, the supra command, tests); $SUPRA_DATA, when set, wins.
 # Without one, the named corpora and evaluation sets come from the Hugging Face Hub.
 # Where the machine allows it (root with apt), it also installs jemalloc, which speeds up CPU
-# training by 40-60%; Supra's kernel, CLI and torchrun runs preload it automatically.
+# training by 40-60%; every Supra entry point preloads it: the supra command, python -m supra.train and supra.bench,
+# each torchrun rank, and the supra kernel.
 set -euo pipefail
 DEV=0; DATA=""
 while [ $# -gt 0 ]; do
@@ -46,13 +47,12 @@ extra=""; [ $DEV = 1 ] && extra="[dev]"
 .venv/bin/python -m pip install -q --upgrade pip 2>/dev/null || true
 .venv/bin/python -m pip install -q -e ".${extra}"
 
-# The Jupyter kernel that papermill and JupyterLab use for Supra's notebooks: this venv's Python,
-# with jemalloc preloaded where present. Registered inside the venv (--sys-prefix) so that it
-# never points at another checkout.
-JE=$(ldconfig -p 2>/dev/null | awk '/libjemalloc.so.2/{print $NF; exit}')
-# (MALLOC_CONF: jemalloc keeps freed pages instead of faulting them back in every step; see nbs/03_train/06_trainer.ipynb)
-envargs=(); [ -n "${JE}" ] && envargs=(--env LD_PRELOAD "$JE" --env MALLOC_CONF "dirty_decay_ms:-1,muzzy_decay_ms:-1")
-.venv/bin/python -m ipykernel install --sys-prefix --name supra --display-name "Python 3 (supra)" "${envargs[@]}" >/dev/null
+# The Jupyter kernel that papermill and JupyterLab use for Supra's notebooks: this venv's Python, registered inside the
+# venv (sys.prefix) so that it never points at another checkout. Its command is supra.train.runtime.launch_kernel, which
+# restarts the kernel once with jemalloc preloaded where present (MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 unless
+# you set your own), like every Supra entry point; SUPRA_NO_JEMALLOC=1 turns it off. See nbs/03_train/01_runtime.ipynb.
+JE=$(.venv/bin/python -c "from supra.train.runtime import jemalloc_path; print(jemalloc_path() or '')")
+.venv/bin/python -c "from supra.train.runtime import install_kernel; install_kernel()" >/dev/null
 
 # The data root, recorded where every process of this venv finds it (supra.data.corpus.data_root reads <venv>/supra-data)
 [ -z "$DATA" ] && [ -d ../shared/data ] && DATA=../shared/data

@@ -10,9 +10,9 @@ import argparse, importlib, sys
 
 BENCHES = {'data': ('supra.data.pool', 'bench_data'), 'train': ('supra.train.bench', 'bench_train'), 'eval': ('supra.eval.bench', 'bench_eval')}
 
-def main(argv=None):
-    "Run one benchmark: `python -m supra.bench data|train|eval [--key value ...]`."
-    ap = argparse.ArgumentParser(prog='python -m supra.bench', description='Measure a Supra stage against a same-run reference.')
+def main(argv=None, prog:str='python -m supra.bench'):
+    "Run one benchmark: `python -m supra.bench data|train|eval [--key value ...]` (`prog`: the command its usage and errors name)."
+    ap = argparse.ArgumentParser(prog=prog, description='Measure a Supra stage against a same-run reference.')
     ap.add_argument('stage', choices=sorted(BENCHES))
     ap.add_argument('opts', nargs='*', help='key=value options passed to the benchmark function')
     a = ap.parse_args(argv)

@@ -133,13 +133,13 @@ def cmd_export(args) -> int:
 
 def cmd_train(args) -> int:
     "`python -m supra.train` with the same arguments."
-    from supra.train.trainer import main as train_main
-    return int(train_main(args.args) or 0)
+    from supra.train.trainer import train_main
+    return int(train_main(args.args, prog='supra train') or 0)
 
 def cmd_bench(args) -> int:
     "`python -m supra.bench` with the same arguments."
     from supra.bench import main as bench_main
-    bench_main([args.stage, *args.opts]); return 0
+    bench_main([args.stage, *args.opts], prog='supra bench'); return 0
 
 # %% ../nbs/11_front/02_cli.ipynb #50ee4861
 def experiments(root=None) -> list[str]:
@@ -204,7 +204,11 @@ def parser() -> argparse.ArgumentParser:
 COMMANDS = {'dashboard': cmd_dashboard, 'train': cmd_train, 'eval': cmd_eval, 'export': cmd_export, 'bench': cmd_bench, 'run': cmd_run}
 
 def main(argv=None) -> int:
-    "Entry point of the `supra` console script; returns the exit code."
+    """Entry point of the `supra` console script; returns the exit code. Called with no `argv` (the command line: the console
+    script, `python -m supra.cli`), it first restarts itself once with jemalloc preloaded where installed, like every entry point."""
+    if argv is None:
+        from supra.train.runtime import reexec_with_jemalloc
+        reexec_with_jemalloc()
     p = parser()
     args, extra = p.parse_known_args(argv)     # `supra train` passes every flag (--help too) through to the trainer's parser
     if args.command == 'train': args.args = [*extra, *args.args]

@@ -252,7 +252,7 @@ def test_branched_run_is_one_page_with_every_branch(tmp_path):
     # evaluation lines appended later to a finished branch show, without making it the "current" branch
     with open(run / 'epochs1' / 'metrics.jsonl', 'a') as f: f.write(json.dumps(dict(step=40, eval=dict(heldout_loss=3.5, bpb=1.4))) + '\n')
     html = write_dashboard(run).read_text()
-    assert 'id="p-bpb"' in html and 'epochs1 @ 40' in html and 'data-step="68"' in html
+    assert 'id="p-bpb"' in html and 'epochs1 <span>@ 40</span>' in html and 'data-step="68"' in html
 
 
 def test_branched_done_detection(tmp_path):
@@ -341,3 +341,28 @@ def test_branched_page_follows_in_chromium(tmp_path):
             assert step == '72'
             assert page.eval('document.querySelectorAll("#p-lr polyline").length') == 3
     assert foreign_requests(page.requests) == [], page.requests
+
+
+def test_eight_branch_evaluation_table_stays_in_its_panel(tmp_path):
+    """The latest evaluation of a branched run with eight epoch counts (nine columns of values: the stable run and every
+    cooldown) fits its panel on a desktop window and scrolls inside it on a narrow one; the page never scrolls sideways."""
+    from supra.train.runlog import fake_branched_run
+    run = fresh(fake_branched_run(tmp_path / 'ep8', epochs=8, spe=60))
+    for k in range(1, 9):
+        with open(run / f'epochs{k}' / 'metrics.jsonl', 'a') as f:
+            f.write(json.dumps(dict(step=60 * k, eval=dict(heldout_loss=3.5 + k / 100, bpb=1.4123, blimp=dict(acc=0.51234)))) + '\n')
+    with open(run / 'stable' / 'metrics.jsonl', 'a') as f: f.write(json.dumps(dict(step=400, eval=dict(heldout_loss=3.6, bpb=1.5))) + '\n')
+    path = write_dashboard(run)
+    js = '''(() => { const p = document.getElementById("p-latest-eval"), t = p.querySelector("table"), w = t.parentElement;
+        const r = e => { const b = e.getBoundingClientRect(); return [b.left, b.right]; };
+        return {panel: r(p), box: r(w), table: r(t), cols: t.rows[0].cells.length, overflow: getComputedStyle(w).overflowX,
+                scrolls: w.scrollWidth > w.clientWidth, doc: document.documentElement.scrollWidth}; })()'''
+    for width in (1200, 700):
+        with Page(width=width, height=900) as page:
+            page.goto(path.as_uri())
+            r = page.eval(js)
+            assert r['cols'] == 10, r                                      # metric + stable + epochs1..8
+            assert r['panel'][0] <= r['box'][0] and r['box'][1] <= r['panel'][1] + 0.5, r   # the table's box ends inside the panel
+            if width == 1200: assert r['table'][1] <= r['panel'][1] + 0.5 and not r['scrolls'], r   # a desktop window: it fits
+            else: assert r['scrolls'] and r['overflow'] in ('auto', 'scroll'), r                  # narrow: it scrolls in its panel
+            assert r['doc'] <= width, r                                    # and the page itself never scrolls sideways

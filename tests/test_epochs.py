@@ -75,6 +75,9 @@ def test_terminal_shows_progress(smoke):
     lines = [l for l in err.splitlines() if l.startswith('[supra ')]
     assert any('[epochs] plan:' in l for l in lines) and any('training repeated seed 0' in l for l in lines) and any('training fresh seed 0' in l for l in lines), err[-2000:]
     assert any('evaluating 4/4' in l for l in lines) and any('paper:' in l for l in lines)
+    first = [l.split('] ', 1)[1] for l in lines[:next(i for i, l in enumerate(lines) if 'training repeated' in l)]]
+    assert first[0].startswith('[epochs] plan:') and 'training steps' in first[0] and 'checkpoints to evaluate' in first[0], first
+    assert any(l.startswith('[epochs] estimate: ~') and 'on this machine' in l for l in first), first   # before training starts
     assert len(lines) < 100, 'progress must not flood the terminal'
 
 def test_rerun_reuses_everything(smoke):

@@ -8,9 +8,9 @@ __all__ = []
 # %% ../../nbs/03_train/08_main.ipynb #8a11c435
 import sys
 from .runtime import reexec_with_jemalloc
-from .trainer import train_main
 
 # %% ../../nbs/03_train/08_main.ipynb #d9288f6a
 if __name__ == '__main__' and '__file__' in globals():   # a script run, never a notebook kernel
-    reexec_with_jemalloc()
+    reexec_with_jemalloc()   # first, before the trainer (and torch) is imported: the restart costs a Python start-up only
+    from supra.train.trainer import train_main
     sys.exit(train_main())

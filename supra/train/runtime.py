@@ -4,17 +4,15 @@
 
 # %% ../../nbs/03_train/01_runtime.ipynb #26131218
 from __future__ import annotations
-import os, shutil, sys
+import json, os, shutil, sys
 from pathlib import Path
-
-import torch
-import torch.distributed as dist
 
 from ..core.config import ModelConfig, TrainConfig, resolve_device
 
 # %% auto #0
-__all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'AUTO_COMPILE_FLOPS', 'jemalloc_path', 'jemalloc_loaded', 'with_jemalloc_env',
-           'reexec_with_jemalloc', 'dist_context', 'loss_kwargs', 'train_flops_per_token', 'compile_wanted']
+__all__ = ['JEMALLOC_CONF', 'JEMALLOC_CANDIDATES', 'KERNEL_CODE', 'AUTO_COMPILE_FLOPS', 'jemalloc_path', 'jemalloc_loaded',
+           'with_jemalloc_env', 'reexec_with_jemalloc', 'launch_kernel', 'supra_kernel_spec', 'install_kernel',
+           'dist_context', 'loss_kwargs', 'train_flops_per_token', 'compile_wanted']
 
 # %% ../../nbs/03_train/01_runtime.ipynb #e70fade9
 JEMALLOC_CONF = 'dirty_decay_ms:-1,muzzy_decay_ms:-1'   # keep freed pages: no page faults on the next step's buffers
@@ -43,8 +41,9 @@ def with_jemalloc_env(env:dict|None=None) -> dict:
     return env
 
 def reexec_with_jemalloc():
-    "Restart this command with jemalloc preloaded, if it is installed and not loaded yet (at most once)."
+    "Restart this command with jemalloc preloaded, if it is installed and not loaded yet (at most once; never inside a running Jupyter kernel)."
     if jemalloc_loaded() or os.environ.get('SUPRA_NO_JEMALLOC') == '1' or os.environ.get('SUPRA_JEMALLOC_REEXEC'): return
+    if 'ipykernel' in sys.modules: return   # a kernel restarted under its client's feet would lose its session
     env = with_jemalloc_env()
     if env.get('LD_PRELOAD') == os.environ.get('LD_PRELOAD'): return   # nothing to add
     env['SUPRA_JEMALLOC_REEXEC'] = '1'
@@ -52,9 +51,35 @@ def reexec_with_jemalloc():
     sys.stdout.flush(); sys.stderr.flush()
     os.execve(sys.executable, [sys.executable, *argv[1:]], env)
 
+# %% ../../nbs/03_train/01_runtime.ipynb #b996cbd9
+KERNEL_CODE = 'from supra.train.runtime import launch_kernel; launch_kernel()'
+
+def launch_kernel():
+    "The `supra` Jupyter kernel: restart once with jemalloc preloaded (as every entry point does), then run ipykernel."
+    reexec_with_jemalloc()
+    from ipykernel import kernelapp
+    kernelapp.launch_new_instance()
+
+def supra_kernel_spec(spec:dict) -> dict:
+    "ipykernel's kernel spec made Supra's: `python -c KERNEL_CODE` instead of `-m ipykernel_launcher`, and no fixed `LD_PRELOAD`/`MALLOC_CONF`."
+    argv = list(spec['argv'])
+    i = argv.index('-m')
+    argv[i:i + 2] = ['-c', KERNEL_CODE]
+    env = {k: v for k, v in (spec.get('env') or {}).items() if k not in ('LD_PRELOAD', 'MALLOC_CONF')}
+    return {**{k: v for k, v in spec.items() if k != 'env'}, 'argv': argv, **({'env': env} if env else {})}
+
+def install_kernel(name:str='supra', display_name:str='Python 3 (supra)', prefix:str|None=None) -> Path:
+    "Register this Python as the Jupyter kernel `name` (in `prefix`, default this environment: never another checkout's); returns its folder."
+    from ipykernel.kernelspec import install
+    d = Path(install(kernel_name=name, display_name=display_name, prefix=prefix or sys.prefix))
+    f = d / 'kernel.json'
+    f.write_text(json.dumps(supra_kernel_spec(json.loads(f.read_text())), indent=1))
+    return d
+
 # %% ../../nbs/03_train/01_runtime.ipynb #a96f3bc2
 def dist_context(device_pref:str) -> tuple[int, int, str]:
     "(rank, world_size, device), initialising torch.distributed when launched by torchrun."
+    import torch, torch.distributed as dist
     world = int(os.environ.get('WORLD_SIZE', '1'))
     device = resolve_device(device_pref)
     if world > 1 and not dist.is_initialized():

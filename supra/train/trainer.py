@@ -386,10 +386,11 @@ def _configs_from_args(a, p) -> tuple[ModelConfig, TrainConfig]:
     base = ModelConfig.named(a.model, vocab_size=p.model.vocab_size, seq_len=p.model.seq_len) if a.model else p.model
     return base.replace(**mover), p.train.replace(**over)
 
-def train_main(argv=None) -> int:
-    "`python -m supra.train ...`: parse, build the preset's pool, train (or `--branch`: train_epochs), print the result as JSON; 0 on success."
+def train_main(argv=None, prog:str='python -m supra.train') -> int:
+    """`python -m supra.train ...`: parse, build the preset's pool, train (or `--branch`: train_epochs), print the result as JSON; 0 on
+    success. `prog` is the command its usage line names (`supra train` passes its own)."""
     from supra.core.config import preset as get_preset
-    ap = train_arg_parser()
+    ap = train_arg_parser(prog)
     a = ap.parse_args(argv)
     try:
         p = get_preset(a.preset, getattr(a, 'device', 'auto'))
