@@ -9,7 +9,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['COMMANDS', 'run_dir_error', 'cmd_dashboard', 'config_args', 'config_from_args', 'find_tokenizer', 'cmd_eval',
-           'cmd_export', 'cmd_train', 'cmd_bench', 'experiments', 'cmd_run', 'parser', 'main']
+           'cmd_export', 'cmd_train', 'cmd_new', 'cmd_bench', 'experiments', 'cmd_run', 'parser', 'main']
 
 # %% ../nbs/11_front/02_cli.ipynb #8efcf04a
 def _find_runs(d:Path, limit:int=8) -> list[Path]:
@@ -136,6 +136,11 @@ def cmd_train(args) -> int:
     from supra.train.trainer import train_main
     return int(train_main(args.args, prog='supra train') or 0)
 
+def cmd_new(args) -> int:
+    "`supra new NAME`: a new experiment from the contract (supra.new)."
+    from supra.new import main as new_main
+    return int(new_main(args.args) or 0)
+
 def cmd_bench(args) -> int:
     "`python -m supra.bench` with the same arguments."
     from supra.bench import main as bench_main
@@ -193,6 +198,9 @@ def parser() -> argparse.ArgumentParser:
         e.set_defaults(func=fn)
     b = sub.add_parser('bench', help='benchmarks: data, train or eval against a same-run reference')
     b.add_argument('stage', choices=('data', 'train', 'eval')); b.add_argument('opts', nargs='*', help='key=value options'); b.set_defaults(func=cmd_bench)
+    n = sub.add_parser('new', help='write a new experiment from the contract: run and paper notebooks, experiment notebook, smoke test', add_help=False,
+                       description='Pass-through to supra.new: run `supra new --help` for its options.')
+    n.add_argument('args', nargs=argparse.REMAINDER); n.set_defaults(func=cmd_new)
     r = sub.add_parser('run', help='run an experiment notebook (nbs/NAME.ipynb) through papermill',
                        description='Execute nbs/NAME.ipynb with papermill and the supra kernel; progress is printed here.')
     r.add_argument('name', metavar='NAME', help='an experiment: epochs, topology, ...')
@@ -201,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
     return p
 
-COMMANDS = {'dashboard': cmd_dashboard, 'train': cmd_train, 'eval': cmd_eval, 'export': cmd_export, 'bench': cmd_bench, 'run': cmd_run}
+COMMANDS = {'dashboard': cmd_dashboard, 'train': cmd_train, 'eval': cmd_eval, 'export': cmd_export, 'bench': cmd_bench, 'run': cmd_run, 'new': cmd_new}
 
 def main(argv=None) -> int:
     """Entry point of the `supra` console script; returns the exit code. Called with no `argv` (the command line: the console
@@ -211,7 +219,7 @@ def main(argv=None) -> int:
         reexec_with_jemalloc()
     p = parser()
     args, extra = p.parse_known_args(argv)     # `supra train` passes every flag (--help too) through to the trainer's parser
-    if args.command == 'train': args.args = [*extra, *args.args]
+    if args.command in ('train', 'new'): args.args = [*extra, *args.args]   # their own parsers read every flag, --help too
     elif extra: p.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 

@@ -29,7 +29,7 @@ def run(tmp_path_factory):
     return d, tok
 
 def test_help_of_every_command():
-    for cmd in ('train', 'eval', 'export', 'dashboard', 'bench', 'run'):
+    for cmd in ('train', 'eval', 'export', 'dashboard', 'bench', 'run', 'new'):
         r = supra(cmd, '--help')
         assert r.stdout.startswith(f'usage: supra {cmd} '), (cmd, r.stdout[:200])     # the command the user typed
     bad = supra('bench', 'data', 'nokey', check=False)                                 # bench's own parser, reached through supra

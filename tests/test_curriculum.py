@@ -63,7 +63,7 @@ def test_results_complete_and_consistent(smoke):
 
 def test_paper(smoke):
     page, res = html.unescape(smoke['page']), smoke['results']
-    for s in ("The seed's claims", 'Do the factors multiply?', 'not measurable here', 'Every arm at equal tokens', 'The curriculum', 'CUDA'):
+    for s in ("The seed's claims", 'Do the factors multiply?', 'not testable here', 'Each arm against the baseline', 'Every arm at equal tokens', 'The curriculum', 'CUDA'):
         assert s in page, s
     assert smoke['page'].count('data:image/svg+xml;base64,') == len(res['summary']['speedups']) + 1
     assert '<script' not in smoke['page'] and 'smoke' in page

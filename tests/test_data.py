@@ -546,7 +546,7 @@ def _llama_style(texts, vocab_size):
 
 
 def test_doc_bytes_byte_level_first_token(tmp_path):
-    from tests.common import tiny_bpe
+    from conftest import tiny_bpe
     tok = tiny_bpe("the cat sat on the mat; naïve café 東京 " * 50, 300, specials=(EOS, BOS))
     tok.encode_special_tokens = True                                                         # as the pool's tokenizers: specials in text are text
     for t in [" leading space", "x", "東", "東京 and more", "\n\nnewlines first", "🙂", "the cat"] + WEIRD:

@@ -51,7 +51,7 @@ def test_geometry_losses_only_in_the_geometry_arm(smoke):
 
 def test_paper(smoke):
     page = smoke['page']
-    for s in ('Concept Bottleneck', "The seed&#39;s targets", 'Geometry on vs off', 'Probe trajectories', 'not met'):
+    for s in ('Concept Bottleneck', "The seed&#39;s targets", 'geometry on vs off', 'Probe trajectories', 'p (Holm)'):
         assert s in page or s.replace('&#39;', "'") in page, s
 
 def test_bad_parameter_stops_first_cell(tmp_path):
@@ -110,3 +110,12 @@ def test_dashboard_in_chromium(smoke):
         assert 'target' in page.eval("document.querySelector('[data-panel=\"Analogy & Word Order\"]').textContent")
         assert page.eval("document.querySelector('#status').textContent") == 'done'
         assert foreign_requests(page.requests) == []
+
+def test_a_collapsed_representation_meets_no_target():
+    "The published flm run's bottleneck has effective rank 1-2 of 512 in every seed: its probe values count for no target."
+    from supra.core.cache import read_json
+    from supra.experiments.flm.paper import targets, collapsed, findings
+    res = read_json(ROOT / 'outputs' / 'flm' / 'results.json')
+    assert all(collapsed(res, a) is not None for a in targets(res))
+    assert {v['status'] for t in targets(res).values() for v in t.values()} == {'not testable here'}
+    assert 'collapsed' in findings(res)[0][1] and 'met**' not in findings(res)[0][1]

@@ -7,9 +7,48 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
+from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells
 
 # %% auto #0
-__all__ = ['findings', 'claim_chart', 'speedup_chart', 'figures', 'paper']
+__all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'findings', 'claim_chart', 'speedup_chart', 'figures', 'paper']
+
+# %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #7691d88c
+SPEED = Metric('speedup', '×', lower_is_better=False, label="speed-up to the baseline's final bits/byte (training time)")
+BPB = Metric('final_bpb', 'bits/byte', label='final held-out bits/byte')
+SAME_POOL = ('curriculum', 'factorised', 'gqa', 'fp8')      # arms on the baseline's pool and seeds: paired; the SuperBPE arms read another pool
+
+def _rows(res) -> list[dict]:
+    "The per-run rows with each arm's per-seed speed-up in training time (None where the target was not reached; the baseline's is 1)."
+    sp = res['summary']['speedups']; rows = []
+    for r in res['runs']:
+        s = str(r['seed'])
+        v = 1.0 if r['arm'] == 'baseline' else (sp.get(r['arm'], {}).get('train_s', {}).get('per_seed', {}).get(s) or {}).get('speedup')
+        rows.append(dict(r, speedup=v))
+    return rows
+
+def family(res:dict) -> list:
+    """The paper's tests for the verdict engine: the seed's speed-up factors (tested as ratios on the log scale; SuperBPE's is not
+    testable at this vocabulary, and neither is the product that includes it), the 'no cost' claims of factorised embeddings and GQA
+    (a claim of no change: bounded at best), and every arm's final bits/byte against the baseline."""
+    sm = res['summary']; F = sm['seed_reference']['factors']; tk = sm['tokenizers']; V = res['data']['vocab_size']
+    comp = tk['superbpe']['chars_per_token'] / tk['bpe']['chars_per_token']
+    why = (f"SuperBPE compresses only ×{comp:.2f} at vocabulary {V:,} (characters per token against byte-level BPE on the held-out text), so it "
+           f"cannot save ×{F['superbpe']:g} of the tokens; the seed's factor presumes the compression SuperBPE reaches at large vocabularies (its paper's 200k)")
+    arms = [a for a in sm['labels'] if a != 'baseline']
+    fp8 = sm.get('fp8', {})
+    out = [Claim(f"Sequence-length curriculum: ×{F['curriculum']:g} convergence", SPEED, 'curriculum', 'baseline', value=F['curriculum'], ratio=True),
+           Claim(f"SuperBPE: ×{F['superbpe']:g} faster", SPEED, 'superbpe', 'baseline', value=F['superbpe'], ratio=True, paired=False, untestable=why),
+           Claim(f"SuperBPE × curriculum: ×{F['superbpe'] * F['curriculum']:g}", SPEED, 'superbpe-curriculum', 'baseline', value=F['superbpe'] * F['curriculum'], ratio=True,
+                 paired=False, untestable=f"it multiplies in SuperBPE's ×{F['superbpe']:g}, which this vocabulary cannot test (see SuperBPE); the curriculum's own factor is tested above"),
+           Claim(f"FP8: ×{F['fp8']:g} faster", SPEED, 'fp8', 'baseline', value=F['fp8'], ratio=True, untestable='' if 'fp8' in arms else (fp8.get('reason') or 'FP8 did not run'))]
+    out += [Claim(what, BPB, a, 'baseline', value=0) for a, what in (('factorised', 'Factorised embeddings save parameters at no cost (final bits/byte)'),
+                                                                    ('gqa', 'GQA 6:1 saves KV cache at no cost (final bits/byte)')) if a in arms]
+    out += [Comparison(BPB, a, 'baseline', paired=a in SAME_POOL, label=f"{sm['labels'][a]} vs baseline: final bits/byte") for a in arms]
+    return out
+
+def verdicts(res:dict) -> list[dict]:
+    "Every test of the family, judged (Holm over the family, α = 0.01)."
+    return judge(_rows(res), family(res), family='curriculum')
 
 # %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #5f6d621b
 def _x(v, d=2) -> str: return '—' if v is None else f'{v:.{d}f}×'
@@ -27,18 +66,19 @@ def _A(res) -> dict: return {a['arm']: a for a in res['summary']['by_arm']}
 def findings(res:dict) -> list:
     "The key findings, computed from the envelope."
     sm = res['summary']; L, A, out = sm['labels'], _A(res), []
-    for c in sm['claims']:
-        if c['verdict'] == 'not measurable here':
-            out.append((f"{c['claim']}", f"**not measurable here**: {c['reason']}. The seed's factor, ×{c['seed_factor']:g}, stays unmeasured.")); continue
-        if c['seed_factor'] is not None:
-            out.append((c['claim'], f"**{c['verdict']}**: speed-up of {L[c['arm']].lower()} to the baseline's final held-out bits-per-byte, in training time "
-                        f"{_ci(c['time'])}, in tokens {_ci(c['tokens'])}; the seed claims ×{c['seed_factor']:g}."))
+    for r in verdicts(res):
+        if r['kind'] != 'claim': continue
+        c = verdict_cells(r); sp = sm['speedups'].get(r['a'], {})
+        if r['verdict'] == 'not testable here': out.append((r['label'], f"**not testable here**: {r['reason']}.")); continue
+        ev = f"effect {c['effect']}, interval {c['interval']}, MDE {c['mde']}, Holm p {c['p_adj']}"
+        if r['metric'] == 'speedup':
+            out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): speed-up of {L[r['a']].lower()} to the baseline's final held-out bits-per-byte in training time — {ev}; "
+                        f"in tokens {_ci(sp['tokens'])}."))
         else:
-            saved = f"{int(c['saved_params']):,} parameters ({c['saved_params'] / A['baseline']['params']:.1%})" if c['arm'] == 'factorised' else \
-                    f"{int(c['saved_kv']):,} of {int(A['baseline']['kv_per_token']):,} KV-cache entries per token (×{A['baseline']['kv_per_token'] / A[c['arm']]['kv_per_token']:.0f} smaller)"
-            d = c['cost']
-            out.append((c['claim'], f"**{c['verdict']}**: saves {saved}; held-out bpb {d['mean_a']:.4f} vs {d['mean_b']:.4f} for the baseline "
-                        f"({'+' if d['diff'] >= 0 else ''}{d['diff']:.4f}, {_p(d)}); speed-up to the baseline's bpb in training time {_ci(c['time'])}."))
+            saved = (f"{int(A['baseline']['params'] - A[r['a']]['params']):,} parameters ({(A['baseline']['params'] - A[r['a']]['params']) / A['baseline']['params']:.1%})" if r['a'] == 'factorised' else
+                     f"{int(A['baseline']['kv_per_token'] - A[r['a']]['kv_per_token']):,} of {int(A['baseline']['kv_per_token']):,} KV-cache entries per token (×{A['baseline']['kv_per_token'] / A[r['a']]['kv_per_token']:.0f} smaller)")
+            out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): saves {saved}; final bits/byte {A[r['a']]['final_bpb']:.4f} vs {A['baseline']['final_bpb']:.4f} — {ev}; "
+                        f"speed-up to the baseline's bpb in training time {_ci(sp['train_s'])}."))
     m = sm['multiply']['train_s']
     if m['ratio'] is not None:
         out.append(('Do the factors multiply?', f"curriculum and SuperBPE together: ×{m['together']:.2f} against ×{m['product']:.2f} for the product of each alone "
@@ -108,21 +148,15 @@ def figures(res:dict, fig_dir) -> dict:
 # %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #b7b0a04a
 def paper(res:dict, figs:dict, path) -> Path:
     "The curriculum paper for the envelope `res` and its figures."
+    from supra.lab.arms import verdict_table
     from supra.pages.paper import findings as findings_, table, row, chart, prose, stats, links, write_paper
     from supra.pages.fmt import fmt_int, fmt_duration
     pl, env, sm = res['plan'], res['environment'], res['summary']; L, A = sm['labels'], _A(res)
     pname, seeds, hw = pl['preset']['name'], pl['seeds'], env.get('hardware', env.get('device'))
     arms = list(sm['labels'])
-    cl_rows = []
-    for c in sm['claims']:
-        if c['verdict'] == 'not measurable here': cl_rows.append(row(c['claim'], [f"×{c['seed_factor']:g}", '—', '—', c['verdict'], 'see Method'], fmt='str')); continue
-        ev = f"bpb cost {c['cost']['diff']:+.4f} ({_p(c['cost'])})" if c.get('cost') else ''
-        cl_rows.append(row(c['claim'], ['—' if c['seed_factor'] is None else f"×{c['seed_factor']:g}", _ci(c['time'], True), _ci(c['tokens'], True), c['verdict'], ev], fmt='str'))
-    claim_tab = table(['seed factor', 'measured: wall-clock', 'measured: tokens', 'verdict', 'evidence'], cl_rows, title="The seed's claims", row_header='Claim (seed write-up 004)',
-                      label='// Claims', nav='Claims', id='claims',
-                      caption="Speed-up = the baseline's cost (training seconds, or tokens) to reach its own final held-out bits-per-byte ÷ the arm's cost to reach it, per seed; "
-                              "geometric mean over seeds [its 99% t interval on the log scale]. Supported: the interval excludes 1 and reaches the seed's factor; "
-                              "contradicted: it lies below the factor. An arm that never reaches the target has only an upper bound.")
+    V = verdicts(res)
+    claim_tab = verdict_table([r for r in V if r['kind'] == 'claim'], title="The seed's claims", label='// Claims', nav='Claims', id='claims')
+    cost_tab = verdict_table([r for r in V if r['kind'] != 'claim'], title='Each arm against the baseline', label='// Costs', nav='Costs', id='costs')
     col = lambda k: [A[a][k] for a in arms]; sd = lambda k: [A[a][f'{k}_std'] for a in arms]
     arm_tab = table([L[a] for a in arms], [row('Held-out bits per byte (↓)', col('final_bpb'), sd('final_bpb'), digits=4, best='min'),
                                           row('Parameters', col('params'), fmt='int'), row('KV-cache entries per token', col('kv_per_token'), fmt='int'),
@@ -161,7 +195,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         label='// Method', nav='Method', id='method')
     scale = None if pname == 'paper' else (f"**Scale: `{pname}` preset.** {pl['n_layer']}×{pl['d_model']} model, {fmt_int(res['data']['n_tokens'] - 1)} tokens per run, "
                                            f"curriculum {st[0]['seq_len']} → {st[-1]['seq_len']} (the seed's 8 → 2048), {len(seeds)} seeds, {hw}.")
-    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, arm_tab, mult, *charts, stage_tab, method,
+    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, cost_tab, arm_tab, mult, *charts, stage_tab, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with every run\'s held-out curve.', tone='success')]),
             stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Seeds': ', '.join(map(str, seeds)), 'Arms': ', '.join(L[a] for a in arms),
                    'Compute: train · wall': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'wall_s'))})]

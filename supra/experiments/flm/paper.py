@@ -7,33 +7,72 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from .run import ARMS, PROBES, LOWER_BETTER
+from ...flm.probes import TARGETS
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p
 
 # %% auto #0
-__all__ = ['LABELS', 'findings', 'figures', 'paper']
+__all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'family', 'verdicts', 'collapsed', 'targets', 'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/09_flm_paper.ipynb #47ab115a
 LABELS = dict(analogy='Analogy', analogy_base='Analogy without the offset (cos b, b′)', cluster_gap='Clustering gap', dir_consistency='Direction consistency', word_order_sim='Word-order similarity',
               erank90='Effective rank (90%)', erank95='Effective rank (95%)', test_token_acc='Test token accuracy', test_exact_match='Test exact match')
 
 def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
+
+COLLAPSED_RANK = 8      # effective rank (90% of the variance) at or below this, of the bottleneck's 512 dimensions: a collapsed representation
+COMPARED = ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc')
+def _M(k) -> Metric: return Metric(k, 'score', k in LOWER_BETTER, label=LABELS[k])
+
+def family(res:dict) -> list:
+    """The paper's tests for the verdict engine: geometry on against off on each probe (paired: a seed fixes both arms' initialisation
+    and data), and each arm's probe against the seed's target (a one-sample test over seeds)."""
+    arms = [s['arm'] for s in res['summary']['by_arm']]
+    out = [Comparison(_M(k), 'geometry', 'no_geometry', label=f"{LABELS[k]}: geometry on vs off") for k in COMPARED if {'geometry', 'no_geometry'} <= set(arms)]
+    out += [Versus(_M(k), a, t, f'the target {op} {t}', label=f"{LABELS[k]} — {ARMS[a].lower()} vs the seed's target ({op} {t})") for a in arms for k, (op, t) in TARGETS.items()]
+    return out
+
+def verdicts(res:dict) -> list[dict]:
+    "Every test of the family, judged (Holm over the family, α = 0.01)."
+    return judge(res['runs'], family(res), family='flm')
+
+def collapsed(res:dict, arm) -> float | None:
+    "The arm's mean effective rank (90%) when it is at or below COLLAPSED_RANK (a collapsed representation), else None."
+    r = _S(res)[arm].get('erank90')
+    return r if r is not None and r <= COLLAPSED_RANK else None
+
+def targets(res:dict) -> dict:
+    """{arm: {probe: dict(value, target, status)}}: 'met' only when the engine resolves the arm's mean beyond the target and the
+    representation is not collapsed; 'not met' when resolved on the wrong side; 'bounded' when not resolved; 'not testable here' when collapsed."""
+    V = {(r['a'], r['metric']): r for r in verdicts(res) if r['kind'] == 'versus'}; S = _S(res); out = {}
+    for a in S:
+        rank = collapsed(res, a); out[a] = {}
+        for k, (op, t) in TARGETS.items():
+            r = V.get((a, k)); st = 'bounded'
+            if rank is not None: st = 'not testable here'
+            elif r is not None and r['verdict'] == 'resolved': st = 'met' if (r['effect'] > 0) == (op == '>') else 'not met'
+            out[a][k] = dict(value=S[a].get(k), target=f'{op} {t}', status=st, p_adj=None if r is None else r['p_adj'])
+    return out
 def _f(v, d=3) -> str: return '—' if v is None else f'{v:.{d}f}'
 
 def findings(res:dict) -> list[tuple[str, str]]:
-    S, sm, out = _S(res), res['summary'], []
-    for arm, t in sm['targets'].items():
-        met = [LABELS[k] for k, v in t.items() if v['met']]; unmet = [LABELS[k] for k, v in t.items() if v['met'] is False]
-        out.append((f"Seed targets — {ARMS[arm].lower()}", f"**{len(met)} of {len(t)} met**" + (f" ({', '.join(met)})" if met else '') +
-                    (f"; not met: {', '.join(unmet)}" if unmet else '') + f" — on test vocabulary, mean of {S[arm]['n_seeds']} seed(s)."))
+    S, out = _S(res), []
+    for arm, t in targets(res).items():
+        met = [LABELS[k] for k, v in t.items() if v['status'] == 'met']; rank = collapsed(res, arm)
+        other = ', '.join(f"{LABELS[k]} {v['status']}" for k, v in t.items() if v['status'] != 'met')
+        out.append((f"Seed targets — {ARMS[arm].lower()}", (f"**none counts: the representation is collapsed** (effective rank {rank:.1f} of 512, at or below {COLLAPSED_RANK}); the probe values a collapsed bottleneck scores are not evidence" if rank is not None else
+                    f"**{len(met)} of {len(t)} met**" + (f" ({', '.join(met)})" if met else '') + (f"; {other}" if other else '')) +
+                    f" — on test vocabulary, mean of {S[arm]['n_seeds']} seed(s); a target is met only when the verdict engine resolves the mean beyond it (Holm over the paper's tests)."))
     for arm in S:
         a, b = S[arm]['analogy'], S[arm]['analogy_base']
         if a is not None and b is not None:
             out.append((f"Analogy, read with care — {ARMS[arm].lower()}", f"score {a:.3f}, of which {b:.3f} without the offset (b′ against b alone): "
                         f"the offset a′ − a adds **{a - b:+.3f}**" + (" — near-identical embeddings make the score high for free" if b > 0.9 else '') + '.'))
-    for c in sm['comparisons']:
-        if c['metric'] not in ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc'): continue
-        p = 'one seed: no test' if c['p'] is None else ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}")
-        out.append((LABELS[c['metric']], f"geometry on {_f(c['mean_a'])} vs off {_f(c['mean_b'])}: **{c['verdict']}** ({p}" +
-                    ('' if c['resolved'] or c['mde'] is None else f"; could detect ≥ {c['mde']:.3g}") + ').'))
+    for r in verdicts(res):
+        if r['kind'] != 'comparison': continue
+        c = verdict_cells(r)
+        out.append((LABELS[r['metric']], f"geometry on {_f(S['geometry'][r['metric']])} vs off {_f(S['no_geometry'][r['metric']])}: **{r['verdict']}**"
+                    + (f" — {r['direction']}" if r['direction'] else '') + f" (effect {c['effect']}, interval {c['interval']}, Holm p {c['p_adj']}"
+                    + ('' if r['verdict'] == 'resolved' or r['mde'] is None else f"; could detect {c['mde']}") + ').'))
     return out
 
 def figures(res:dict, fig_dir) -> dict:
@@ -64,27 +103,26 @@ def figures(res:dict, fig_dir) -> dict:
 # %% ../../../nbs/10_experiments/09_flm_paper.ipynb #ced445d1
 def paper(res:dict, figs:dict, path) -> Path:
     "The flm paper for the envelope `res` and its figures."
+    from supra.lab.arms import verdict_table
     from supra.pages.paper import findings as findings_, table, row, chart, prose, stats, links, write_paper
     from supra.pages.fmt import fmt_duration
-    from supra.flm.probes import TARGETS
-    pl, env, sm, S = res['plan'], res['environment'], res['summary'], _S(res)
+    pl, env, S = res['plan'], res['environment'], _S(res)
     arms = [a for a in ARMS if a in S]; hw = env.get('hardware', env.get('device'))
     rows = []
     for k in PROBES:
         tgt = TARGETS.get(k)
         rows.append(row(LABELS[k] + (f" (want {tgt[0]} {tgt[1]})" if tgt else ''), [S[a][k] for a in arms], [S[a][f'{k}_std'] for a in arms],
                         fmt='num', digits=3, best=None if k.startswith('erank') else ('min' if k in LOWER_BETTER else 'max')))
-    status = [(f"{sum(bool(v['met']) for v in sm['targets'][a].values())} / {len(TARGETS)} seed targets met", 'success' if all(v['met'] for v in sm['targets'][a].values()) else 'muted') for a in arms]
+    T = targets(res)
+    status = [('representation collapsed: no target counts', 'warning') if collapsed(res, a) is not None else
+              (f"{sum(v['status'] == 'met' for v in T[a].values())} / {len(TARGETS)} seed targets met", 'success' if all(v['status'] == 'met' for v in T[a].values()) else 'muted') for a in arms]
     main = table([ARMS[a] for a in arms], rows, title='Probes on test vocabulary (final step)', status=status, label='// Probe_Data', nav='Results', id='results',
                  caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; every probe reads sentences whose content words never occur in training data.")
-    trows = [row(LABELS[k], [('met' if sm['targets'][a][k]['met'] else 'not met') + f" ({_f(sm['targets'][a][k]['value'])})" for a in arms], fmt='str',
+    trows = [row(LABELS[k], [f"{T[a][k]['status']} ({_f(T[a][k]['value'])}; Holm p {fmt_p(T[a][k]['p_adj'])})" for a in arms], fmt='str',
                  note=f"want {op} {t}") for k, (op, t) in TARGETS.items()]
     ttab = table([ARMS[a] for a in arms], trows, title="The seed's targets", label='// Targets', nav='Targets', id='targets',
-                 caption="Targets from the seed's reference guide: analogy > 0.8, clustering gap > 0.05, direction consistency > 0.3, word-order similarity < 0.85.")
-    crow = [row(f"{LABELS[c['metric']]}", [_f(c['mean_a']), _f(c['mean_b']), '—' if c['ci_lo'] is None else f"[{_f(c['ci_lo'])}, {_f(c['ci_hi'])}]",
-                                          '—' if c['p'] is None else f"{c['p']:.3g}", c['verdict']], fmt='str') for c in sm['comparisons']]
-    comp = table(['geometry on', 'geometry off', '99% CI of on − off', 'Welch p', 'verdict'], crow, title='Geometry on vs off', label='// Ablation', nav='Ablation', id='ablation',
-                 caption="Welch's t-test over seeds (supra.lab.stats); resolved = p < 0.01.") if crow else None
+                 caption=f"Targets from the seed's reference guide: analogy > 0.8, clustering gap > 0.05, direction consistency > 0.3, word-order similarity < 0.85. Met: the verdict engine resolves the mean over seeds beyond the target (Holm over the paper's tests) and the representation is not collapsed (effective rank above {COLLAPSED_RANK} of 512).")
+    comp = verdict_table(verdicts(res), title='Every test, decided: geometry on vs off, and each target', label='// Ablation', nav='Ablation', id='ablation')
     d = res['data']
     method = prose('Method', [
         f"Model: the seed's concept bottleneck at the `{res['preset']}` preset — {res['runs'][0]['params']:,} parameters; encoder → 32 slots × 16 dims → three non-autoregressive decoders "

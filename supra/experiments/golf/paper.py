@@ -7,32 +7,46 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
+from ...lab.verdict import Metric, Comparison, judge, verdict_cells, fmt_p
 from .run import LABELS, SCALE
 
 # %% auto #0
-__all__ = ['ablation_verdict', 'findings', 'figures', 'paper']
+__all__ = ['BPB', 'family', 'verdicts', 'ablation_verdict', 'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/05_golf_paper.ipynb #b3ae0258
 def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
-def _p(c) -> str:
-    if c['p'] is None: return 'no test: one seed per arm'
-    return ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}") + ('' if c['resolved'] else f"; could detect ≥ {c['mde']:.3g} bpb")
+BPB = Metric('bpb', 'bits/byte', label='held-out bits/byte after the round trip')
 
-def ablation_verdict(c:dict) -> str:
-    "'helps', 'hurts' or 'not resolved' for an ablation comparison (a = no-X, b = full; lower bpb is better)."
-    if not c['resolved']: return 'not resolved'
-    return 'helps' if c['diff'] > 0 else 'hurts'
+def family(res:dict) -> list:
+    """The paper's tests, decided together by the verdict engine: the full stack against the baseline, and each ablation against the
+    full stack — paired over the seeds both arms ran (a seed fixes initialisation and data order for every arm)."""
+    arms = [s['arm'] for s in res['summary']['by_arm']]
+    return [Comparison(BPB, 'full', 'baseline', label='full stack vs baseline')] + [
+            Comparison(BPB, a, 'full', label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
+
+def verdicts(res:dict) -> list[dict]:
+    "Every test of the family, judged (Holm over the family, α = 0.01)."
+    return judge(res['runs'], family(res), family='golf')
+
+def _p(r) -> str:
+    if r['p'] is None: return r['reason'] or 'no test'
+    return f"paired over {r['n']} seeds, Holm p {fmt_p(r['p_adj'])}" + ('' if r['verdict'] == 'resolved' else f"; could detect {verdict_cells(r)['mde']}")
+
+def ablation_verdict(r:dict) -> str:
+    "'helps', 'hurts' or 'bounded' for an ablation (a = no-X, b = full; lower bpb is better), from the engine's verdict."
+    if r['verdict'] != 'resolved': return r['verdict']
+    return 'helps' if r['effect'] > 0 else 'hurts'
 
 def findings(res:dict) -> list:
     "The key findings, computed from the envelope."
-    S, sm = _S(res), res['summary']; h, rec = sm['headline'], sm['record']
+    S, sm = _S(res), res['summary']; rec = sm['record']; V = verdicts(res); h = V[0]
     b, f = S['baseline'], S['full']
-    won = h['resolved'] and h['better'] == 'full'
+    won = h['verdict'] == 'resolved' and h['effect'] < 0
     out = [('Full stack vs baseline', f"held-out bits per byte after the round trip: full stack {f['bpb']:.4f}, baseline {b['bpb']:.4f} "
-            f"(difference {h['diff']:+.4f}; {_p(h)}): " + ('**the full stack wins**.' if won else '**the baseline wins**.' if h['resolved'] else '**not resolved at this scale**.'))]
-    for c in sm['ablation']:
-        t = c['a'][3:]
-        out.append((f"Ablation — {LABELS[t]}", f"without it {c['mean_a']:.4f} vs {c['mean_b']:.4f} with it (Δ {c['diff']:+.4f} bpb; {_p(c)}): **{ablation_verdict(c)}**."))
+            f"(difference {verdict_cells(h)['effect']}, interval {verdict_cells(h)['interval']}; {_p(h)}): " + ('**the full stack wins**.' if won else '**the baseline wins**.' if h['verdict'] == 'resolved' else '**bounded**: no difference larger than the MDE is likely, none measured.'))]
+    for r in V[1:]:
+        t = r['a'][3:]
+        out.append((f"Ablation — {LABELS[t]}", f"without it {S[r['a']]['bpb']:.4f} vs {f['bpb']:.4f} with it (mean over each arm's seeds; Δ over the {r['n']} seeds both ran {verdict_cells(r)['effect']}; {_p(r)}): **{ablation_verdict(r)}**."))
     out.append(('Artefact', f"full stack {f['artefact_bytes']:,.0f} B (code {f['code_bytes']:,.0f} B), baseline {b['artefact_bytes']:,.0f} B against a budget of "
                 f"{sm['byte_budget']:,} B: " + ('every run fits.' if sm['all_fit'] else '**some runs exceed it**.') +
                 f" Quantisation gap (bpb after − before): full {f['quant_gap']:+.4f}, baseline {b['quant_gap']:+.4f} (record: +{rec['quant_gap']})."))
@@ -61,6 +75,7 @@ def _pm(s:dict, k:str) -> str: return f"{s[k]:,.0f}" + ('' if s.get(f'{k}_std') 
 
 def paper(res:dict, figs:dict, path) -> Path:
     "The golf paper for the envelope `res` and its figures."
+    from supra.lab.arms import verdict_table
     from supra.pages.paper import findings as findings_, table, row, chart, prose, stats, links, write_paper
     from supra.pages.fmt import fmt_duration
     S, sm, pl, env = _S(res), res['summary'], res['plan'], res['environment']; rec = sm['record']
@@ -75,11 +90,14 @@ def paper(res:dict, figs:dict, path) -> Path:
                  ('BLiMP, quantised (↑)', 'blimp', 'pct', 'max', 2, dict(chance=0.5)), ('ARC-Easy, quantised (↑)', 'arc_easy', 'pct', 'max', 2, dict(chance=0.25))]
                  if k in S['full']], title='Baseline vs full stack', baselines=('chance',), label='// Results', nav='Results', id='results',
                  caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; {sm['budget_s']:g} s of training each; scored only after quantise → zstd-22 → reload.")
-    abl = table(['bpb without', 'Δ vs full', 'Welch p', 'verdict', 'artefact bytes', 'quant gap'],
-                [row(LABELS[c['a'][3:]], [f"{c['mean_a']:.4f}", f"{c['diff']:+.4f}", '—' if c['p'] is None else f"{c['p']:.3g}", ablation_verdict(c),
-                                          f"{S[c['a']]['artefact_bytes']:,.0f}", f"{S[c['a']]['quant_gap']:+.4f}"], fmt='str') for c in sm['ablation']],
+    V = verdicts(res)
+    abl = table(['bpb without', 'Δ vs full', 'p', 'p (Holm)', 'verdict', 'artefact bytes', 'quant gap'],
+                [row(LABELS[r['a'][3:]], [f"{S[r['a']]['bpb']:.4f}", verdict_cells(r)['effect'], fmt_p(r['p']), fmt_p(r['p_adj']), ablation_verdict(r),
+                                          f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:]],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
-                caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps). {pl['ablation_seeds']} seeds per ablation; resolved = Welch p < {ALPHA}.")
+                caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired over the seeds both arms ran; {pl['ablation_seeds']} seeds per ablation; "
+                        f"decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA}).")
+    vt = verdict_table(V, title='Every test, decided', id='verdicts', nav='Verdicts', label='// Verdicts')
     recs = table(['Record (seed 003)', f"Supra, {res['preset']} preset"],
                  [row('Held-out bpb', [f"{rec['bpb']} (mean {rec['mean']} ± {rec['std']})", f"{S['full']['bpb']:.4f}"], fmt='str'),
                   row('Byte budget', [f"{rec['byte_budget']:,}", f"{sm['byte_budget']:,}"], fmt='str'),
@@ -102,7 +120,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         label='// Method', nav='Method', id='method')
     secs = [findings_(findings(res), title='What the runs show', nav='Findings'), main,
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
-            chart(figs['curves'], 'Loss against training time', 'Baseline and full stack, every seed.'), abl, recs, method,
+            chart(figs['curves'], 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
             stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': ', '.join(map(str, pl['seeds'])),
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
