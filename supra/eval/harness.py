@@ -20,7 +20,8 @@ from .heldout import heldout_bpb
 from .requests import FEWSHOT_SEED, compiled_templates, prepare_requests, zero_shot_loading
 
 # %% auto #0
-__all__ = ['quiet_lm_eval', 'tidy_results', 'evaluate', 'load_tasks', 'evaluate_many', 'metric', 'eval_metrics', 'task_baselines']
+__all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'tidy_results', 'evaluate', 'load_tasks', 'evaluate_many', 'metric', 'eval_metrics',
+           'task_baselines']
 
 # %% ../../nbs/04_eval/05_harness.ipynb #543538ba
 @contextmanager
@@ -174,6 +175,8 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
     return out
 
 # %% ../../nbs/04_eval/05_harness.ipynb #362085d3
+BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')   # lm-eval's BLiMP paradigms grouped by linguistic field
+
 def metric(ev:dict, task:str, name:str='acc') -> dict:
     "One row (value, stderr, n, chance, majority) of an evaluation's table; NaN-filled when absent."
     for r in ev['table']:

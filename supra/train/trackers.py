@@ -6,13 +6,12 @@
 from __future__ import annotations
 import importlib, json, math, os
 from pathlib import Path
-from ..core.config import ConfigError, check
+from ..core.config import ConfigError, check, TRACKERS   # the tracker names, where TrainConfig validates them
 
 # %% auto #0
-__all__ = ['TRACKERS', 'PACKAGES', 'BACKENDS', 'scalars', 'tracker_names', 'require', 'Trackers', 'open_trackers']
+__all__ = ['PACKAGES', 'BACKENDS', 'scalars', 'tracker_names', 'require', 'Trackers', 'open_trackers']
 
 # %% ../../nbs/03_train/04_trackers.ipynb #56a4b57d
-TRACKERS = ('trackio', 'tensorboard', 'wandb')
 PACKAGES = {'trackio': 'trackio', 'tensorboard': 'tensorboard', 'wandb': 'wandb'}   # tracker -> PyPI package (= supra extra)
 
 def scalars(row:dict, prefix:str='') -> dict:

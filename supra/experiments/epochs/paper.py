@@ -6,7 +6,8 @@
 from __future__ import annotations
 import math
 from pathlib import Path
-from .run import BLIMP_FIELDS, MUENNIGHOFF_RD
+from ...eval.harness import BLIMP_FIELDS
+from .run import MUENNIGHOFF_RD
 from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells
 
 # %% auto #0

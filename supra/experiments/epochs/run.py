@@ -10,16 +10,15 @@ from pathlib import Path
 import numpy as np
 from ...core.config import as_int, check, check_choice, Preset
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say, TerminalProgress
-from ...eval.harness import eval_metrics, task_baselines
+from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...core.cache import read_json, write_json
 from ...lab.verdict import versus
 from ...lab.stats import ALPHA, group_summary, compare, paired, summary
 
 # %% auto #0
-__all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'BLIMP_FIELDS', 'predicted_value', 'EpochsPlan',
-           'plan', 'ChunkSteps', 'same_first_epoch', 'train_runs', 'control_eval', 'evaluate_runs', 'effective_tokens',
-           'value_of_repeats', 'claims', 'above_chance', 'planned_work', 'plan_line', 'epoch_status', 'summarize',
-           'run']
+__all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'predicted_value', 'EpochsPlan', 'plan', 'ChunkSteps',
+           'same_first_epoch', 'train_runs', 'control_eval', 'evaluate_runs', 'effective_tokens', 'value_of_repeats',
+           'claims', 'above_chance', 'planned_work', 'plan_line', 'epoch_status', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #a690459d
 NAME, TITLE = 'epochs', 'Is one epoch really all you need for SLMs?'
@@ -131,7 +130,6 @@ def train_runs(p:EpochsPlan, pool, fresh_pool=None, dashboard:bool=True) -> list
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #e6e0f68c
 METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
-BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')
 
 def control_eval(p:EpochsPlan):
     "The fresh control's evaluation: BLiMP alone (its question is held-out bits/byte against unique tokens; BLiMP tracks the repeated arm's)."

@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from .run import (TOPOLOGIES, LABELS, METRICS, TESTED, BLIMP_FIELDS, FIELDS, )
+from ...eval.harness import BLIMP_FIELDS
+from .run import TOPOLOGIES, LABELS, METRICS, TESTED, FIELDS
 from ...lab.stats import ALPHA
 from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p
 

@@ -11,13 +11,13 @@ import numpy as np
 from ...core.config import check, as_int, stable_hash, ModelConfig, Preset
 from ...core.cache import code_fingerprint
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
-from ...eval.harness import eval_metrics, task_baselines
+from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import ALPHA, group_summary, compare
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'METRICS', 'TESTED',
-           'BLIMP_FIELDS', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan',
-           'proxy_tokens', 'study_name', 'tune', 'curve_metrics', 'train_and_evaluate', 'summarize', 'run']
+           'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan', 'proxy_tokens',
+           'study_name', 'tune', 'curve_metrics', 'train_and_evaluate', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -139,7 +139,6 @@ METRICS = {   # key: (label, format, best, digits) — the order of the paper's 
     'samples_s': ('Throughput, samples/s (↑)', 'num', 'max', 1), 'tokens_s': ('Throughput, tokens/s (↑)', 'num', 'max', 0),
 }
 TESTED = [k for k, v in METRICS.items() if v[2] and k != 'tokens_s']    # tokens/s = samples/s × context: the same test
-BLIMP_FIELDS = ('morphology', 'syntax', 'semantics', 'syntax_semantics')   # lm-eval's BLiMP paradigms by linguistic field
 FIELDS = tuple(f'blimp_{f}' for f in BLIMP_FIELDS)
 FLOOR_ORDER = 3                   # the n-gram floor: a Kneser–Ney trigram counted from the same pool
 SEED_REFERENCE = dict(  # the seed write-up's published numbers (001); recorded in results.json, which the paper reads
