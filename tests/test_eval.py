@@ -126,7 +126,7 @@ def test_blimp_group(tok, model):
     df = E.evaluate(model, tok, EvalConfig(tasks=('blimp',), limit=2))
     para = df[df.task.str.startswith('blimp_')]
     assert len(para) == 67 and (para.n == 2).all()
-    top = df.query("task == 'blimp'").iloc[0]
+    top = df.query("task == 'blimp' and metric == 'acc'").iloc[0]
     assert top.value == pytest.approx(para.value.mean()) and top.n == 134 and top.chance == 0.5 == top.majority
     fields = df[df.task.str.startswith('blimp:')].set_index('task')
     assert set(fields.index) == {'blimp:morphology', 'blimp:syntax', 'blimp:semantics', 'blimp:syntax_semantics'}
@@ -280,3 +280,15 @@ def test_many_checkpoint_benchmark_prints_its_ratios():
     assert list(kv)[-3:] == ['ceiling_e2e', 'ratio_e2e', 'ratio_floor'], last
     ratio, ceiling, floor = (float(kv[k]) for k in ('ratio_e2e', 'ceiling_e2e', 'ratio_floor'))
     assert 0 < ratio and 0 < floor and ceiling > 0 and math.isfinite(ceiling), last
+
+def test_blimp_ties_are_counted():
+    "An exact tie of a BLiMP pair's two log-likelihoods is scored correct by lm-eval (argmax picks the good sentence): the table says how often."
+    from supra.eval.harness import tidy_results, eval_metrics
+    def sample(a, b): return dict(doc=dict(field='syntax'), target=0, arguments=[('', 'x'), ('', 'y')], filtered_resps=[(a, False), (b, False)], acc=float(a >= b))
+    res = dict(results={'blimp_x': {'acc,none': 0.75, 'acc_stderr,none': 0.2}}, **{'n-samples': {'blimp_x': {'effective': 4}}},
+               samples={'blimp_x': [sample(-1.0, -1.0), sample(-2.0, -3.0), sample(-5.0, -5.0), sample(-4.0, -1.0)]})
+    df = tidy_results(res)
+    ties = df.query("task == 'blimp' and metric == 'ties'")
+    assert ties.value.item() == 0.5 and ties.n.item() == 4
+    ev = dict(table=df.to_dict('records'), heldout=dict(loss=1.0, bpb=1.0, ppl=1.0), generations=dict(greedy='', sampled=''), key='k')
+    assert eval_metrics(ev)['blimp_ties'] == 0.5

@@ -51,7 +51,7 @@ def _baselines(task:str, samples:list) -> tuple[float, float]:
 
 def tidy_results(res:dict) -> pd.DataFrame:
     "lm-eval results (with `samples`) → one row per (task, metric) with stderr, n, chance and majority baselines."
-    rows, blimp = [], []
+    rows, blimp, ties = [], [], [0, 0]
     samples, nsamp = res.get('samples', {}), res.get('n-samples', {})
     for task, r in res['results'].items():
         if task not in nsamp: continue   # groups: handled below
@@ -64,6 +64,8 @@ def tidy_results(res:dict) -> pd.DataFrame:
             rows.append(dict(task=task, metric=metric, value=_num(v), stderr=_num(r.get(f"{metric}_stderr,{key.split(',', 1)[1]}")),
                              n=n, chance=chance, majority=major))
         if task.startswith('blimp_') and samples.get(task):
+            for s in samples[task]:   # an exact tie of the two log-likelihoods: argmax picks the first (the good sentence), so lm-eval counts it correct
+                lls = [r[0] for r in s['filtered_resps']]; ties[0] += len(set(lls)) < len(lls); ties[1] += 1
             f = samples[task][0]['doc'].get('field', 'unknown')
             blimp.append((_FIELD_ALIASES.get(f, f), _num(r['acc,none']), _num(r.get('acc_stderr,none')), n))
     if blimp:
@@ -77,6 +79,7 @@ def tidy_results(res:dict) -> pd.DataFrame:
             groups.append((f, np.mean([b[1] for b in bs]), math.sqrt(sum(b[2]**2 for b in bs)) / len(bs), sum(b[3] for b in bs)))
         for f, v, se, n in groups:
             rows.append(dict(task='blimp' if f == 'all' else f'blimp:{f}', metric='acc', value=v, stderr=se, n=n, chance=0.5, majority=0.5))
+        rows.append(dict(task='blimp', metric='ties', value=ties[0] / ties[1], stderr=float('nan'), n=ties[1], chance=float('nan'), majority=float('nan')))
     df = pd.DataFrame(rows, columns=_COLS)
     order = {t: i for i, t in enumerate(['blimp', *[f'blimp:{f}' for f in ('morphology', 'syntax', 'semantics', 'syntax_semantics')], 'arc_easy', 'boolq', 'wikitext'])}
     df['_o'] = df.task.map(lambda t: order.get(t, 100 if t.startswith('blimp:') else 200))
@@ -188,7 +191,7 @@ def eval_metrics(ev:dict) -> dict:
     m = lambda t, n='acc': metric(ev, t, n)
     fields = {x['task'].split(':', 1)[1]: x['value'] for x in ev['table'] if x['task'].startswith('blimp:') and x['metric'] == 'acc'}
     out = dict(heldout_loss=ev['heldout']['loss'], heldout_bpb=ev['heldout']['bpb'], heldout_ppl=ev['heldout']['ppl'],
-               heldout_tokens=ev['heldout'].get('tokens'), blimp_fields=fields)
+               heldout_tokens=ev['heldout'].get('tokens'), blimp_fields=fields, blimp_ties=m('blimp', 'ties')['value'])
     for t, n, k in [('blimp', 'acc', 'blimp'), ('arc_easy', 'acc', 'arc_easy'), ('arc_easy', 'acc_norm', 'arc_easy_norm'), ('boolq', 'acc', 'boolq')]:
         r = m(t, n); out[k], out[f'{k}_stderr'], out[f'{k}_n'] = r['value'], r['stderr'], r['n']
     out.update(wikitext_word_ppl=m('wikitext', 'word_perplexity')['value'], wikitext_byte_ppl=m('wikitext', 'byte_perplexity')['value'],

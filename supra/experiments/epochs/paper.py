@@ -228,6 +228,8 @@ def paper(res:dict, figs:dict, path) -> Path:
             inf = informative(S, t, base)
             rows.append(row(lab, g(t), [s.get(f'{t}_stderr') for s in S], fmt='pct', best='max', informative=inf,
                             note=None if inf else 'uninformative at this scale: no epoch count beats the larger baseline by 2 stderr', **b(t.replace('_norm', '')), **tri(t)))
+    if S[0].get('blimp_ties') is not None:   # an exact tie of the two log-likelihoods is scored correct by lm-eval (argmax picks the good sentence)
+        rows.append(row('BLiMP pairs tied exactly (counted correct)', g('blimp_ties'), fmt='pct'))
     if S[0].get('wikitext_byte_ppl') is not None:
         rows += [row('WikiText byte perplexity (↓)', g('wikitext_byte_ppl'), fmt='.4f', best='min'), row('WikiText word perplexity (↓)', g('wikitext_word_ppl'), fmt='.1f', best='min')]
     n_of = lambda t: base.get(t, {}).get('n')

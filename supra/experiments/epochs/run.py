@@ -129,7 +129,7 @@ def train_runs(p:EpochsPlan, pool, fresh_pool=None, dashboard:bool=True) -> list
     return out
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #e6e0f68c
-METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
+METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'blimp_ties', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
 
 def control_eval(p:EpochsPlan):
     "The fresh control's evaluation: BLiMP alone (its question is held-out bits/byte against unique tokens; BLiMP tracks the repeated arm's)."

@@ -136,6 +136,7 @@ METRICS = {   # key: (label, format, best, digits) — the order of the paper's 
     'step_loss': ('Pretrain step loss (↓)', 'num', 'min', 3), 'train_loss': ('Pretrain train loss, mean over run (↓)', 'num', 'min', 3),
     'heldout_bpb': ('Held-out bits per byte (↓)', 'num', 'min', 4), 'wikitext_word_ppl': ('WikiText word PPL (↓)', 'num', 'min', 2),
     'arc_easy': ('ARC-Easy zero-shot (↑)', 'pct', 'max', 2), 'blimp': ('BLiMP, mean of paradigms (↑)', 'pct', 'max', 2),
+    'blimp_ties': ('BLiMP pairs tied exactly (counted correct)', 'pct', None, 2),
     'samples_s': ('Throughput, samples/s (↑)', 'num', 'max', 1), 'tokens_s': ('Throughput, tokens/s (↑)', 'num', 'max', 0),
 }
 TESTED = [k for k, v in METRICS.items() if v[2] and k != 'tokens_s']    # tokens/s = samples/s × context: the same test
