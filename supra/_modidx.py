@@ -883,7 +883,6 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                       'supra.lab.experiment._eta': ('07_lab/experiment.html#_eta', 'supra/lab/experiment.py'),
                                       'supra.lab.experiment._git_commit': ('07_lab/experiment.html#_git_commit', 'supra/lab/experiment.py'),
                                       'supra.lab.experiment._mem_gib': ('07_lab/experiment.html#_mem_gib', 'supra/lab/experiment.py'),
-                                      'supra.lab.experiment._tail_rows': ('07_lab/experiment.html#_tail_rows', 'supra/lab/experiment.py'),
                                       'supra.lab.experiment.check_common': ( '07_lab/experiment.html#check_common',
                                                                              'supra/lab/experiment.py'),
                                       'supra.lab.experiment.check_known': ('07_lab/experiment.html#check_known', 'supra/lab/experiment.py'),

@@ -12,6 +12,7 @@ from ..core.config import (Config, ConfigError, check, check_choice, as_ints, pr
                      Preset, CORPORA, PRESETS, check_corpus, stable_hash, cache_dir, project_root, atomic_write)
 from ..core.cache import code_fingerprint, read_json, write_json
 from ..pages.index import write_index
+from ..train.runlog import RunLog, MAIN
 
 # %% auto #0
 __all__ = ['EVAL_CODE', 'TRAIN_CODE', 'ENVELOPE_KEYS', 'notebook_params', 'check_known', 'check_writable', 'in_project',
@@ -200,33 +201,22 @@ def say(*parts, notebook:bool=True):
         try: os.write(fd if isinstance(fd, int) else 2, (f"[supra {datetime.now().strftime('%H:%M:%S')}] " + msg + '\n').encode())
         except OSError: pass
 
-def _tail_rows(f:Path) -> tuple[int, dict | None]:
-    "(number of step rows, the last one) of a metrics.jsonl."
-    n, last = 0, None
-    try:
-        for line in f.read_text().splitlines():
-            if '"loss"' in line and '"kind"' not in line:
-                n += 1; last = line
-    except OSError: return 0, None
-    try: return n, json.loads(last) if last else None
-    except ValueError: return n, None
-
 def _eta(s) -> str: return '?' if s is None or not math.isfinite(s) else f'{int(s // 60)}m{int(s % 60):02d}s'
 
 def progress_line(run_dir, label:str, t0:float) -> str | None:
-    "A one-line status of the run in `run_dir` (all its metrics.jsonl files), or None before its first step."
-    d = Path(run_dir); files = sorted(d.rglob('metrics.jsonl'), key=lambda p: p.stat().st_mtime)
-    if not files: return None
-    done = sum(_tail_rows(f)[0] for f in files)
-    _, last = _tail_rows(files[-1])
-    if not last: return None
+    """A one-line status of the run in `run_dir` (every branch of a branched run), or None before its first step. The run's
+    metrics.jsonl files are read by `RunLog`, their one reader."""
+    d = Path(run_dir); log = RunLog(d); log.poll()
+    if log.last is None: return None
+    last, branch = log.last
+    done = sum(1 for b in log.branches.values() for r in b['rows'] if 'loss' in r and 'kind' not in r)
     total = None
     if (d / 'run.json').exists():
         try: total = read_json(d / 'run.json').get('total_steps')
         except ValueError: pass
     rate = done / max(time.time() - t0, 1e-9)
     eta = (total - done) / rate if total and rate > 0 else None
-    where = files[-1].parent.name if files[-1].parent != d else ''
+    where = '' if branch == MAIN else branch
     return (f"{label}{' · ' + where if where else ''} · step {done}{'/' + str(total) if total else ''} · loss {last['loss']:.3f}"
             f" · {last.get('tok_s', 0):,.0f} tok/s" + (f' · ETA {_eta(eta)}' if total else ''))
 
