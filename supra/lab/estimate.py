@@ -4,11 +4,11 @@
 
 # %% ../../nbs/07_lab/04_estimate.ipynb #b2c9aa35
 from __future__ import annotations
-import json, os, platform, tempfile, time
+import json, os, tempfile, time
 from pathlib import Path
 from ..core.config import stable_hash, cache_dir
 from ..core.cache import read_json, write_json
-from .experiment import evaluate_checkpoint
+from .experiment import evaluate_checkpoint, cpu_model
 
 # %% auto #0
 __all__ = ['CALIBRATION_STEPS', 'CALIBRATION_WARMUP', 'EVAL_REPEATS', 'EVAL_BUDGET_S', 'CALIBRATION_FORMAT', 'steps_per_epoch',
@@ -35,20 +35,13 @@ CALIBRATION_STEPS, CALIBRATION_WARMUP = 15, 3   # optimizer steps run, of which 
 EVAL_REPEATS, EVAL_BUDGET_S = 3, 10.0            # timed evaluations after the first: at most this many, while under this many seconds
 CALIBRATION_FORMAT = 2                           # bump when what a calibration measures changes
 
-def _cpu() -> str:
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.lower().startswith('model name'): return line.split(':', 1)[1].strip()
-    except OSError: pass
-    return platform.processor() or platform.machine()
-
 def machine(device:str='cpu') -> dict:
     "What a step's time depends on besides the model: processor, usable cores, torch threads and version, jemalloc, device and GPU."
     import torch
     from supra.train.runtime import jemalloc_loaded
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     gpu = torch.cuda.get_device_name(0) if str(device).startswith('cuda') and torch.cuda.is_available() else None
-    return dict(cpu=_cpu(), cores=cores, threads=torch.get_num_threads(), torch=torch.__version__, jemalloc=jemalloc_loaded(),
+    return dict(cpu=cpu_model(), cores=cores, threads=torch.get_num_threads(), torch=torch.__version__, jemalloc=jemalloc_loaded(),
                 device=str(device), gpu=gpu)
 
 # %% ../../nbs/07_lab/04_estimate.ipynb #669fefad

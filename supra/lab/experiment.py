@@ -16,8 +16,8 @@ from ..train.runlog import RunLog, MAIN
 
 # %% auto #0
 __all__ = ['EVAL_CODE', 'TRAIN_CODE', 'ENVELOPE_KEYS', 'notebook_params', 'check_known', 'check_writable', 'in_project',
-           'check_common', 'Plan', 'plan_preamble', 'experiment_preset', 'environment', 'evaluate_checkpoint',
-           'run_dir', 'rel', 'envelope', 'say', 'progress_line', 'TerminalProgress', 'publish']
+           'check_common', 'Plan', 'plan_preamble', 'experiment_preset', 'cpu_model', 'environment',
+           'evaluate_checkpoint', 'run_dir', 'rel', 'envelope', 'say', 'progress_line', 'TerminalProgress', 'publish']
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #1b851e22
 def notebook_params(ns:dict) -> dict:
@@ -107,7 +107,7 @@ def experiment_preset(preset:str='auto', corpus:str='wikipedia-en', device:str='
     return p.replace(data=p.data.replace(corpus=corpus), train=p.train.replace(device=device))
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #71147620
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         for line in Path('/proc/cpuinfo').read_text().splitlines():
             if line.lower().startswith('model name'): return line.split(':', 1)[1].strip()
@@ -130,7 +130,7 @@ def environment(device:str='cpu') -> dict:
     from supra.train.runtime import jemalloc_loaded
     gpu = torch.cuda.get_device_name(0) if device == 'cuda' and torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return dict(device=device, hardware=gpu or f"CPU: {_cpu_model()} ({cores} cores)", cpu=_cpu_model(), cores=cores,
+    return dict(device=device, hardware=gpu or f"CPU: {cpu_model()} ({cores} cores)", cpu=cpu_model(), cores=cores,
                 torch_threads=torch.get_num_threads(), memory_gib=_mem_gib(), gpu=gpu, jemalloc=jemalloc_loaded(),
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 lm_eval=getattr(lm_eval, '__version__', None), platform=platform.platform(), commit=_git_commit(),
