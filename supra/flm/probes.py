@@ -13,7 +13,8 @@ from .losses import unit
 
 # %% auto #0
 __all__ = ['TARGETS', 'DIAG_SENTENCES', 'meets', 'analogy_score', 'clustering_gap', 'direction_consistency',
-           'word_order_similarity', 'effective_rank', 'em_ema', 'diff_tag', 'probe_items', 'probe_hook']
+           'word_order_similarity', 'effective_rank', 'em_ema', 'diff_tag', 'probe_items', 'geometry_probes',
+           'probe_hook']
 
 # %% ../../nbs/09_flm/05_probes.ipynb #88620285
 TARGETS = dict(analogy=('>', 0.8), cluster_gap=('>', 0.05), dir_consistency=('>', 0.3), word_order_sim=('<', 0.85))
@@ -74,36 +75,43 @@ DIAG_SENTENCES = {   # the seed's diagnostic kinds; prose and logic use test-voc
 }
 
 # %% ../../nbs/09_flm/05_probes.ipynb #34debdb6
-def probe_items(data:FLMData, seed:int=0, n:int=16) -> dict:
-    "The fixed test-vocabulary geometry items and their token ids."
-    g = geometry_items(random.Random(seed), 'test', n=n, per_group=5)
+def probe_items(data:FLMData, seed:int=0, n:int=16, side:str='test') -> dict:
+    "The fixed geometry items of one side of the vocabulary split (`side`: 'test' or 'train') and their token ids."
+    g = geometry_items(random.Random(seed), side, n=n, per_group=5)
     return dict(g=g, ids={k: data.encode(v) for k, v in dict(
         wo_a=[a for a, _ in g['word_order']], wo_b=[b for _, b in g['word_order']],
         an=[s for q in g['analogy'] for s in q], cl=[s for _, s in g['cluster']]).items()},
         dirs=[(data.encode([a for a, _ in ps]), data.encode([b for _, b in ps])) for ps in g['direction'].values()],
         groups=[grp for grp, _ in g['cluster']])
 
+def geometry_probes(E, it:dict, emb_dim:int) -> dict:
+    "Every geometry probe of one item set `it` (`probe_items`), with `E(ids)` the model's sentence embeddings."
+    an = E(it['ids']['an']).view(-1, 4, emb_dim)
+    cl = E(it['ids']['cl'])
+    out = dict(analogy=analogy_score(an[:, 1], an[:, 0], an[:, 2], an[:, 3]),      # a' − a + b ≅ b'
+               cluster_gap=clustering_gap(cl, [sorted(set(it['groups'])).index(g) for g in it['groups']]),
+               dir_consistency=direction_consistency([(E(x), E(y)) for x, y in it['dirs']]),
+               word_order_sim=word_order_similarity(E(it['ids']['wo_a']), E(it['ids']['wo_b'])),
+               erank90=effective_rank(cl, 0.9), erank95=effective_rank(cl, 0.95),
+               analogy_base=float(F.cosine_similarity(an[:, 2], an[:, 3], dim=-1).mean()))   # b ≅ b' alone: what the offset adds to
+    s = cl @ cl.T; out['eval_sim'] = float((s.sum() - len(s)) / (len(s) * (len(s) - 1)))
+    return out
+
 def probe_hook(data:FLMData, run_dir=None, seed:int=0, n_recon:int=128):
-    "The `eval_hook(model, step)` of an FLM run: every probe on test vocabulary (and diagnostics into `run_dir`)."
-    it = probe_items(data, seed)
-    test = torch.from_numpy(data.test_src[:n_recon])
+    """The `eval_hook(model, step)` of an FLM run: every probe on test vocabulary — and the same probes on training vocabulary,
+    suffixed `_train` (`train_token_acc`, `train_exact_match` on training sentences): the positive control that says whether a
+    probe can see anything at all in this model before it is read on words the model never saw. Diagnostics go into `run_dir`."""
+    its = {'': probe_items(data, seed, side='test'), '_train': probe_items(data, seed, side='train')}
+    recon = dict(test=torch.from_numpy(data.test_src[:n_recon]), train=torch.from_numpy(data.src[:n_recon]))
     diag = data.encode(list(DIAG_SENTENCES.values())); parse_in = data.encode([data.test_text[0][0]])
     def hook(model, step:int) -> dict:
+        from supra.flm.model import recon_stats
         dev = next(model.parameters()).device
         E = lambda ids: model.embed(torch.as_tensor(ids, device=dev)).cpu()
-        an = E(it['ids']['an']).view(-1, 4, model.cfg.emb_dim)
-        cl = E(it['ids']['cl'])
-        out = dict(analogy=analogy_score(an[:, 1], an[:, 0], an[:, 2], an[:, 3]),      # a' − a + b ≅ b'
-                   cluster_gap=clustering_gap(cl, [sorted(set(it['groups'])).index(g) for g in it['groups']]),
-                   dir_consistency=direction_consistency([(E(x), E(y)) for x, y in it['dirs']]),
-                   word_order_sim=word_order_similarity(E(it['ids']['wo_a']), E(it['ids']['wo_b'])),
-                   erank90=effective_rank(cl, 0.9), erank95=effective_rank(cl, 0.95),
-                   analogy_base=float(F.cosine_similarity(an[:, 2], an[:, 3], dim=-1).mean()))   # b ≅ b' alone: what the offset adds to
-        s = cl @ cl.T; out['eval_sim'] = float((s.sum() - len(s)) / (len(s) * (len(s) - 1)))
-        z = model.encode(test.to(dev)); logits = model.decode(z, 'recon')
-        from supra.flm.model import recon_stats
-        acc, em = recon_stats(logits, test.to(dev), data.pad_id)
-        out.update(test_token_acc=float(acc), test_exact_match=float(em))
+        out = {f'{k}{sfx}': v for sfx, it in its.items() for k, v in geometry_probes(E, it, model.cfg.emb_dim).items()}
+        for side, ids in recon.items():
+            acc, em = recon_stats(model.decode(model.encode(ids.to(dev)), 'recon'), ids.to(dev), data.pad_id)
+            out.update({f'{side}_token_acc': float(acc), f'{side}_exact_match': float(em)})
         if run_dir is not None:
             ids = torch.as_tensor(diag, device=dev); dec = model.decode(model.encode(ids), 'recon').argmax(-1).cpu().numpy()
             pz = model.encode(torch.as_tensor(parse_in, device=dev)); pdec = model.decode(pz, 'parse').argmax(-1).cpu().numpy()[0]

@@ -6,28 +6,37 @@
 from __future__ import annotations
 from pathlib import Path
 import numpy as np
-from .run import ARMS, PROBES, LOWER_BETTER
+from .run import ARMS, PROBES, CONTROL, LOWER_BETTER
 from ...flm.probes import TARGETS
 from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p
 
 # %% auto #0
-__all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'family', 'verdicts', 'collapsed', 'targets', 'findings', 'figures', 'paper']
+__all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'collapsed', 'targets', 'informative',
+           'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/09_flm_paper.ipynb #47ab115a
 LABELS = dict(analogy='Analogy', analogy_base='Analogy without the offset (cos b, b′)', cluster_gap='Clustering gap', dir_consistency='Direction consistency', word_order_sim='Word-order similarity',
               erank90='Effective rank (90%)', erank95='Effective rank (95%)', test_token_acc='Test token accuracy', test_exact_match='Test exact match')
+LABELS |= {f'{k}_train': f'{v} · training words' for k, v in list(LABELS.items()) if not k.startswith('test_')}
+LABELS |= dict(train_token_acc='Training token accuracy', train_exact_match='Training exact match')
 
 def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
 
 COLLAPSED_RANK = 8      # effective rank (90% of the variance) at or below this, of the bottleneck's 512 dimensions: a collapsed representation
 COMPARED = ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc')
-def _M(k) -> Metric: return Metric(k, 'score', k in LOWER_BETTER, label=LABELS[k])
+INFORMATIVE_EM = 0.01  # test exact match at or below this: the model reconstructs (almost) no unseen sentence
+def _control(k) -> str: return 'train_token_acc' if k == 'test_token_acc' else f'{k}_train'   # a probe's twin on training vocabulary
+def _M(k) -> Metric: return Metric(k, 'score', k.removesuffix('_train') in LOWER_BETTER, label=LABELS[k])
 
 def family(res:dict) -> list:
     """The paper's tests for the verdict engine: geometry on against off on each probe (paired: a seed fixes both arms' initialisation
-    and data), and each arm's probe against the seed's target (a one-sample test over seeds)."""
+    and data), on test vocabulary and on training vocabulary (the positive control), and each arm's probe against the seed's target
+    (a one-sample test over seeds)."""
     arms = [s['arm'] for s in res['summary']['by_arm']]
-    out = [Comparison(_M(k), 'geometry', 'no_geometry', label=f"{LABELS[k]}: geometry on vs off") for k in COMPARED if {'geometry', 'no_geometry'} <= set(arms)]
+    both = {'geometry', 'no_geometry'} <= set(arms)
+    out = [Comparison(_M(k), 'geometry', 'no_geometry', label=f"{LABELS[k]}: geometry on vs off") for k in COMPARED if both]
+    out += [Comparison(_M(c), 'geometry', 'no_geometry', label=f"Positive control — {LABELS[c]}: geometry on vs off")
+            for c in map(_control, COMPARED) if both and c in res['runs'][0]]
     out += [Versus(_M(k), a, t, f'the target {op} {t}', label=f"{LABELS[k]} — {ARMS[a].lower()} vs the seed's target ({op} {t})") for a in arms for k, (op, t) in TARGETS.items()]
     return out
 
@@ -52,10 +61,26 @@ def targets(res:dict) -> dict:
             elif r is not None and r['verdict'] == 'resolved': st = 'met' if (r['effect'] > 0) == (op == '>') else 'not met'
             out[a][k] = dict(value=S[a].get(k), target=f'{op} {t}', status=st, p_adj=None if r is None else r['p_adj'])
     return out
+def informative(res:dict, arm) -> bool:
+    "Can the test-vocabulary probes say anything about `arm`? Only when it reconstructs some unseen sentences and its representation is not collapsed."
+    s = _S(res)[arm]
+    return (s.get('test_exact_match') or 0) > INFORMATIVE_EM and collapsed(res, arm) is None
+
 def _f(v, d=3) -> str: return '—' if v is None else f'{v:.{d}f}'
 
 def findings(res:dict) -> list[tuple[str, str]]:
-    S, out = _S(res), []
+    S, out, pl = _S(res), [], res['plan']
+    for arm in S:
+        if informative(res, arm): continue
+        s = S[arm]; tr = s.get('train_exact_match')
+        out.append((f"Are the test-vocabulary probes informative? — {ARMS[arm].lower()}",
+                    f"**No, not at this budget.** After {pl['steps']:,} steps the model reconstructs "
+                    + (f"{tr:.0%} of training sentences exactly but " if tr is not None else '')
+                    + f"{s['test_exact_match']:.0%} of the test-vocabulary sentences (token accuracy {s['test_token_acc']:.0%}), and "
+                    f"the unseen words' embeddings have effective rank {s['erank90']:.1f} of 512 (collapsed at or below {COLLAPSED_RANK}): the probes read a "
+                    "representation that does not tell the unseen words apart, so their values — and the targets — say nothing about geometry on unseen words. "
+                    f"What would make them informative: training until test reconstruction is non-trivial (exact match above {INFORMATIVE_EM:.0%}) with a rank above "
+                    f"{COLLAPSED_RANK} — the seed trains 600,000 steps, ×{600_000 / pl['steps']:,.0f} this run, on ~978K real paraphrase pairs; the same two gates decide it."))
     for arm, t in targets(res).items():
         met = [LABELS[k] for k, v in t.items() if v['status'] == 'met']; rank = collapsed(res, arm)
         other = ', '.join(f"{LABELS[k]} {v['status']}" for k, v in t.items() if v['status'] != 'met')
@@ -113,6 +138,10 @@ def paper(res:dict, figs:dict, path) -> Path:
         tgt = TARGETS.get(k)
         rows.append(row(LABELS[k] + (f" (want {tgt[0]} {tgt[1]})" if tgt else ''), [S[a][k] for a in arms], [S[a][f'{k}_std'] for a in arms],
                         fmt='num', digits=3, best=None if k.startswith('erank') else ('min' if k in LOWER_BETTER else 'max')))
+    crows = [row(LABELS[k], [S[a].get(k) for a in arms], [S[a].get(f'{k}_std') for a in arms], fmt='num', digits=3,
+                 best=None if 'erank' in k else ('min' if k.removesuffix('_train') in LOWER_BETTER else 'max')) for k in CONTROL if k in S[arms[0]]]
+    control = table([ARMS[a] for a in arms], crows, title='The positive control: the same probes on training vocabulary', label='// Control', nav='Control', id='control',
+                    caption="The same probes, on items built from words the model trained on (and training sentences for reconstruction): where they move, the probes can see geometry in this model; where they do not, a flat test-vocabulary result says nothing.") if crows else None
     T = targets(res)
     status = [('representation collapsed: no target counts', 'warning') if collapsed(res, a) is not None else
               (f"{sum(v['status'] == 'met' for v in T[a].values())} / {len(TARGETS)} seed targets met", 'success' if all(v['status'] == 'met' for v in T[a].values()) else 'muted') for a in arms]
@@ -134,7 +163,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         [('Scale', "the seed trains ~110M parameters for 600K steps on ~978K real paraphrase pairs; a small preset answers whether the losses move the probes at all, not the seed's absolute numbers."),
          ('Programmatic data', 'the paraphrases and parses are rewrites of one grammar, not MRPC/QQP/NLI; analogy and direction items share templates, so they measure slot-filling geometry.')],
         label='// Method', nav='Method', id='method')
-    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), main, ttab,
+    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), main, *([control] if control else []), ttab,
             chart(figs['probes'], 'Probe trajectories', 'Every seed of both arms, probed every few steps on test vocabulary; dashed: the seed\'s target.', label='// Visualizations', nav='Charts', id='charts'),
             chart(figs['recon'], 'Reconstruction loss', 'Per step, every run; faint: raw, solid: EMA (0.8).')]
     if comp: secs.append(comp)
