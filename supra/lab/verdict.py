@@ -13,7 +13,7 @@ from .stats import ALPHA
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'Comparison', 'Versus', 'Claim', 'holm', 'judge',
            'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule', 'stage2_seeds',
-           'simulate', 'fmt_p', 'verdict_cells']
+           'simulate', 'stage2_for', 'two_stage', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -169,14 +169,16 @@ def _claim_verdict(lo, hi, claimed, sign:int=0) -> tuple[str, str]:
     if lo_s > 0: return 'supported', 'the interval excludes no effect and ' + ('contains the claimed value' if lo_s <= c else 'lies beyond the claimed value')
     return 'bounded', 'the interval contains both no effect and the claimed value'
 
-def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='') -> list[dict]:
+def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages:dict|None=None) -> list[dict]:
     """Every test of a paper's family on `rows`: the raw test the design calls for, Holm's adjusted p over the family, the
-    simultaneous interval and the MDE at α/m in the metric's unit, and one verdict with its tone."""
+    simultaneous interval and the MDE at α/m in the metric's unit, and one verdict with its tone. `stages` (dict(n1, n_max)): the seeds
+    were allocated in two stages (rows carry `stage`), and a paired test's p is the combination test's (`two_stage`)."""
     raw = []
     for t in tests:
         if isinstance(t, Claim) and t.untestable: raw.append(dict(p=None, effect=None, se=None, df=None, test='—', n=0)); continue
         if isinstance(t, Versus): raw.append(versus(rows, t.metric.name, t.arm, t.value, t.by, t.select, t.value_se)); continue
-        raw.append(difference(rows, t.metric.name, t.a, t.b, t.by, t.paired, log=isinstance(t, Claim) and t.ratio))
+        log = isinstance(t, Claim) and t.ratio
+        raw.append(two_stage(rows, t.metric.name, t.a, t.b, stages, t.by, log) if stages and t.paired else difference(rows, t.metric.name, t.a, t.b, t.by, t.paired, log=log))
     m = max(1, sum(r['p'] is not None for r in raw)); adj = holm([r['p'] for r in raw]); a_m = alpha / m
     out = []
     for t, r, pa in zip(tests, raw, adj):
@@ -296,6 +298,24 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
     return dict(n_sims=n_sims, fwer=float(false.mean()), power=float(hit[:, 0].mean()),
                 predicted=float(np.mean([pred[k] for k in n2[:, 0]])) if effect else 0.0,
                 seeds=float(n1 + n2[:, 0].mean()), mc_se=math.sqrt(alpha * (1 - alpha) / n_sims))
+
+# %% ../../nbs/07_lab/03_verdict.ipynb #9b139448
+def stage2_for(d1, target:float, n_max:int, family_size:int=1, alpha:float=ALPHA, power:float=0.8) -> int:
+    "Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size; 0 or ≥ 2."
+    return int(stage2_seeds(float(np.std(np.asarray(d1, float), ddof=1)), stage2_rule(len(d1), target, n_max, alpha / family_size, power)))
+
+def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False) -> dict:
+    """A paired test of a two-stage design: effect and se over every seed both arms have; p from the inverse-normal combination of the
+    stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max) as planned). Stage 1 alone (at full α) while stage 2 has < 2 seeds."""
+    out = difference(rows, metric, a, b, by, paired=True, log=log)
+    st_of = {r.get('seed'): r.get('stage', 1) for r in rows if r.get(by) == a}
+    A, B = _by_seed(rows, by, a, metric), _by_seed(rows, by, b, metric)
+    f = (lambda x: math.log(x)) if log else (lambda x: x)
+    d = {k: [f(A[s]) - f(B[s]) for s in out['seeds'] if st_of.get(s, 1) == k] for k in (1, 2)}
+    if len(d[1]) < 2: return out
+    z2 = stage_z(d[2]) if len(d[2]) >= 2 else None
+    return dict(out, p=combined_p(stage_z(d[1]), z2, weights(stages['n1'], stages['n_max'])), stage_seeds=(len(d[1]), len(d[2])),
+                test=f"paired t over seeds, two stages ({len(d[1])} + {len(d[2])} seeds, inverse-normal combination p)" if z2 is not None else out['test'])
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #935ba1b5
 def fmt_p(p) -> str:
