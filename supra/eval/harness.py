@@ -12,7 +12,7 @@ import numpy as np, pandas as pd, torch
 import lm_eval, lm_eval.evaluator
 from lm_eval.api.model import LM
 
-from ..core.config import EvalConfig, cache_dir, check_int, stable_hash
+from ..core.config import EvalConfig, cache_dir, check, check_int, stable_hash
 from .score import EOS, pack_rows, tree_mask, score_rows
 from .backend import SupraLM, hf_lm, load_model
 from .tasks import (TaskDataError, allowed_tasks, blimp_paradigms, check_task_data, expand_tasks, task_dir, task_manager)
@@ -20,8 +20,8 @@ from .heldout import heldout_bpb
 from .requests import FEWSHOT_SEED, compiled_templates, prepare_requests, zero_shot_loading
 
 # %% auto #0
-__all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'tidy_results', 'evaluate', 'load_tasks', 'evaluate_many', 'metric', 'eval_metrics',
-           'task_baselines']
+__all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'tidy_results', 'evaluate', 'blimp_items', 'pack_items', 'unpack_items', 'item_lists',
+           'load_tasks', 'evaluate_many', 'metric', 'eval_metrics', 'task_baselines']
 
 # %% ../../nbs/04_eval/05_harness.ipynb #543538ba
 @contextmanager
@@ -91,7 +91,8 @@ def _jsonable(res:dict) -> dict:
 def evaluate(model, tokenizer=None, cfg:EvalConfig|None=None, tasks=None, limit:int|None=None, batch_size:int|None=None,
              verbose:bool=False) -> pd.DataFrame:
     """Evaluate `model` (a Supra model with its `tokenizer`, or any lm-eval `LM`) on `tasks` (default `cfg.tasks`) with
-    lm-eval; `limit` examples per task (per BLiMP paradigm). Returns the tidy table; `df.attrs['lm_eval']` = raw results."""
+    lm-eval; `limit` examples per task (per BLiMP paradigm). Returns the tidy table; `df.attrs['lm_eval']` = raw results,
+    `df.attrs['items']` = `{'blimp': packed per-item scores}` when BLiMP was run (see `blimp_items`)."""
     cfg = cfg or EvalConfig()
     names = expand_tasks(tasks if tasks is not None else cfg.tasks)
     limit = cfg.limit if limit is None else limit
@@ -104,8 +105,37 @@ def evaluate(model, tokenizer=None, cfg:EvalConfig|None=None, tasks=None, limit:
     with quiet_lm_eval(verbose):
         res = lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, task_manager=task_manager(), limit=limit, log_samples=True)
     df = tidy_results(res)
-    df.attrs['lm_eval'] = _jsonable(res)
+    df.attrs['lm_eval'], df.attrs['items'] = _jsonable(res), _items(res)
     return df
+
+# %% ../../nbs/04_eval/05_harness.ipynb #2237d8eb
+def blimp_items(res:dict) -> list[int]:
+    """lm-eval's per-item correctness (0/1) of every BLiMP pair in raw results with `samples`: paradigm by paradigm in the order of
+    `blimp_paradigms()`, each paradigm's pairs by document id. Empty when no BLiMP paradigm was run."""
+    order, samples = {f'blimp_{u}': i for i, u in enumerate(blimp_paradigms())}, res.get('samples') or {}
+    return [int(s['acc']) for t in sorted((t for t in samples if t in order), key=order.get)
+            for s in sorted(samples[t], key=lambda s: s['doc_id'])]
+
+def pack_items(scores) -> str:
+    "Per-item 0/1 scores as the one stored format of `<metric>_items`: a string of '0' and '1', one character per item."
+    out = ''.join('1' if x == 1 else '0' if x == 0 else '?' for x in scores)
+    check('?' not in out, 'scores', [x for x in scores if x not in (0, 1)][:3], 'per-item scores of 0 or 1')
+    return out
+
+def unpack_items(s) -> list[int] | None:
+    "The one reader of `pack_items`' format: the list of 0/1 scores; None for no items (None or an empty string)."
+    if s is None or s == '': return None
+    check(isinstance(s, str) and set(s) <= {'0', '1'}, 'items', str(s)[:20], "a string of '0' and '1' (supra.eval.harness.pack_items)")
+    return [1 if c == '1' else 0 for c in s]
+
+def item_lists(rows) -> list[dict]:
+    "Results rows with every `<metric>_items` string decoded into the list of 0/1 scores the verdict engine reads (rows without items unchanged)."
+    return [{k: unpack_items(v) if k.endswith('_items') and isinstance(v, str) else v for k, v in r.items()} for r in rows]
+
+def _items(res:dict) -> dict:
+    "The per-item scores of one lm-eval result, packed: `{'blimp': '0110…'}` (empty when BLiMP was not run)."
+    b = blimp_items(res)
+    return {'blimp': pack_items(b)} if b else {}
 
 # %% ../../nbs/04_eval/05_harness.ipynb #62d9f83a
 def load_tasks(names):
@@ -155,7 +185,7 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
                   device:str='cpu', cache:bool=True, verbose:bool=False) -> dict:
     """Evaluate every model of `models` (`{name: (model, tokenizer) | checkpoint path | (path, tokenizer) | lm-eval LM}`)
     on the same requests, built once. Returns `{name: tidy table}`, each equal to `evaluate` of that model alone;
-    `df.attrs['lm_eval']` holds lm-eval's raw results, `df.attrs['requests']` `{task: 'built' | 'cached'}` and, for a Supra model,
+    `df.attrs['lm_eval']` holds lm-eval's raw results, `df.attrs['items']` the per-item scores (`blimp_items`), `df.attrs['requests']` `{task: 'built' | 'cached'}` and, for a Supra model,
     `df.attrs['backend_stats']` the rows and tokens its backend ran."""
     cfg = cfg or EvalConfig()
     names = expand_tasks(tasks if tasks is not None else cfg.tasks)
@@ -171,7 +201,7 @@ def evaluate_many(models:dict, cfg:EvalConfig|None=None, tasks=None, limit:int|N
             random.seed(0); np.random.seed(1234); torch.manual_seed(1234)   # simple_evaluate's seeds
             res = lm_eval.evaluator.evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True)
             df = tidy_results(res)
-            df.attrs['lm_eval'], df.attrs['requests'] = _jsonable(res), dict(how)
+            df.attrs['lm_eval'], df.attrs['requests'], df.attrs['items'] = _jsonable(res), dict(how), _items(res)
             if isinstance(getattr(lm, 'stats', None), dict): df.attrs['backend_stats'] = dict(lm.stats)   # the inputs it ran: a benchmark's floor
             out[name] = df
             del lm
@@ -187,11 +217,12 @@ def metric(ev:dict, task:str, name:str='acc') -> dict:
     return dict(value=math.nan, stderr=math.nan, n=0, chance=math.nan, majority=math.nan)
 
 def eval_metrics(ev:dict) -> dict:
-    "The standard metric fields of one evaluation (NaN for a task that was not run)."
+    "The standard metric fields of one evaluation (NaN for a task that was not run; `blimp_items` None for an evaluation without per-item scores)."
     m = lambda t, n='acc': metric(ev, t, n)
     fields = {x['task'].split(':', 1)[1]: x['value'] for x in ev['table'] if x['task'].startswith('blimp:') and x['metric'] == 'acc'}
     out = dict(heldout_loss=ev['heldout']['loss'], heldout_bpb=ev['heldout']['bpb'], heldout_ppl=ev['heldout']['ppl'],
-               heldout_tokens=ev['heldout'].get('tokens'), blimp_fields=fields, blimp_ties=m('blimp', 'ties')['value'])
+               heldout_tokens=ev['heldout'].get('tokens'), blimp_fields=fields, blimp_ties=m('blimp', 'ties')['value'],
+               blimp_items=(ev.get('items') or {}).get('blimp'))   # packed (pack_items); None: an evaluation without items
     for t, n, k in [('blimp', 'acc', 'blimp'), ('arc_easy', 'acc', 'arc_easy'), ('arc_easy', 'acc_norm', 'arc_easy_norm'), ('boolq', 'acc', 'boolq')]:
         r = m(t, n); out[k], out[f'{k}_stderr'], out[f'{k}_n'] = r['value'], r['stderr'], r['n']
     out.update(wikitext_word_ppl=m('wikitext', 'word_perplexity')['value'], wikitext_byte_ppl=m('wikitext', 'byte_perplexity')['value'],

@@ -15,7 +15,7 @@ from .stats import group_summary
 from .verdict import judge, verdict_cells
 
 # %% auto #0
-__all__ = ['run_curve', 'train_arms', 'arms_envelope', 'metric_table', 'verdict_table']
+__all__ = ['run_curve', 'eval_fields', 'train_arms', 'arms_envelope', 'metric_table', 'verdict_table']
 
 # %% ../../nbs/07_lab/05_arms.ipynb #18374b67
 def run_curve(run_dir, n:int=400) -> dict:
@@ -29,6 +29,10 @@ def run_curve(run_dir, n:int=400) -> dict:
     return dict(tokens=tok[::k].tolist(), loss=loss[::k].tolist(), heldout=dict(step=steps.tolist(), loss=hl.tolist(), bpb=bpb.tolist()))
 
 # %% ../../nbs/07_lab/05_arms.ipynb #7b53519a
+def eval_fields(ev:dict) -> dict:
+    "The fields a row takes from one evaluation: `eval_metrics` as they are (`blimp_items` included, packed), less the nested `blimp_fields`."
+    return {k: v for k, v in eval_metrics(ev).items() if k != 'blimp_fields'}
+
 def train_arms(p, pool, arms:dict, name:str, hook_docs:int=8) -> tuple[list[dict], dict]:
     "Every (arm, seed) of plan `p` trained on `pool` (cached, resumable) and evaluated (cached): (rows, curves {arm: {seed: curve}})."
     from supra.train.trainer import train
@@ -47,7 +51,7 @@ def train_arms(p, pool, arms:dict, name:str, hook_docs:int=8) -> tuple[list[dict
             say(f'[{name}] training {arm} seed {seed} → {d}')
             r = train(pool, mcfg, tc, d, quiet=True, eval_hook=hook)
             ev = evaluate_checkpoint(r['checkpoint'], pool, p.eval, p.device, limits=dict(getattr(p, 'limits', ()) or ()))
-            em = {k: v for k, v in eval_metrics(ev).items() if k != 'blimp_fields'}
+            em = eval_fields(ev)
             rows.append(dict(arm=arm, seed=seed, params=int(count_params(mcfg)), train_loss=r['loss_tail'], train_s=r.get('wall_s'),
                              **em, checkpoint=rel(r['checkpoint'], p.out_dir), run_dir=rel(d, p.out_dir)))
             curves.setdefault(arm, {})[str(seed)] = run_curve(d)

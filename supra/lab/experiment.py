@@ -141,14 +141,17 @@ EVAL_CODE = ('eval.harness', 'eval.heldout', 'model.checkpoint', 'model.transfor
 
 def evaluate_checkpoint(ckpt, pool, eval_cfg, device:str='cpu', limits:dict|None=None) -> dict:
     """lm-eval table, held-out loss/bpb and generations for the checkpoint directory `ckpt`; cached. `limits` gives a task its
-    own number of examples (e.g. `{'blimp': 100, 'arc_easy': 800}`), overriding `eval_cfg.limit` for it."""
+    own number of examples (e.g. `{'blimp': 100, 'arc_easy': 800}`), overriding `eval_cfg.limit` for it. `items`: the per-item
+    scores, packed (`{'blimp': '0110…'}`, see `supra.eval.harness.blimp_items`)."""
     from supra.model.checkpoint import read_meta, load_checkpoint
     meta = read_meta(ckpt)
     limits = {t: limits[t] for t in eval_cfg.tasks if t in (limits or {})}
     key = stable_hash(dict(weights=meta['model_sha256'], eval=eval_cfg.to_dict(), data=pool.cfg.key(), pool=pool.key,
                            code=code_fingerprint(*EVAL_CODE), **({'limits': limits} if limits else {})))
     f = cache_dir('evals') / f'{key}.json'
-    if f.exists(): return read_json(f)
+    if f.exists():
+        ev = read_json(f)
+        if 'items' in ev or not any(t.startswith('blimp') for t in eval_cfg.tasks): return ev   # an entry without per-item scores: evaluated again
     import pandas as pd
     from supra.eval.harness import evaluate_many
     from supra.eval.heldout import heldout_bpb
@@ -159,14 +162,15 @@ def evaluate_checkpoint(ckpt, pool, eval_cfg, device:str='cpu', limits:dict|None
     model.eval()
     groups = {}                          # one lm-eval call per distinct limit; requests come from the on-disk request cache
     for t in eval_cfg.tasks: groups.setdefault(limits.get(t, eval_cfg.limit), []).append(t)
-    table = pd.concat([evaluate_many({'m': (model, pool.tokenizer)}, eval_cfg, tasks=ts, limit=lim, device=device)['m'] if lim is not None else
-                       evaluate_many({'m': (model, pool.tokenizer)}, eval_cfg.replace(limit=None), tasks=ts, device=device)['m']
-                       for lim, ts in groups.items()], ignore_index=True)
+    dfs = [evaluate_many({'m': (model, pool.tokenizer)}, eval_cfg, tasks=ts, limit=lim, device=device)['m'] if lim is not None else
+           evaluate_many({'m': (model, pool.tokenizer)}, eval_cfg.replace(limit=None), tasks=ts, device=device)['m']
+           for lim, ts in groups.items()]
+    table = pd.concat(dfs, ignore_index=True)
     texts = val_texts(pool.cfg)[:eval_cfg.bpb_docs]
     held = heldout_bpb(model, pool.tokenizer, texts, min(eval_cfg.bpb_context, model.cfg.seq_len), eval_cfg.bpb_stride)
     gens = dict(greedy=generate_text(model, pool.tokenizer, eval_cfg.gen_prompt, eval_cfg.gen_tokens, temperature=0.0),
                 sampled=generate_text(model, pool.tokenizer, eval_cfg.gen_prompt, eval_cfg.gen_tokens, temperature=0.8, top_k=50, seed=0))
-    res = dict(key=key, table=table.to_dict('records'), heldout=held, generations=gens, heldout_docs=len(texts), eval_s=time.time() - t0)
+    res = dict(key=key, table=table.to_dict('records'), items={k: v for d in dfs for k, v in d.attrs.get('items', {}).items()}, heldout=held, generations=gens, heldout_docs=len(texts), eval_s=time.time() - t0)
     write_json(f, res)
     return read_json(f)
 
