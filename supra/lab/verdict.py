@@ -130,7 +130,8 @@ class Versus:
 class Claim:
     """A seed's claim: arm `a` against `b` on `metric`, the seed's `value` as a difference a − b in stored units, or as a factor
     a/b (`ratio=True`, tested on the log scale); a claim of direction only gives `sign` (−1: a below b) and no value; a claim of
-    no change (a stall) gives `value=0`. `untestable` gives the reason when this run cannot test it."""
+    no change (a stall) gives `value=0`, and `no_cost=True` makes it a claim of no cost (a change for the better supports it; only a
+    change for the worse contradicts it). `untestable` gives the reason when this run cannot test it."""
     claim: str
     metric: Metric
     a: object
@@ -141,6 +142,7 @@ class Claim:
     by: str = 'arm'
     paired: bool = True
     untestable: str = ''
+    no_cost: bool = False
 
 def holm(ps) -> list:
     "Holm–Bonferroni adjusted p-values (None stays None), in the input order."
@@ -196,6 +198,7 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
             if isinstance(t, Claim):
                 claimed = None if t.value is None else (math.log(t.value) if ratio else t.value)
                 v, why = _claim_verdict(lo, hi, claimed, t.sign)
+                if t.no_cost and v == 'contradicted' and (lo > 0) != M_.lower_is_better: v, why = 'supported', 'the interval excludes no change, the better way: no cost, and a gain'
                 if v == 'resolved': v = 'supported' if claimed is None else v
                 res.update(verdict=v, reason=why, claimed=t.value)
             else:

@@ -10,19 +10,22 @@ import numpy as np
 from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells
 
 # %% auto #0
-__all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'findings', 'claim_chart', 'speedup_chart', 'figures', 'paper']
+__all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'design_finding', 'findings', 'claim_chart',
+           'speedup_chart', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #7691d88c
-SPEED = Metric('speedup', '×', lower_is_better=False, label="speed-up to the baseline's final bits/byte (training time)")
+SPEED = Metric('speedup', '×', lower_is_better=False, label="speed-up to the baseline's final bits/byte (training tokens)")
+# The claims are tested on tokens, not seconds: "convergence" is tokens to a loss, and tokens do not depend on what else the machine
+# runs (seconds on a shared 2-core VM do); the wall-clock speed-ups are shown beside them, measured but not tested.
 BPB = Metric('final_bpb', 'bits/byte', label='final held-out bits/byte')
 SAME_POOL = ('curriculum', 'factorised', 'gqa', 'fp8')      # arms on the baseline's pool and seeds: paired; the SuperBPE arms read another pool
 
 def _rows(res) -> list[dict]:
-    "The per-run rows with each arm's per-seed speed-up in training time (None where the target was not reached; the baseline's is 1)."
+    "The per-run rows with each arm's per-seed speed-up in training tokens (None where the target was not reached; the baseline's is 1)."
     sp = res['summary']['speedups']; rows = []
     for r in res['runs']:
         s = str(r['seed'])
-        v = 1.0 if r['arm'] == 'baseline' else (sp.get(r['arm'], {}).get('train_s', {}).get('per_seed', {}).get(s) or {}).get('speedup')
+        v = 1.0 if r['arm'] == 'baseline' else (sp.get(r['arm'], {}).get('tokens', {}).get('per_seed', {}).get(s) or {}).get('speedup')
         rows.append(dict(r, speedup=v))
     return rows
 
@@ -41,50 +44,65 @@ def family(res:dict) -> list:
            Claim(f"SuperBPE × curriculum: ×{F['superbpe'] * F['curriculum']:g}", SPEED, 'superbpe-curriculum', 'baseline', value=F['superbpe'] * F['curriculum'], ratio=True,
                  paired=False, untestable=f"it multiplies in SuperBPE's ×{F['superbpe']:g}, which this vocabulary cannot test (see SuperBPE); the curriculum's own factor is tested above"),
            Claim(f"FP8: ×{F['fp8']:g} faster", SPEED, 'fp8', 'baseline', value=F['fp8'], ratio=True, untestable='' if 'fp8' in arms else (fp8.get('reason') or 'FP8 did not run'))]
-    out += [Claim(what, BPB, a, 'baseline', value=0) for a, what in (('factorised', 'Factorised embeddings save parameters at no cost (final bits/byte)'),
+    out += [Claim(what, BPB, a, 'baseline', value=0, no_cost=True) for a, what in (('factorised', 'Factorised embeddings save parameters at no cost (final bits/byte)'),
                                                                     ('gqa', 'GQA 6:1 saves KV cache at no cost (final bits/byte)')) if a in arms]
-    out += [Comparison(BPB, a, 'baseline', paired=a in SAME_POOL, label=f"{sm['labels'][a]} vs baseline: final bits/byte") for a in arms]
+    out += [Comparison(BPB, a, 'baseline', paired=a in SAME_POOL, label=f"{sm['labels'][a]} vs baseline: final bits/byte") for a in arms
+            if a not in ('factorised', 'gqa')]      # those two are the 'no cost' claims above: one test each, not two
     return out
 
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01)."
-    return judge(_rows(res), family(res), family='curriculum')
+    return judge(_rows(res), family(res), family='curriculum', stages=res['summary'].get('design'))
 
 # %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #5f6d621b
-def _x(v, d=2) -> str: return '—' if v is None else f'{v:.{d}f}×'
-def _ci(s:dict, short:bool=False) -> str:
-    "A speed-up summary as text; `short` for table cells (the table's caption says what the bracket is)."
-    if s.get('bound') is not None:
-        return f"< {s['bound']:.2f}× ({s['reached']} of {s['n']} seeds reached it)" if short else f"< {s['bound']:.2f}× (the target was not reached in {s['n'] - s['reached']} of {s['n']} seeds)"
-    if s.get('ci_lo') is None: return f"{_x(s['mean'])} (one seed: no interval)"
-    return f"{_x(s['mean'])} [{s['ci_lo']:.2f}–{s['ci_hi']:.2f}]" if short else f"{_x(s['mean'])} [99% CI {s['ci_lo']:.2f}–{s['ci_hi']:.2f}]"
-def _p(c) -> str:
-    if c.get('p') is None: return 'one seed: no test'
-    return ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}") + ('' if c['resolved'] else f"; could detect ≥ {c['mde']:.3g} bpb")
+def _x(v, d=2) -> str: return '—' if v is None else f'×{v:.{d}f}'
+def _sp(s:dict) -> str:
+    "A speed-up's descriptive summary (the engine's interval is in the claims table): geometric mean over seeds, or an upper bound."
+    if s.get('bound') is not None: return f"< ×{s['bound']:.2f} (the target was not reached in {s['n'] - s['reached']} of {s['n']} seeds)"
+    return f"{_x(s['mean'])} (geometric mean of {s['n']} seeds)"
 def _A(res) -> dict: return {a['arm']: a for a in res['summary']['by_arm']}
 
+def lr_finding(res:dict) -> tuple[str, str] | None:
+    "What the baseline's LR check found, and the spread of the baseline's seeds at the chosen LR."
+    lc = res['summary'].get('lr_check')
+    if not lc: return None
+    runs = ', '.join(f"×{r['lr_factor']:g} ({r['lr']:.2g}) → {r['final_bpb']:.4f}" + (' — diverged' if r['diverged'] else '') for r in lc['runs'])
+    b = sorted(r['final_bpb'] for r in res['runs'] if r['arm'] == 'baseline')
+    return ("The baseline's learning rate, checked at its batch", f"on seed {lc['seed']} (used for nothing else): {runs}; every arm trains at **{lc['chosen']:.2g}**"
+            + (' (the preset\'s)' if lc['chosen'] == lc['base_lr'] else f" (×{lc['chosen'] / lc['base_lr']:g} the preset's {lc['base_lr']:.2g})")
+            + f". At that LR the baseline's {len(b)} seeds end at {', '.join(f'{v:.3f}' for v in b)} bits/byte (range {b[-1] - b[0]:.3f}).")
+
+def design_finding(res:dict) -> tuple[str, str] | None:
+    "How many seeds each arm got, and why."
+    d = res['summary'].get('design')
+    if not d: return None
+    why = (f"the pilot's {d['n1']} seeds per arm, then {d['n2']} more for {' and '.join(d['staged'])} — the number the pilot's spread of log speed-ups needs for 80% power "
+           f"at ×{d['target']:g} (α/{d['family_size']}), at most {d['n_max']} in all (`supra.lab.verdict.stage2_for`, a rule fixed before the run); the staged tests "
+           "combine the two stages' own t statistics, so choosing the count from the pilot costs no false positives")
+    return ('Seeds, allocated by power', why + '; seeds per arm: ' + '; '.join(f"{res['summary']['labels'][a]} {len(s)}" for a, s in d['seeds'].items()) + '.')
+
 def findings(res:dict) -> list:
-    "The key findings, computed from the envelope."
+    "The key findings, computed from the envelope: the seed's claims as the engine decides them first (the headline), then how the run was set up."
     sm = res['summary']; L, A, out = sm['labels'], _A(res), []
     for r in verdicts(res):
         if r['kind'] != 'claim': continue
         c = verdict_cells(r); sp = sm['speedups'].get(r['a'], {})
         if r['verdict'] == 'not testable here': out.append((r['label'], f"**not testable here**: {r['reason']}.")); continue
-        ev = f"effect {c['effect']}, interval {c['interval']}, MDE {c['mde']}, Holm p {c['p_adj']}"
+        ev = f"effect {c['effect']}, interval {c['interval']}, MDE {c['mde']}, Holm p {c['p_adj']}, {r['n']} seeds"
         if r['metric'] == 'speedup':
-            out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): speed-up of {L[r['a']].lower()} to the baseline's final held-out bits-per-byte in training time — {ev}; "
-                        f"in tokens {_ci(sp['tokens'])}."))
+            out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): speed-up of {L[r['a']].lower()} to the baseline's final held-out bits-per-byte in training tokens — {ev}; "
+                        f"in training time {_sp(sp['train_s'])}, measured, not tested (seconds depend on the machine's other load)."))
         else:
             saved = (f"{int(A['baseline']['params'] - A[r['a']]['params']):,} parameters ({(A['baseline']['params'] - A[r['a']]['params']) / A['baseline']['params']:.1%})" if r['a'] == 'factorised' else
                      f"{int(A['baseline']['kv_per_token'] - A[r['a']]['kv_per_token']):,} of {int(A['baseline']['kv_per_token']):,} KV-cache entries per token (×{A['baseline']['kv_per_token'] / A[r['a']]['kv_per_token']:.0f} smaller)")
             out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): saves {saved}; final bits/byte {A[r['a']]['final_bpb']:.4f} vs {A['baseline']['final_bpb']:.4f} — {ev}; "
-                        f"speed-up to the baseline's bpb in training time {_ci(sp['train_s'])}."))
-    m = sm['multiply']['train_s']
-    if m['ratio'] is not None:
-        out.append(('Do the factors multiply?', f"curriculum and SuperBPE together: ×{m['together']:.2f} against ×{m['product']:.2f} for the product of each alone "
-                    f"(together ÷ product {m['ratio']:.2f}" + ('' if m['ci_lo'] is None else f", 99% CI {math.exp(m['ci_lo']):.2f}–{math.exp(m['ci_hi']):.2f}") +
-                    f"): **{m['verdict']}**; the seed multiplies 1.6 × 2 × 3 = 9.6 without measuring it."))
-    else: out.append(('Do the factors multiply?', f"**{m['verdict']}** (wall-clock speed-ups of each arm alone and together are needed on the same seeds)."))
+                        f"speed-up to the baseline's bpb in training tokens {_sp(sp['tokens'])}."))
+    out += [f for f in (lr_finding(res), design_finding(res)) if f]
+    m = sm['multiply']['tokens']
+    out.append(('Do the factors multiply?', "**not testable here**: the seed's product includes SuperBPE's ×1.6, which this vocabulary cannot test"
+                + (f"; measured, curriculum and SuperBPE together give ×{m['together']:.2f} against ×{m['product']:.2f} for the product of each alone "
+                   f"(together ÷ product {m['ratio']:.2f}, geometric mean of {len(m['seeds'])} seeds)" if m['ratio'] is not None else '')
+                + "; the seed multiplies 1.6 × 2 × 3 = 9.6 without measuring it."))
     t = sm['tokenizers']
     out.append(('Characters per token', f"SuperBPE {t['superbpe']['chars_per_token']:.3f} vs BPE {t['bpe']['chars_per_token']:.3f} on the held-out text "
                 f"(×{t['superbpe']['chars_per_token'] / t['bpe']['chars_per_token']:.3f} at equal vocabulary {res['data']['vocab_size']:,}); the seed's 7.184 vs 4.488 "
@@ -115,27 +133,33 @@ def claim_chart(res:dict, arm:str, path):
         return save_figure(fig, path)
 
 def speedup_chart(res:dict, path):
-    "Wall-clock and token speed-ups to the baseline's bpb per arm (geometric mean, 99% CI), the seed's factor as a marker."
+    """Per arm, every seed's speed-up to the baseline's bpb (dots; wall-clock and tokens), their geometric mean (bars; hatched: an upper
+    bound, the target never reached), the verdict engine's simultaneous interval where the paper tests the claim, and the seed's factor."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
     from supra.pages.figures import theme_rc, save_figure, SERIES_COLORS, PALETTE
-    sp, L = res['summary']['speedups'], res['summary']['labels']
-    F = {c['arm']: c['seed_factor'] for c in res['summary']['claims'] if c.get('seed_factor')}
+    sp, L, F = res['summary']['speedups'], res['summary']['labels'], res['summary']['seed_reference']['factors']
+    F = dict(curriculum=F['curriculum'], superbpe=F['superbpe'], fp8=F['fp8'], **{'superbpe-curriculum': F['superbpe'] * F['curriculum']})
+    V = {r['a']: r for r in verdicts(res) if r['metric'] == 'speedup' and r['ci_lo'] is not None}
     arms = list(sp)
     with mpl.rc_context(theme_rc()):
         fig = Figure(figsize=(9, 4.2), layout='constrained'); ax = fig.add_subplot()
         for j, (x, lab) in enumerate((('train_s', 'wall-clock'), ('tokens', 'tokens'))):
             for i, a in enumerate(arms):
-                s = sp[a][x]; v = s['mean'] if s['mean'] is not None else s['bound']
+                s = sp[a][x]; v = s['mean'] if s['mean'] is not None else s['bound']; at = i + (j - 0.5) * 0.38
                 if v is None: continue
-                err = None if s['ci_lo'] is None else [[v - s['ci_lo']], [s['ci_hi'] - v]]
-                ax.bar(i + (j - 0.5) * 0.38, v, 0.36, yerr=err, color=SERIES_COLORS[j], alpha=0.5 if s['bound'] is not None else 0.9,
-                       capsize=3, ecolor=PALETTE['text'], label=lab if i == 0 else None, hatch='//' if s['bound'] is not None else None)
+                ax.bar(at, v, 0.36, color=SERIES_COLORS[j], alpha=0.45 if s['bound'] is not None else 0.75, label=lab if i == 0 else None,
+                       hatch='//' if s['bound'] is not None else None)
+                pts = [e['speedup'] or e['bound'] for e in s['per_seed'].values()]
+                ax.scatter([at] * len(pts), pts, s=12, color=PALETTE['text'], zorder=3, label='one seed' if i == 0 and j == 0 else None)
+                if x == 'tokens' and a in V:
+                    r = V[a]; ax.errorbar([at], [r['effect']], yerr=[[r['effect'] - r['ci_lo']], [r['ci_hi'] - r['effect']]], fmt='none', ecolor=SERIES_COLORS[3],
+                                          capsize=4, lw=1.6, zorder=4, label='engine: simultaneous interval' if a == next(iter(V)) else None)
         for i, a in enumerate(arms):
-            if a in F: ax.scatter([i], [F[a]], marker='D', s=60, color=SERIES_COLORS[3], zorder=4, label="seed's factor" if a == next(iter(F)) else None)
+            if a in F: ax.scatter([i], [F[a]], marker='D', s=60, color=SERIES_COLORS[3], zorder=5, label="seed's factor" if a == next(k for k in arms if k in F) else None)
         ax.axhline(1.0, color=PALETTE['muted'], lw=1)
         ax.set_xticks(range(len(arms)), [L[a] for a in arms], rotation=12); ax.set_ylabel("speed-up to the baseline's bpb (×)")
-        ax.set_title('Speed-up per arm (hatched: upper bound, target not reached)', loc='left'); ax.legend(loc='best', frameon=True)
+        ax.set_title('Speed-up per arm (bars: geometric mean; hatched: an upper bound, the target not reached)', loc='left'); ax.legend(loc='best', frameon=True, fontsize=8)
         return save_figure(fig, path)
 
 def figures(res:dict, fig_dir) -> dict:
@@ -163,20 +187,28 @@ def paper(res:dict, figs:dict, path) -> Path:
                                           row('Characters per token (held-out text)', col('chars_per_token'), digits=3),
                                           row('Training time', col('train_s'), sd('train_s'), fmt='dur'), row('Training tokens/s', col('tok_s'), sd('tok_s'), digits=0, best='max')],
                     title='Every arm at equal tokens', label='// Arms', nav='Arms', id='arms',
-                    caption=f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); every arm trains on {fmt_int(res['data']['n_tokens'] - 1)} tokens of its pool.")
+                    caption=f"Mean ± standard deviation over each arm's seeds ({'; '.join(f'{L[a]} {len(v)}' for a, v in sm['design']['seeds'].items())}); every arm trains on {fmt_int(res['data']['n_tokens'] - 1)} tokens of its pool.")
     m = sm['multiply']
-    mult = table(['each alone: product', 'together', 'together ÷ product', '99% CI', 'verdict'],
+    mult = table(['each alone: product', 'together', 'together ÷ product', 'seeds'],
                  [row(f'{lab}', ['—' if m[x]['product'] is None else f"×{m[x]['product']:.2f}", '—' if m[x]['together'] is None else f"×{m[x]['together']:.2f}",
-                                 '—' if m[x]['ratio'] is None else f"{m[x]['ratio']:.2f}", '—' if m[x]['ci_lo'] is None else f"{math.exp(m[x]['ci_lo']):.2f}–{math.exp(m[x]['ci_hi']):.2f}", m[x]['verdict']], fmt='str')
+                                 '—' if m[x]['ratio'] is None else f"{m[x]['ratio']:.2f}", str(len(m[x]['seeds']))], fmt='str')
                   for x, lab in (('train_s', 'Wall-clock speed-up'), ('tokens', 'Token speed-up'))],
                  title='Do the factors multiply?', row_header='Curriculum × SuperBPE', label='// Interaction', nav='Interaction', id='interaction',
-                 caption='Per seed, log(together) − log(curriculum alone) − log(SuperBPE alone); its mean and 99% t interval, back on the ratio scale. 1 = the factors multiply.')
+                 caption="Measured, not tested: geometric means over the seeds where all three arms reached the target. The seed's claim that the factors multiply "
+                         "is not testable here, because its product includes SuperBPE's ×1.6 (see the claims).")
+    lc = sm.get('lr_check')
+    lr_tab = None if not lc else table([f"×{r['lr_factor']:g} ({r['lr']:.2g})" for r in lc['runs']],
+                                       [row('Final held-out bits/byte (↓)', [r['final_bpb'] for r in lc['runs']], digits=4, best='min'),
+                                        row('Diverged', ['yes' if r['diverged'] else 'no' for r in lc['runs']], fmt='str')],
+                                       title="The baseline's learning rate, checked at its batch", column_header='LR', label='// LR check', nav='LR check', id='lr-check',
+                                       caption=f"The baseline at ×½, ×1 and ×2 the preset's LR on seed {lc['seed']}, which no comparison uses; every arm trains at the best, {lc['chosen']:.2g}. "
+                                               "Diverged: the final bits/byte above the first evaluation's, or not finite.")
     st = sm['stages']
     stage_tab = table([str(s['seq_len']) for s in st], [row('Batch (sequences)', [s['batch_size'] for s in st], fmt='int'), row('Steps', [s['steps'] for s in st], fmt='int'),
                                                          row('LR scale', [s['lr_scale'] for s in st], digits=3)],
                       title='The curriculum', row_header='Sequence length', label='// Stages', id='stages',
                       caption=f"{pl['tokens_per_step']:,} tokens per step in every stage; stage k reads its own slice of the pool once (supra.experiments.curriculum.run.SliceStages).")
-    charts = [chart(figs['speedups'], 'Speed-up to the baseline', 'Bars: geometric mean over seeds, 99% CI; diamonds: the seed\'s factor.', label='// Visualizations', nav='Charts', id='charts')]
+    charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean (hatched: an upper bound); the red interval: the verdict engine's simultaneous interval for a tested claim; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
     for a in sm['speedups']:
         charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb.'))
     t = sm['tokenizers']
@@ -190,16 +222,18 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"(SuperBPE {t['superbpe']['chars_per_token']:.3f}, BPE {t['bpe']['chars_per_token']:.3f} characters per token), in windows of the full context. "
         "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts.",
         f"FP8: {sm['fp8']['reason']}." if not sm['fp8']['available'] else 'FP8: measured on this GPU (supra.model.fp8).'],
-        [('Equal tokens', 'every arm sees the same number of training tokens; for SuperBPE that is more text, which is the claim.'),
+        [('Seeds', f"a pilot of {sm['design']['n1']} seeds for every arm, then {sm['design']['n2']} more for {' and '.join(sm['design']['staged'])}, as many as 80% power at ×{sm['design']['target']:g} needs given the pilot's spread (at most {sm['design']['n_max']}); the staged tests combine the two stages (inverse-normal combination), the others use the pilot's seeds."),
+         ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned."),
+         ('Equal tokens', 'every arm sees the same number of training tokens; for SuperBPE that is more text, which is the claim.'),
          ('Scale', 'a small model on a small pool: speed-ups at this scale need not transfer to the seed\'s 197M model on a GPU.')],
         label='// Method', nav='Method', id='method')
     scale = None if pname == 'paper' else (f"**Scale: `{pname}` preset.** {pl['n_layer']}×{pl['d_model']} model, {fmt_int(res['data']['n_tokens'] - 1)} tokens per run, "
-                                           f"curriculum {st[0]['seq_len']} → {st[-1]['seq_len']} (the seed's 8 → 2048), {len(seeds)} seeds, {hw}.")
-    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, cost_tab, arm_tab, mult, *charts, stage_tab, method,
+                                           f"curriculum {st[0]['seq_len']} → {st[-1]['seq_len']} (the seed's 8 → 2048), {sm['design']['n1']}–{max(len(v) for v in sm['design']['seeds'].values())} seeds per arm, {hw}.")
+    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, cost_tab, arm_tab, *([lr_tab] if lr_tab else []), mult, *charts, stage_tab, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with every run\'s held-out curve.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Seeds': ', '.join(map(str, seeds)), 'Arms': ', '.join(L[a] for a in arms),
+            stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Seeds': ', '.join(map(str, sorted({r['seed'] for r in res['runs']}))), 'Arms': ', '.join(L[a] for a in arms),
                    'Compute: train · wall': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'wall_s'))})]
     spec = dict(title='The Efficiency Stack, Measured', kicker='Experiment #5:', banner=scale, sections=secs,
                 lede=("Yxanul claims a 9.6× training speed-up from SuperBPE (1.6×), FP8 (2×) and a sequence-length curriculum (3×). Each claim here is an arm "
-                      "against one baseline at equal tokens and equal wall-clock, with seeds, intervals and a verdict — and the multiplication itself is tested."))
+                      "against one baseline at equal tokens and equal wall-clock, with seeds allocated by power, intervals and a verdict from one engine — and what this scale cannot test is marked so."))
     return write_paper(path, spec)
