@@ -172,15 +172,16 @@ def train_run(pool, model_cfg, train_cfg, out_dir, stages=None, hook=None) -> di
     return train(pool, model_cfg, train_cfg, out_dir, quiet=True, loader=loader, eval_hook=hook)
 
 def read_curve(run_dir) -> dict:
-    "Held-out curve of a run from its metrics.jsonl: eval steps, tokens, training seconds, bpb, loss; and its stage boundaries."
-    rows = [json.loads(l) for l in (Path(run_dir) / 'metrics.jsonl').read_text().splitlines() if l.strip()]
-    ts = {r['step']: r['train_s'] for r in rows if 'loss' in r and 'train_s' in r}
-    tok = {r['step']: r['tokens'] for r in rows if 'loss' in r}
-    ev = [r for r in rows if 'eval' in r]
-    return dict(step=[r['step'] for r in ev], tokens=[r['tokens'] for r in ev], train_s=[ts[r['step']] for r in ev],
-                bpb=[r['eval']['bpb'] for r in ev], heldout_loss=[r['eval']['heldout_loss'] for r in ev],
-                stages=[dict(at_step=r['at_step'], seq_len=r['seq_len'], batch_size=r['batch_size'], lr_scale=r['lr_scale'],
-                             tokens=tok.get(r['at_step'], 0), train_s=ts.get(r['at_step'], 0.0)) for r in rows if r.get('event') == 'stage'])
+    "Held-out curve of a run, read through its `RunLog` (metrics.jsonl's one reader): eval steps, tokens, training seconds, bpb, loss; and its stage boundaries."
+    from supra.train.runlog import RunLog
+    log = RunLog(run_dir); log.poll()
+    steps, ts = log.series('train_s'); _, tok = log.series('tokens')
+    T, K = dict(zip(steps.astype(int).tolist(), ts.tolist())), dict(zip(steps.astype(int).tolist(), tok.astype(int).tolist()))
+    (es, bpb), (_, hl) = (next(iter(log.eval_series(k).values())) for k in ('bpb', 'heldout_loss'))
+    es = es.astype(int).tolist()
+    return dict(step=es, tokens=[K[s] for s in es], train_s=[T[s] for s in es], bpb=bpb.tolist(), heldout_loss=hl.tolist(),
+                stages=[dict(at_step=e['at_step'], seq_len=e['seq_len'], batch_size=e['batch_size'], lr_scale=e['lr_scale'],
+                             tokens=K.get(e['at_step'], 0), train_s=T.get(e['at_step'], 0.0)) for e in log.events if e.get('event') == 'stage'])
 
 # %% ../../../nbs/10_experiments/06_curriculum_run.ipynb #8798770d
 def cost_to(curve:dict, target:float, x:str='train_s') -> float | None:
