@@ -11,7 +11,7 @@ from ...lab.verdict import Metric, Comparison, judge, verdict_cells, fmt_p
 from .run import LABELS, SCALE
 
 # %% auto #0
-__all__ = ['BPB', 'family', 'verdicts', 'ablation_verdict', 'findings', 'figures', 'paper']
+__all__ = ['BPB', 'family', 'verdicts', 'budget_text', 'ablation_verdict', 'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/05_golf_paper.ipynb #b3ae0258
 def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
@@ -21,12 +21,17 @@ def family(res:dict) -> list:
     """The paper's tests, decided together by the verdict engine: the full stack against the baseline, and each ablation against the
     full stack — paired over the seeds both arms ran (a seed fixes initialisation and data order for every arm)."""
     arms = [s['arm'] for s in res['summary']['by_arm']]
-    return [Comparison(BPB, 'full', 'baseline', label='full stack vs baseline')] + [
-            Comparison(BPB, a, 'full', label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
+    return [Comparison(BPB, 'full', 'baseline', paired=True, label='full stack vs baseline')] + [
+            Comparison(BPB, a, 'full', paired=True, label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
 
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01)."
     return judge(res['runs'], family(res), family='golf')
+
+def budget_text(res:dict) -> str:
+    "The training budget of every run, in words: 'N steps' or 'S s of wall clock' (an envelope from before step budgets: its seconds)."
+    b = res['summary'].get('budget') or dict(kind='wall_clock', budget_s=res['summary']['budget_s'])
+    return f"{b['steps']:,} steps" if b['kind'] == 'steps' else f"{b['budget_s']:g} s of wall clock"
 
 def _p(r) -> str:
     if r['p'] is None: return r['reason'] or 'no test'
@@ -38,15 +43,31 @@ def ablation_verdict(r:dict) -> str:
     return 'helps' if r['effect'] > 0 else 'hurts'
 
 def findings(res:dict) -> list:
-    "The key findings, computed from the envelope."
+    "The key findings, computed from the envelope; the first is the headline test with its verdict."
     S, sm = _S(res), res['summary']; rec = sm['record']; V = verdicts(res); h = V[0]
     b, f = S['baseline'], S['full']
     won = h['verdict'] == 'resolved' and h['effect'] < 0
-    out = [('Full stack vs baseline', f"held-out bits per byte after the round trip: full stack {f['bpb']:.4f}, baseline {b['bpb']:.4f} "
+    out = [('Full stack vs baseline', f"held-out bits per byte after the round trip, {budget_text(res)} per run: full stack {f['bpb']:.4f}, baseline {b['bpb']:.4f} "
             f"(difference {verdict_cells(h)['effect']}, interval {verdict_cells(h)['interval']}; {_p(h)}): " + ('**the full stack wins**.' if won else '**the baseline wins**.' if h['verdict'] == 'resolved' else '**bounded**: no difference larger than the MDE is likely, none measured.'))]
     for r in V[1:]:
         t = r['a'][3:]
         out.append((f"Ablation — {LABELS[t]}", f"without it {S[r['a']]['bpb']:.4f} vs {f['bpb']:.4f} with it (mean over each arm's seeds; Δ over the {r['n']} seeds both ran {verdict_cells(r)['effect']}; {_p(r)}): **{ablation_verdict(r)}**."))
+    if sm.get('budget') and sm.get('pool'):
+        bu, po = sm['budget'], sm['pool']
+        steps = (f"every run trained exactly {bu['steps']:,} steps" if bu['same_steps'] else f"runs trained {', '.join(map(str, bu['steps_per_run']))} steps") \
+                if bu['kind'] == 'steps' else f"every run trained {bu['budget_s']:g} s of wall clock ({', '.join(map(str, bu['steps_per_run']))} steps)"
+        out.append(('Budget and data', f"{steps}, {po['tokens_per_run_max']:,} tokens at most, from a pool of {po['n_tokens']:,} tokens: "
+                    f"{po['epochs_max']:.2f} epochs at most — " + ('**no token repeats**.' if not po['repeats'] else '**tokens repeat**.')))
+    if sm.get('checks'):
+        cs, cb = sm['checks']['size'], sm['checks']['bpb']
+        out.append(('Independent checks', f"artefact size re-computed with plain zstd-22 ({cs['tool']}): " +
+                    (f"all {cs['n']} agree within {cs['tol']:.0%} (worst {cs['max_abs_diff_bytes']:,} B, {cs['max_abs_rel_diff']:.2%}), the zstandard module alone reproduces every size to the byte, "
+                     + ('and every run fits the budget under either size' if cs.get('all_fit', True) else '**but some exceed the budget under the CLI size**')
+                     if cs['all_agree'] else f"**they differ** (worst {cs['max_abs_diff_bytes']:,} B, {cs['max_abs_rel_diff']:.2%}; the zstandard module alone " +
+                     ('reproduces every size to the byte)' if cs.get('all_module_exact') else '**does not reproduce every size**)')) +
+                    f"; bits per byte re-computed from numpy-dequantised weights with a non-sliding cross-entropy: " +
+                    (f"all {cb['n']} agree with Supra's scorer on the same windows within {cb['tol']:g} bpb (worst {cb['max_abs_diff']:.1e})" if cb['all_agree'] else f"**they differ** from Supra's scorer (worst {cb['max_abs_diff']:.2e} bpb, tolerance {cb['tol']:g})") +
+                    f"; disjoint windows of {cb['context']} tokens minus the headline's sliding windows: {cb['min_context_gain']:+.4f} to {cb['max_context_gain']:+.4f} bpb (positive: the extra context helps)."))
     out.append(('Artefact', f"full stack {f['artefact_bytes']:,.0f} B (code {f['code_bytes']:,.0f} B), baseline {b['artefact_bytes']:,.0f} B against a budget of "
                 f"{sm['byte_budget']:,} B: " + ('every run fits.' if sm['all_fit'] else '**some runs exceed it**.') +
                 f" Quantisation gap (bpb after − before): full {f['quant_gap']:+.4f}, baseline {b['quant_gap']:+.4f} (record: +{rec['quant_gap']})."))
@@ -54,24 +75,24 @@ def findings(res:dict) -> list:
         out.append(('Downstream, quantised artefacts', f"BLiMP {f['blimp']:.1%} (full) vs {b['blimp']:.1%} (baseline), chance 50%; ARC-Easy {f['arc_easy']:.1%} vs {b['arc_easy']:.1%}, chance 25%."))
     out.append(('The record', f"{rec['bpb']} bpb (3 seeds {', '.join(str(v) for v in rec['seeds'].values())}; std {rec['std']}) in {rec['byte_budget']:,} B and "
                 f"{rec['budget_s']} s on {rec['hardware']} ({rec['model']}). Here: {f['bpb']:.4f} bpb, {res['preset']} preset, {f['params']:,.0f} parameters, "
-                f"{sm['budget_s']:g} s per run on {res['environment'].get('hardware', res['environment'].get('device'))}, vocabulary {res['data']['vocab_size']:,}, "
+                f"{budget_text(res)} per run on {res['environment'].get('hardware', res['environment'].get('device'))}, vocabulary {res['data']['vocab_size']:,}, "
                 f"{res['corpus']}: a different scale, corpus and tokenizer — the numbers are not comparable, the ranking of techniques is the result."))
     return out
 
 # %% ../../../nbs/10_experiments/05_golf_paper.ipynb #9dfe24ad
 def figures(res:dict, fig_dir) -> dict:
-    "Bits per byte per arm, and the loss curves of baseline and full stack against training time."
+    "Bits per byte per arm, and the loss curves of baseline and full stack against the step (or, for a wall-clock budget, training time)."
     from supra.pages.figures import bar_chart, curves_chart
     fig_dir = Path(fig_dir); S = _S(res); names = list(S)
     figs = dict(bpb=bar_chart([LABELS.get(a, LABELS.get(a[3:], a)) if not a.startswith('no-') else f"no {LABELS[a[3:]]}" for a in names],
                               [S[a]['bpb'] for a in names], [S[a]['bpb_std'] for a in names], fig_dir / 'bpb',
                               title='Held-out bits per byte after the artefact round trip (↓)', ylabel='bits per byte', highlight=names.index('full'), value_fmt='.3f'))
-    cur = {f"{LABELS[k.split('|')[0]]} · seed {k.split('|')[1]}": ([x[0] for x in v], [x[1] for x in v]) for k, v in res['curves'].items()
-           if k.split('|')[0] in ('baseline', 'full')}
-    figs['curves'] = curves_chart(cur, fig_dir / 'curves', title='Training loss against training time', xlabel='training seconds', ylabel='train loss (nats/token)', smooth=0.8)
+    by_step = (res['summary'].get('budget') or {}).get('kind') == 'steps'     # curve rows: [step, seconds, loss] (older envelopes: [seconds, loss])
+    xy = lambda v: ([x[0] if by_step else x[-2] for x in v], [x[-1] for x in v])
+    cur = {f"{LABELS[k.split('|')[0]]} · seed {k.split('|')[1]}": xy(v) for k, v in res['curves'].items() if k.split('|')[0] in ('baseline', 'full')}
+    figs['curves'] = curves_chart(cur, fig_dir / 'curves', title='Training loss against ' + ('the step' if by_step else 'training time'),
+                                  xlabel='step' if by_step else 'training seconds', ylabel='train loss (nats/token)', smooth=0.8)
     return figs
-
-def _pm(s:dict, k:str) -> str: return f"{s[k]:,.0f}" + ('' if s.get(f'{k}_std') is None else f" ± {s[f'{k}_std']:,.0f}")
 
 def paper(res:dict, figs:dict, path) -> Path:
     "The golf paper for the envelope `res` and its figures."
@@ -80,50 +101,83 @@ def paper(res:dict, figs:dict, path) -> Path:
     from supra.pages.fmt import fmt_duration
     S, sm, pl, env = _S(res), res['summary'], res['plan'], res['environment']; rec = sm['record']
     hw = env.get('hardware', env.get('device')); names = list(S)
-    sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']])); toks = float(np.mean([r['tokens'] for r in res['runs']]))
+    sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']]))
+    bu, po, ck, bt = sm['budget'], sm['pool'], sm['checks'], budget_text(res)
+    stride = min(64, sc['seq_len'] // 2)   # the plan's sliding stride (supra.experiments.golf.run.plan)
     col = lambda a: LABELS[a] if not a.startswith('no-') else f"no {LABELS[a[3:]]}"
     main = table([col('baseline'), col('full')], [row(lab, [S[a].get(k) for a in ('baseline', 'full')], [S[a].get(f'{k}_std') for a in ('baseline', 'full')],
                  fmt=fmt, best=best, digits=dg, **kw) for lab, k, fmt, best, dg, kw in [
                  ('Held-out bpb after round trip (↓)', 'bpb', 'num', 'min', 4, {}), ('Held-out bpb before (↓)', 'bpb_before', 'num', 'min', 4, {}),
                  ('Quantisation gap', 'quant_gap', 'num', None, 4, {}), ('Artefact bytes', 'artefact_bytes', 'int', None, None, {}),
-                 ('Parameters', 'params', 'int', None, None, {}), ('Steps in the budget', 'steps', 'int', None, None, {}),
+                 ('Parameters', 'params', 'int', None, None, {}), ('Steps', 'steps', 'int', None, None, {}), ('Tokens trained', 'tokens', 'int', None, None, {}),
+                 ('Training seconds (measured, not the budget)' if bu['kind'] == 'steps' else 'Training seconds', 'train_s', 'num', None, 0, {}),
                  ('BLiMP, quantised (↑)', 'blimp', 'pct', 'max', 2, dict(chance=0.5)), ('ARC-Easy, quantised (↑)', 'arc_easy', 'pct', 'max', 2, dict(chance=0.25))]
                  if k in S['full']], title='Baseline vs full stack', baselines=('chance',), label='// Results', nav='Results', id='results',
-                 caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; {sm['budget_s']:g} s of training each; scored only after quantise → zstd-22 → reload.")
+                 caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; {bt} of training each; scored only after quantise → zstd-22 → reload.")
     V = verdicts(res)
     abl = table(['bpb without', 'Δ vs full', 'p', 'p (Holm)', 'verdict', 'artefact bytes', 'quant gap'],
                 [row(LABELS[r['a'][3:]], [f"{S[r['a']]['bpb']:.4f}", verdict_cells(r)['effect'], fmt_p(r['p']), fmt_p(r['p_adj']), ablation_verdict(r),
                                           f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:]],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
-                caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired over the seeds both arms ran; {pl['ablation_seeds']} seeds per ablation; "
-                        f"decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA}).")
+                caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired seed by seed over the seeds both arms ran "
+                        f"(every ablation ran the full stack's seeds {', '.join(map(str, pl['seeds']))}); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
+                        + (f" Not ablated at this preset: {', '.join(LABELS[t] for t in sm['not_ablated'])} (see Method)." if sm['not_ablated'] else ''))
     vt = verdict_table(V, title='Every test, decided', id='verdicts', nav='Verdicts', label='// Verdicts')
+    cols = ['bytes (Supra)', f"bytes ({ck['size']['tool']}, level {ck['size']['level']})", 'Δ bytes', 'Δ bytes (zstandard module)', 'round trip', f'bpb, stride {stride} (headline)',
+            'bpb, disjoint (Supra)', 'bpb, disjoint (independent)', 'Δ bpb', 'agree']
+    chk = table(cols, [row(f"{col(r['arm'])} · seed {r['seed']}", [f"{r['artefact_bytes']:,}", f"{r['checks']['size']['independent_bytes']:,}", f"{r['checks']['size']['diff_bytes']:+,}",
+                           f"{r['checks']['size']['module_diff_bytes']:+,}", 'ok' if r['checks']['size']['roundtrip'] else 'FAILS', f"{r['bpb']:.4f}", f"{r['bpb_disjoint']:.6f}", f"{r['bpb_check']:.6f}",
+                           f"{r['checks']['bpb']['diff']:+.1e}", 'yes' if r['checks']['size']['agree'] and r['checks']['bpb']['agree'] else 'NO'], fmt='str')
+                       for r in res['runs']],
+                title='Every artefact, checked twice', row_header='Run', label='// Checks', nav='Checks', id='checks', transpose=False,
+                caption=f"Size: the artefact's weights decompressed and the same payload recompressed at level {ck['size']['level']} by {ck['size']['tool']}, independently of "
+                        f"supra.golf.quant, and by the zstandard module called directly; agreement: the module to the byte, the CLI within {ck['size']['tol']:.0%} (another zstd build picks other matches), and the new frame must round-trip. Bits per byte: the artefact dequantised with numpy into a plain "
+                        f"state dict and scored with a non-sliding cross-entropy over disjoint windows of {ck['bpb']['context']} tokens, bytes from the text's UTF-8 length "
+                        f"(supra.golf.check), against supra.golf.eval.sliding_bpb on the same windows; agreement within {ck['bpb']['tol']:g} bpb. The headline scores "
+                        f"sliding windows (stride {stride}), which give every token more context than disjoint windows do; the difference is in the findings.")
     recs = table(['Record (seed 003)', f"Supra, {res['preset']} preset"],
                  [row('Held-out bpb', [f"{rec['bpb']} (mean {rec['mean']} ± {rec['std']})", f"{S['full']['bpb']:.4f}"], fmt='str'),
                   row('Byte budget', [f"{rec['byte_budget']:,}", f"{sm['byte_budget']:,}"], fmt='str'),
-                  row('Wall-clock budget', [f"{rec['budget_s']} s on {rec['hardware']}", f"{sm['budget_s']:g} s on {hw}"], fmt='str'),
+                  row('Training budget', [f"{rec['budget_s']} s on {rec['hardware']} ({rec['steps']:,} steps)", f"{bt} on {hw}"], fmt='str'),
                   row('Model', [rec['model'], f"{S['full']['params']:,.0f} parameters, vocab {res['data']['vocab_size']:,}, {res['corpus']}"], fmt='str'),
                   row('Quantisation gap', [f"+{rec['quant_gap']}", f"{S['full']['quant_gap']:+.4f}"], fmt='str')],
                  title='The record beside Supra', row_header='', label='// Record', nav='Record', id='record',
                  caption='Different scale, corpus, tokenizer and hardware: the absolute numbers are not comparable.')
+    nab = sm['not_ablated']; why_seeds = ("three seeds per arm — every arm, ablations included, on the same seeds "
+        f"{', '.join(map(str, pl['seeds']))}, so each ablation is compared with the full stack seed by seed (same initialisation, same data order) by a paired test; "
+        "three is what the preset's time budget holds (the arithmetic is in `SCALE`), fixed before the runs rather than allocated in stages") if len(pl['seeds']) >= 3 else \
+        f"{len(pl['seeds'])} seed(s) per arm, every arm on the same seeds {', '.join(map(str, pl['seeds']))}, compared seed by seed (a test preset: too few seeds to resolve anything)"
+    budget_p = (f"Every arm trains exactly {bu['steps']:,} steps of {bu['tokens_per_step']:,} tokens with the same loop (`supra.golf.train`): LR warm-up over 10 steps, then a linear warmdown "
+                f"over the last half of the steps that reaches 0 at the last one. The budget is steps, not seconds, because this {hw} is shared with other work: a wall-clock budget "
+                f"would mix the step count into every difference (an earlier 90-s run gave 211–339 steps per run). Training seconds are measured and reported, not budgeted.") \
+        if bu['kind'] == 'steps' else (f"Every arm trains for the same wall-clock budget of {bu['budget_s']:g} s of step time with the same loop (`supra.golf.train`): LR warm-up over 10 steps, then a linear "
+                f"warmdown over the last half of the budget that reaches 0 exactly at the budget; a wall-clock budget is fair only on a machine nothing else uses "
+                f"(steps here: {', '.join(map(str, bu['steps_per_run']))}).")
     method = prose('Method', [
-        "Both arms train for the same wall-clock budget with the same loop (`supra.golf.train`): LR warm-up over 10 steps, then a linear warmdown over the last half of the budget that reaches 0 exactly at the budget.",
+        budget_p,
         "Scoring: sliding-window bits per byte (`supra.golf.eval`; windows of the model's context, stride ≤ 64) on held-out documents of the corpus, every byte counted, every scored distribution checked to sum to 1.",
         "The artefact (`supra.golf.quant`): int6 per-row matrices, int8 per-row embeddings, fp32 control tensors, zstd-22, plus the source of every supra module needed to rebuild the model; its size is the file's size."],
         [('Learning rates', 'the full stack uses the record\'s learning rates and the baseline the preset\'s AdamW LR; neither is tuned at this scale.'),
          ('Averaging', f"EMA decay {sc['ema']} (the record's 0.997 is a horizon of ≈333 of its {rec['steps']:,} steps; at ≈{steps:,.0f} steps per run here "
           f"0.997 would leave {0.997 ** steps:.0%} of the random init in the final weights), SWA of the EMA weights every {sc['swa_every']} steps once the LR scale is below 0.2."),
-         ('Data', f"a {res['data']['n_tokens']:,}-token {res['corpus']} pool: a run's ≈{toks:,.0f} tokens are ≈{toks / res['data']['n_tokens']:.1f} passes over it "
-          f"(the record never repeats a token); held-out bits per byte on {res['data']['heldout_docs']} documents, the same for every run."),
-         ('Timing', f"the budget is wall-clock on a shared {hw}: steps per run vary within an arm (baseline {_pm(S['baseline'], 'steps')}, "
-          f"full stack {_pm(S['full'], 'steps')}), and that jitter is part of each arm's spread.")],
+         ('Data', f"a {po['n_tokens']:,}-token {res['corpus']} pool cut into {po['windows']:,} windows of {sc['seq_len']} + 1 tokens, served once each in a seeded order: "
+          f"a run's {po['tokens_per_run_max']:,} tokens at most are {po['epochs_max']:.2f} epochs of it (tokens trained / pool tokens), so "
+          + ('no token repeats, as in the record' if not po['repeats'] else '**tokens repeat**, which the record never does') +
+          f"; held-out bits per byte on {res['data']['heldout_docs']} documents, the same for every run."),
+         ('Seeds', why_seeds + '.'),
+         ('Ablations', f"each of {', '.join(LABELS[t] for t in sm['ablated'])} switched off in turn" + (
+          f"; not ablated at this preset: {', '.join(LABELS[t] for t in nab)} — the preset's time budget holds {len(res['runs'])} runs of {bt} "
+          f"({2 + len(sm['ablated'])} arms × {len(pl['seeds'])} seeds), so only the techniques the record credits most and the earlier cpu runs moved most are ablated; "
+          "those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
+         ('Checks', f"every artefact's size re-computed with plain zstd ({ck['size']['tool']}) and its bits per byte by an independent scorer (`supra.golf.check`); see Checks.")],
         label='// Method', nav='Method', id='method')
     secs = [findings_(findings(res), title='What the runs show', nav='Findings'), main,
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
-            chart(figs['curves'], 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, recs, method,
+            chart(figs['curves'], 'Loss against the step' if bu['kind'] == 'steps' else 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, chk, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': ', '.join(map(str, pl['seeds'])),
+            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': ', '.join(map(str, pl['seeds'])), 'Budget': f"{bt} per run",
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
-    banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {sm['budget_s']:g} s per run on {hw}, against the record's 11L × 512 on 8×H100."
+    banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
     return write_paper(path, dict(title='Parameter Golf', kicker='Experiment:', banner=banner, sections=secs,
-                                  lede=f"The parameter-golf record's stack against a plain Llama with AdamW under {sm['byte_budget']:,} bytes and {sm['budget_s']:g} s, every technique ablated."))
+                                  lede=f"The parameter-golf record's stack against a plain Llama with AdamW under {sm['byte_budget']:,} bytes and {bt} per run, "
+                                       + ("every technique ablated." if not sm['not_ablated'] else f"{len(sm['ablated'])} of its {len(sm['techniques'])} techniques ablated.")))
