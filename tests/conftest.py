@@ -62,9 +62,9 @@ def scaled(cfg, seed=0):
 def tiny_bpe(text:str, vocab_size:int, specials=None):
     "A byte-level BPE tokenizer trained on `text` in memory, with the pool's end-of-text token."
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
-    from supra.model.transformer import EOS_TOKEN
+    from supra.data.tokenizers import EOS
     t = Tokenizer(models.BPE())
     t.pre_tokenizer, t.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
-    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials or (EOS_TOKEN,)),
+    t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials or (EOS,)),
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return t

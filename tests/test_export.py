@@ -6,7 +6,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig, GenerationConfig
 from supra.core.config import ModelConfig, ConfigError
-from supra.model.transformer import Transformer, EOS_TOKEN
+from supra.model.transformer import Transformer
+from supra.data.tokenizers import EOS
 from conftest import scaled, tiny_bpe
 from supra.eval.export import export_hf, llama_config, llama_state_dict, NotLlamaError, LLAMA_NEEDS
 
@@ -15,7 +16,7 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope='module')
-def tok(): return tiny_bpe("Tiny language models learn the structure of text, one token at a time. " * 40, 400, specials=(EOS_TOKEN, '<|bos|>'))
+def tok(): return tiny_bpe("Tiny language models learn the structure of text, one token at a time. " * 40, 400, specials=(EOS, '<|bos|>'))
 
 
 def max_diff(model, hf, idx):
@@ -92,7 +93,7 @@ def test_folder_contents_and_tokenizer(tok, tmp_path):
     assert c['max_position_embeddings'] == 128 and c['tie_word_embeddings'] is True
     conf = AutoConfig.from_pretrained(out)
     assert conf.rope_parameters['rope_theta'] == 20000.0 and conf.num_key_value_heads == 2
-    eos = tok.token_to_id(EOS_TOKEN)   # documents start after <|endoftext|>: it is BOS, EOS and padding
+    eos = tok.token_to_id(EOS)   # documents start after <|endoftext|>: it is BOS, EOS and padding
     gc = GenerationConfig.from_pretrained(out)
     assert (gc.eos_token_id, gc.bos_token_id, gc.pad_token_id) == (eos, eos, eos) == (c['bos_token_id'], c['eos_token_id'], c['pad_token_id'])
     hft = AutoTokenizer.from_pretrained(out)
@@ -100,7 +101,7 @@ def test_folder_contents_and_tokenizer(tok, tmp_path):
     for s in ["Tiny models learn text.", "naïve café — ünïcödé 🙂", ""]:
         assert hft(s)['input_ids'] == tok.encode(s).ids
         assert hft.decode(tok.encode(s).ids) == s
-    assert (hft.eos_token, hft.bos_token, hft.pad_token) == (EOS_TOKEN, EOS_TOKEN, EOS_TOKEN)
+    assert (hft.eos_token, hft.bos_token, hft.pad_token) == (EOS, EOS, EOS)
     assert hft.model_max_length == 128
 
 

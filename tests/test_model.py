@@ -7,7 +7,8 @@ from safetensors.torch import save_file, load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 
 from supra.core.config import ModelConfig, ConfigError
-from supra.model.transformer import Transformer, KVCache, count_params, generate_text, EOS_TOKEN
+from supra.model.transformer import Transformer, KVCache, count_params, generate_text
+from supra.data.tokenizers import EOS
 from conftest import scaled, tiny_bpe
 
 TINY = ModelConfig(n_layer=2, d_model=64, n_head=4, vocab_size=256, seq_len=32)
@@ -215,7 +216,7 @@ def test_generate_text(tok):
     out = generate_text(m, tok, "The cat", 10, temperature=0)
     assert isinstance(out, str) and out == generate_text(m, tok, "The cat", 10)
     # the continuation is the decoded new tokens of a greedy run started from <|endoftext|>
-    eos = tok.token_to_id(EOS_TOKEN)
+    eos = tok.token_to_id(EOS)
     ids = [eos] + tok.encode("The cat").ids
     new = m.generate(torch.tensor([ids]), 10, temperature=0)[0, len(ids):].tolist()
     new = new[:new.index(eos)] if eos in new else new

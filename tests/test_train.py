@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np, pytest, torch
 
 from supra.core.config import ModelConfig, TrainConfig, ConfigError
-from supra.train.trainer import train, train_epochs, read_meta, TrainingDiverged
+from supra.train.trainer import train, train_epochs, TrainingDiverged
+from supra.model.checkpoint import read_meta
 from supra.model.checkpoint import load_checkpoint, save_checkpoint, CheckpointError
 from supra.train.optim import make_optimizers, lr_factor
 from supra.train.runtime import jemalloc_path, with_jemalloc_env

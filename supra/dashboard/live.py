@@ -13,7 +13,7 @@ from ..pages.figures import PALETTE
 from ..pages.html import render, stylesheet
 from ..core.config import atomic_write
 from ..train.runlog import (METRICS_FILE, DASHBOARD_FILE, META_FILES, DONE_MARKERS, MAIN, STABLE, BRANCH_RE, DONE_QUIET_S, RunLog,
-                          read_meta, is_done, mark_done, clear_done, branch_dirs, is_branched, expected_branches, branch_plan,
+                          run_meta, is_done, mark_done, clear_done, branch_dirs, is_branched, expected_branches, branch_plan,
                           branched_done, fake_run, fake_branched_run, num, branch_order)
 from ..pages.svg import downsample, nice_ticks, short_num, svg_chart
 from .status import STALL_S, BRANCH_STATUS, summarize
@@ -164,7 +164,7 @@ def render_dashboard(run_dir, *, log:RunLog|None=None, standalone:bool=True, ref
     "The dashboard of `run_dir` as HTML (a full self-refreshing page, or a notebook fragment)."
     run_dir = Path(run_dir)
     log = log or log_for(run_dir); log.poll()
-    meta = read_meta(run_dir); s = summarize(log, meta, run_dir)
+    meta = run_meta(run_dir); s = summarize(log, meta, run_dir)
     step = '—' if s['step'] is None else fmt_int(s['step'])
     src = f'{run_dir}/{{{",".join(log.subs) or "stable,epochs<k>"}}}/{METRICS_FILE}' if s['branched'] else str(log.path)
     notes = []

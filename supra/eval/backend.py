@@ -15,7 +15,7 @@ from tokenizers import Tokenizer
 from ..model.checkpoint import load_checkpoint
 from ..core.config import ConfigError, check, check_int
 from ..model.transformer import generate_batch
-from .score import EOS, eos_token_id, score_rows
+from .score import eos_token_id, score_rows
 
 # %% auto #0
 __all__ = ['load_model', 'SupraLM', 'hf_lm']

@@ -8,7 +8,8 @@ import json, os, shutil, tempfile
 from pathlib import Path
 import torch
 from ..core.config import ModelConfig, ConfigError, check
-from ..model.transformer import Transformer, EOS_TOKEN
+from ..model.transformer import Transformer
+from ..data.tokenizers import EOS
 
 # %% auto #0
 __all__ = ['LLAMA_NEEDS', 'NotLlamaError', 'llama_problems', 'check_llama', 'llama_config', 'llama_state_dict', 'hf_tokenizer',
@@ -77,7 +78,7 @@ def llama_state_dict(model:Transformer) -> dict:
 
 # %% ../../nbs/04_eval/06_export.ipynb #d1248bac
 def _special_ids(tokenizer) -> dict:
-    eos = tokenizer.token_to_id(EOS_TOKEN)   # None when the tokenizer has no <|endoftext|>: no special tokens
+    eos = tokenizer.token_to_id(EOS)   # None when the tokenizer has no <|endoftext|>: no special tokens
     return dict(bos=eos, eos=eos, pad=eos)
 
 def hf_tokenizer(tokenizer, cfg:ModelConfig):

@@ -13,7 +13,7 @@ import lm_eval, lm_eval.evaluator
 from lm_eval.api.model import LM
 
 from ..core.config import EvalConfig, cache_dir, check, check_int, stable_hash
-from .score import EOS, pack_rows, tree_mask, score_rows
+from .score import pack_rows, tree_mask, score_rows
 from .backend import SupraLM, hf_lm, load_model
 from .tasks import (TaskDataError, allowed_tasks, blimp_paradigms, check_task_data, expand_tasks, task_dir, task_manager)
 from .heldout import heldout_bpb

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np, torch, torch.nn.functional as F
 from ..core.config import check
 
-EOS = '<|endoftext|>'   # = supra.data.pool.EOS: the document separator of every token pool
+from ..data.tokenizers import EOS   # the document separator of every token pool, defined with the tokenizers
 
 def eos_token_id(tokenizer) -> int:
     "The id of the end-of-text token, which separates documents in the pool (and so starts every document)."
@@ -16,7 +16,7 @@ def eos_token_id(tokenizer) -> int:
     return i
 
 # %% auto #0
-__all__ = ['EOS', 'eos_token_id', 'pack_rows', 'tree_mask', 'score_rows']
+__all__ = ['eos_token_id', 'pack_rows', 'tree_mask', 'score_rows']
 
 # %% ../../nbs/04_eval/00_score.ipynb #c9f7f949
 def pack_rows(rows:list, cap:int) -> tuple[list, list]:

@@ -10,7 +10,7 @@ import numpy as np
 from markupsafe import Markup
 from ..pages.html import render, TEMPLATES
 from ..core.config import atomic_write
-from ..train.runlog import RunLog, read_meta
+from ..train.runlog import RunLog, run_meta
 from ..pages.svg import downsample, svg_chart
 from .probes import TARGETS, em_ema, meets
 
@@ -122,7 +122,7 @@ def _last_json_line(path:Path):
 def render_flm_dashboard(run_dir, standalone:bool=True, refresh_s:float=30.0) -> str:
     "The flm dashboard of `run_dir` as HTML: a self-refreshing page, or (standalone=False) a fragment for a notebook."
     run_dir = Path(run_dir); log = RunLog(run_dir); log.poll()
-    meta = read_meta(run_dir)
+    meta = run_meta(run_dir)
     try: setup = list(json.loads((run_dir / 'flm.json').read_text()).get('setup', {}).items())
     except (OSError, ValueError): setup = []
     last = log.last[0] if log.last else None

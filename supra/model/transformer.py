@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from ..core.config import ModelConfig, ConfigError, check, check_int, check_num, MLPS, NORMS
 
 # %% auto #0
-__all__ = ['EOS_TOKEN', 'RMSNorm', 'make_norm', 'Rotary', 'CausalSelfAttention', 'MLP', 'Block', 'Transformer',
-           'chunked_cross_entropy', 'count_params', 'KVCache', 'generate', 'generate_batch', 'generate_text']
+__all__ = ['RMSNorm', 'make_norm', 'Rotary', 'CausalSelfAttention', 'MLP', 'Block', 'Transformer', 'chunked_cross_entropy',
+           'count_params', 'KVCache', 'generate', 'generate_batch', 'generate_text']
 
 # %% ../../nbs/02_model/00_transformer.ipynb #155d499a
 class RMSNorm(nn.Module):
@@ -317,15 +317,15 @@ def generate_batch(model:Transformer, prompts:list, max_new_tokens:int, temperat
     return out
 
 # %% ../../nbs/02_model/00_transformer.ipynb #3a66d71e
-EOS_TOKEN = '<|endoftext|>'   # the document separator of supra.data.pool's tokenizer
+from ..data.tokenizers import EOS   # the document separator of supra.data.pool's tokenizer
 
 def generate_text(model:Transformer, tokenizer, prompt:str, max_new_tokens:int, temperature:float=0.0,
                   top_k:int|None=None, seed:int|None=None, stop_at_eos:bool=True) -> str:
     "Continue `prompt` with `model`; `tokenizer` is a `tokenizers.Tokenizer`. Returns the continuation."
     check(isinstance(prompt, str), 'prompt', prompt, 'a string')
-    eos = tokenizer.token_to_id(EOS_TOKEN)
+    eos = tokenizer.token_to_id(EOS)
     ids = ([eos] if eos is not None else []) + tokenizer.encode(prompt, add_special_tokens=False).ids
-    check(len(ids) > 0, 'prompt', prompt, f'a non-empty prompt (the tokenizer has no {EOS_TOKEN} to start from)')
+    check(len(ids) > 0, 'prompt', prompt, f'a non-empty prompt (the tokenizer has no {EOS} to start from)')
     device = next(model.parameters()).device
     gen = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     idx = torch.tensor([ids], dtype=torch.long, device=device)

@@ -12,7 +12,7 @@ from markupsafe import Markup, escape
 from ..core.config import atomic_write, check
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'STYLESHEET', 'DASH_MARKER', 'environment', 'stylesheet', 'render', 'esc', 'inline', 'data_uri',
+__all__ = ['TEMPLATES', 'STYLESHEET', 'DASH_MARKER', 'jinja_env', 'stylesheet', 'render', 'esc', 'inline', 'data_uri',
            'publishable']
 
 # %% ../../nbs/05_pages/01_html.ipynb #ce81e284
@@ -21,7 +21,7 @@ STYLESHEET = TEMPLATES / 'supra.css'
 DASH_MARKER = '/* == DASHBOARD == */'
 
 @functools.lru_cache(maxsize=None)
-def environment() -> jinja2.Environment:
+def jinja_env() -> jinja2.Environment:
     "The Jinja2 environment of every Supra page: templates from supra/templates/, autoescape on, undefined names an error."
     return jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True, undefined=jinja2.StrictUndefined,
                               keep_trailing_newline=True)
@@ -35,7 +35,7 @@ def stylesheet(part:str='all') -> Markup:
 def render(template:str, **context) -> str:
     "Render `template` (a file in supra/templates/) with `context`; the stylesheet is there as `css` unless given."
     context.setdefault('css', stylesheet())
-    return environment().get_template(template).render(**context)
+    return jinja_env().get_template(template).render(**context)
 
 # %% ../../nbs/05_pages/01_html.ipynb #f3a58077
 def esc(x) -> Markup:

@@ -9,7 +9,7 @@ import numpy as np
 from .fmt import fmt_si
 from .figures import PALETTE, SERIES_COLORS
 from markupsafe import Markup
-from .html import environment
+from .html import jinja_env
 
 # %% auto #0
 __all__ = ['downsample', 'nice_ticks', 'short_num', 'svg_chart']
@@ -69,7 +69,7 @@ def svg_chart(series, *, width=560, height=240, logy=False, xlabel='step', ylabe
             legend.append((lx, 13 + 14 * row, dict(name=str(s.get('name', '')), color=s['color']))); lx += w
     T += 14 * row; height += 14 * row
     pw, ph = width - L - R, height - T - B
-    tpl = environment().get_template('chart.svg')
+    tpl = jinja_env().get_template('chart.svg')
     ctx = dict(width=width, height=height, L=L, T=T, pw=pw, ph=ph, P=PALETTE, xlabel=xlabel, ylabel=ylabel)
     if not ss: return Markup(tpl.render(ctx, empty=empty))
     xs = np.concatenate([s['x'] for s in ss])

@@ -12,7 +12,7 @@ from ..core.config import atomic_write
 
 # %% auto #0
 __all__ = ['METRICS_FILE', 'DASHBOARD_FILE', 'META_FILES', 'DONE_MARKERS', 'MAIN', 'STABLE', 'BRANCH_RE', 'DONE_QUIET_S', 'num',
-           'branch_order', 'branch_dirs', 'is_branched', 'RunLog', 'read_meta', 'is_done', 'mark_done', 'clear_done',
+           'branch_order', 'branch_dirs', 'is_branched', 'RunLog', 'run_meta', 'is_done', 'mark_done', 'clear_done',
            'final_row', 'expected_branches', 'branch_plan', 'branched_done', 'fake_run', 'fake_branched_run']
 
 # %% ../../nbs/03_train/05_runlog.ipynb #d0c5c372
@@ -52,7 +52,7 @@ def is_branched(run_dir) -> bool:
     "Is `run_dir` the parent of a branched run (no metrics.jsonl of its own; `stable/`/`epochs<k>/` or run.json 'branches')?"
     run_dir = Path(run_dir)
     if (run_dir / METRICS_FILE).exists(): return False
-    return bool(branch_dirs(run_dir)) or 'branches' in read_meta(run_dir)
+    return bool(branch_dirs(run_dir)) or 'branches' in run_meta(run_dir)
 
 class RunLog:
     """Incremental, fault-tolerant reader of a run's metrics.jsonl. On the parent of a branched run it keeps one
@@ -181,7 +181,7 @@ class RunLog:
             for k in ev: seen.setdefault(k, None)
         return list(seen)
 
-def read_meta(run_dir) -> dict:
+def run_meta(run_dir) -> dict:
     "run.json of a run, {} when absent or unreadable."
     try: d = json.loads((Path(run_dir) / META_FILES[0]).read_text())
     except (OSError, ValueError): return {}
@@ -191,7 +191,7 @@ def is_done(run_dir, log:RunLog|None=None) -> bool:
     "Has the run finished? (a done marker, run.json status, a {'event': 'done'} line, or — branched — every branch final)."
     run_dir = Path(run_dir)
     if any((run_dir / m).exists() for m in DONE_MARKERS): return True
-    meta = read_meta(run_dir)
+    meta = run_meta(run_dir)
     if meta.get('status') == 'done': return True
     if log is not None and log.done_event: return True
     return is_branched(run_dir) and branched_done(run_dir, log, meta)
@@ -273,7 +273,7 @@ def _newest_mtime(run_dir):
 def branched_done(run_dir, log:RunLog|None=None, meta:dict|None=None) -> bool:
     """Is a branched run finished? With run.json: every expected branch has final/meta.json. Without: at least one branch,
     every present branch final, the stable run not past the last branch point, and no line written for DONE_QUIET_S."""
-    run_dir = Path(run_dir); meta = read_meta(run_dir) if meta is None else meta
+    run_dir = Path(run_dir); meta = run_meta(run_dir) if meta is None else meta
     exp = expected_branches(meta)
     if exp: return all(final_row(run_dir / b) for b in exp)
     subs = branch_dirs(run_dir); brs = [n for n in subs if n != STABLE]
