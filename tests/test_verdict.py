@@ -56,7 +56,7 @@ def test_claim_verdicts():
                      Claim('+30 points', m, 'a', 'b', value=0.30), Claim('−5 points', m, 'a', 'b', value=-0.05),
                      Claim('x1.6', m, 'a', 'b', value=1.6, ratio=True, untestable='needs a vocabulary where SuperBPE compresses x1.6')])
     assert [x['verdict'] for x in r] == ['supported', 'supported', 'contradicted', 'contradicted', 'not testable here']
-    assert 'lies beyond' in r[1]['reason'] and 'side of no effect' in r[2]['reason'] and r[4]['reason'].startswith('needs')
+    assert 'lies beyond' in r[1]['reason'] and 'smaller than claimed' in r[2]['reason'] and r[4]['reason'].startswith('needs')
     assert r[0]['unit'] == 'points' and 9 < r[0]['effect'] < 11                      # shown in points, not as a fraction
     noisy = rows_of({'a': [0.60, 0.45, 0.70, 0.52], 'b': [0.50, 0.55, 0.48, 0.57]})
     assert judge(noisy, [Claim('+10 points', m, 'a', 'b', value=0.10)])[0]['verdict'] == 'bounded'   # neither: never "contradicted"

@@ -167,7 +167,8 @@ def _claim_verdict(lo, hi, claimed, sign:int=0) -> tuple[str, str]:
     s = 1 if claimed > 0 else -1
     lo_s, hi_s = sorted((lo * s, hi * s))          # oriented so that the claim is positive
     c = abs(claimed)
-    if hi_s < c: return 'contradicted', 'the interval excludes the claimed value on the side of no effect' if hi_s > 0 or lo_s < 0 <= hi_s else 'the interval excludes the claimed value, the other way'
+    if hi_s < c and lo_s > 0: return 'contradicted', 'a real effect, smaller than claimed: the interval excludes both no effect and the claimed value'
+    if hi_s < c: return 'contradicted', 'the interval excludes the claimed value on the side of no effect' if hi_s > 0 else 'the interval excludes the claimed value, the other way'
     if lo_s > 0: return 'supported', 'the interval excludes no effect and ' + ('contains the claimed value' if lo_s <= c else 'lies beyond the claimed value')
     return 'bounded', 'the interval contains both no effect and the claimed value'
 

@@ -68,9 +68,20 @@ def lr_finding(res:dict) -> tuple[str, str] | None:
     if not lc: return None
     runs = ', '.join(f"×{r['lr_factor']:g} ({r['lr']:.2g}) → {r['final_bpb']:.4f}" + (' — diverged' if r['diverged'] else '') for r in lc['runs'])
     b = sorted(r['final_bpb'] for r in res['runs'] if r['arm'] == 'baseline')
+    C = list(res['curves']['baseline'].values())
+    rises = max(max(np.diff(c['bpb']), default=0.0) for c in C)           # the largest rise between two evaluations of any seed
+    n = min(len(c['bpb']) for c in C); spread = [max(c['bpb'][i] for c in C) - min(c['bpb'][i] for c in C) for i in range(n)]
+    part = next((C[0]['step'][i] for i in range(n) if spread[i] >= 0.5 * spread[-1]), None)
+    why = ('' if len(b) < 2 else f" The spread is not a spike: no seed's held-out bits/byte ever rises between evaluations (largest rise {max(rises, 0):.3f})" if rises <= 0.01 else
+           f" One seed's held-out bits/byte rises by {rises:.3f} between two evaluations: a spike.")
+    if why and rises <= 0.01 and part is not None:
+        k = [r['lr'] for r in lc['runs']].index(lc['chosen'])
+        why += (f"; the seeds part early — half the final spread is there by step {part} of {C[0]['step'][-1]}"
+                + (" — and the LRs either side end worse on the check's seed, so a better LR would not remove it." if 0 < k < len(lc['runs']) - 1 else
+                   " — and the best LR is at the edge of the check, so a wider check could still move it."))
     return ("The baseline's learning rate, checked at its batch", f"on seed {lc['seed']} (used for nothing else): {runs}; every arm trains at **{lc['chosen']:.2g}**"
             + (' (the preset\'s)' if lc['chosen'] == lc['base_lr'] else f" (×{lc['chosen'] / lc['base_lr']:g} the preset's {lc['base_lr']:.2g})")
-            + f". At that LR the baseline's {len(b)} seeds end at {', '.join(f'{v:.3f}' for v in b)} bits/byte (range {b[-1] - b[0]:.3f}).")
+            + f". At that LR the baseline's {len(b)} seeds end at {', '.join(f'{v:.3f}' for v in b)} bits/byte (range {b[-1] - b[0]:.3f})." + why)
 
 def design_finding(res:dict) -> tuple[str, str] | None:
     "How many seeds each arm got, and why."
