@@ -6,55 +6,89 @@
 from __future__ import annotations
 import math
 from pathlib import Path
-from ...eval.harness import BLIMP_FIELDS
+from ...eval.harness import BLIMP_FIELDS, item_lists
 from .run import MUENNIGHOFF_RD
 from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells
 
 # %% auto #0
-__all__ = ['BPB', 'LOSS', 'TRAIN', 'BLIMP', 'family', 'verdicts', 'statuses', 'informative', 'findings', 'figures', 'paper']
+__all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'item_pairs', 'family', 'verdicts',
+           'claim_of_drop', 'statuses', 'informative', 'headline', 'gap_finding', 'drop_finding', 'findings',
+           'value_series', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #c6178e11
 BPB, LOSS, TRAIN = Metric('heldout_bpb', 'bits/byte', label='held-out bits/byte'), Metric('heldout_loss', 'nats/token', label='held-out loss'), Metric('train_loss', 'nats/token', label='train loss')
+GAP = Metric('gap', 'nats/token', label='generalisation gap (held-out − train loss)')
 BLIMP = Metric('blimp', 'points', False, 100.0, label='BLiMP')
+BLIMP_CHANGE = Metric('blimp', 'points', False, 100.0, label='BLiMP change, paired over items and seeds')
+SEED_DROP = (8, 6, -0.015)   # the seed: BLiMP fractures past epoch 6 — 1.5 points (its 7 → 8 drop, 62.17% → 60.67%) lower at 8 epochs than at 6
 
 def _rep(k): return f"{k} epoch{'s' * (k != 1)}"
 def _fresh(k): return f"fresh, {k} pool{'s' * (k != 1)}"
 
 def _cells(res) -> list[dict]:
-    "The per-run rows keyed by arm and epoch count ('3 epochs', 'fresh, 2 pools'): the engine's arms."
-    return [dict(r, cell=_rep(r['epochs']) if r['arm'] == 'repeated' else _fresh(r['epochs'])) for r in res['runs']]
+    "The per-run rows keyed by arm and epoch count ('3 epochs', 'fresh, 2 pools'): the engine's arms; per-item scores decoded for it."
+    return item_lists([dict(r, cell=_rep(r['epochs']) if r['arm'] == 'repeated' else _fresh(r['epochs'])) for r in res['runs']])
+
+def item_pairs(rows, a, b, metric:str='blimp', by:str='cell') -> list[dict]:
+    """One row per seed that has `a` and `b`: under the cell 'a − b', `metric` is the difference of the two accuracies and
+    `<metric>_items` its per-item values (−1, 0, 1) when both carry per-item scores of one length — the rows the engine's `Versus`
+    against 0 bootstraps over the shared items and the seeds (without items: over seeds alone)."""
+    rows = item_lists(rows)
+    A = {r['seed']: r for r in rows if r.get(by) == a and r.get(metric) is not None}
+    B = {r['seed']: r for r in rows if r.get(by) == b and r.get(metric) is not None}
+    out = []
+    for s in sorted(set(A) & set(B), key=str):
+        ia, ib = A[s].get(f'{metric}_items'), B[s].get(f'{metric}_items')
+        r = {by: f'{a} − {b}', 'seed': s, metric: A[s][metric] - B[s][metric]}
+        if ia and ib and len(ia) == len(ib): r[f'{metric}_items'] = [x - y for x, y in zip(ia, ib)]
+        out.append(r)
+    return out
 
 def _best(res, metric, arm='repeated', lowest=True):
     S = {s['epochs']: s.get(metric) for s in (res['summary']['by_epochs'] if arm == 'repeated' else res['summary'].get('fresh_by_epochs') or [])}
     S = {k: v for k, v in S.items() if v is not None and math.isfinite(v)}
     return (min if lowest else max)(S, key=S.get) if S else None
 
+def _F(res) -> int: return max((r['epochs'] for r in res['runs'] if r['arm'] == 'fresh'), default=0)
+
 def family(res:dict) -> list:
     "The paper's tests, in the order the paper reports them."
-    E = res['plan']['epochs']; F = max((r['epochs'] for r in res['runs'] if r['arm'] == 'fresh'), default=0)
+    E, F = res['plan']['epochs'], _F(res)
     best, bb = _best(res, 'heldout_bpb'), _best(res, 'blimp', lowest=False)
     ng = res['summary'].get('ngram') or {}
     short = lambda k: f'the run stops at {E} epochs (needs {k})'
     out = [Comparison(BPB, _rep(best), _rep(1), by='cell', label=f'{best} epochs vs 1 epoch: held-out bits/byte')] if best and best != 1 else []
     out += [Comparison(BPB, _rep(k + 1), _rep(k), by='cell', label=f'{k} → {k + 1} epochs: held-out bits/byte') for k in range(1, E)]
-    out += [Comparison(BPB, _rep(k), _fresh(k), by='cell', label=f'repeated vs fresh at {k} epochs: held-out bits/byte') for k in range(2, F + 1)]
+    out += [Comparison(BPB, _rep(k), _fresh(k), by='cell', label=f'repeated vs fresh at {k} epochs: held-out bits/byte') for k in range(2, min(E, F) + 1)]
+    out += [Comparison(GAP, _rep(k), _fresh(k), by='cell', label=f"repetition's share of the gap at {k} epochs: repeated − fresh gap") for k in range(2, min(E, F) + 1)]
     if bb is not None:
         out.append(Versus(BLIMP, _rep(bb), 0.5, 'chance', by='cell', select=E, label=f'BLiMP at {bb} epochs (best of {E}) vs chance'))
         if ng.get('blimp') is not None:
             out.append(Versus(BLIMP, _rep(bb), ng['blimp'], 'the trigram', by='cell', select=E, value_se=ng.get('blimp_stderr'), label=f'BLiMP at {bb} epochs (best of {E}) vs the trigram'))
     if best and ng.get('heldout_bpb') is not None:
         out.append(Versus(BPB, _rep(best), ng['heldout_bpb'], 'the trigram', by='cell', select=E, label=f'held-out bits/byte at {best} epochs (best of {E}) vs the trigram'))
+    hi, lo, _ = SEED_DROP; drop = f'BLiMP fractures past epoch 6: 1.5 points lower at {hi} than at {lo} epochs (paired over items and seeds)'
+    out.append(Versus(BLIMP_CHANGE, f'{_rep(hi)} − {_rep(lo)}', 0.0, 'no change', by='cell', label=drop) if E >= hi else
+               Claim(drop, BLIMP, _rep(hi), _rep(lo), value=SEED_DROP[2], by='cell', untestable=short(hi)))
     mid = max(1, E // 2)
-    out += [Claim('BLiMP falls 1.5 points from epoch 7 to 8 (the seed’s “fracture”)', BLIMP, _rep(8), _rep(7), value=-0.015, by='cell', untestable='' if E >= 8 else short(8)),
-            Claim('Epoch 6 is the optimum: lower held-out loss than at 5', LOSS, _rep(6), _rep(5), sign=-1, by='cell', untestable='' if E >= 7 else short(7)),
+    out += [Claim('Epoch 6 is the optimum: lower held-out loss than at 5', LOSS, _rep(6), _rep(5), sign=-1, by='cell', untestable='' if E >= 7 else short(7)),
             Claim('Epoch 6 is the optimum: lower held-out loss than at 7', LOSS, _rep(6), _rep(7), sign=-1, by='cell', untestable='' if E >= 7 else short(7)),
             Claim(f'More epochs keep lowering training loss ({mid} → {E} epochs)', TRAIN, _rep(E), _rep(mid), sign=-1, by='cell', untestable='' if E >= 2 else short(2)),
             Claim(f'… while generalisation stalls (held-out loss, {mid} → {E} epochs)', LOSS, _rep(E), _rep(mid), value=0, by='cell', untestable='' if E >= 2 else short(2))]
     return out
 
+def _rows(res) -> list[dict]:
+    "The engine's rows: every run's, and the per-seed item differences of the seed's BLiMP claim."
+    rows, (hi, lo, _) = _cells(res), SEED_DROP
+    return rows + item_pairs(rows, _rep(hi), _rep(lo))
+
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (see supra.lab.verdict.judge)."
-    return judge(_cells(res), family(res), family='epochs')
+    return judge(_rows(res), family(res), family='epochs')
+
+def claim_of_drop(V:list) -> dict | None:
+    "The verdict of the seed's BLiMP claim (the item-paired difference of `SEED_DROP`), from `verdicts`."
+    return next((r for r in V if r['label'].startswith('BLiMP fractures past epoch 6')), None)
 
 def statuses(res:dict) -> dict:
     """{epochs: (label, tone)}: each epoch count against the best on held-out loss, by the engine (its own family of E − 1 tests).
@@ -74,9 +108,6 @@ def statuses(res:dict) -> dict:
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #69ec2862
 def _pct(v): return 'n/a' if v is None else f'{100 * v:.2f}%'
 def _ep(k): return f"{k} epoch{'s' * (k != 1)}"
-def _pt(c) -> str:
-    if c.get('p') is None: return 'one seed: no test'
-    return ('p < 0.001' if c['p'] < 0.001 else f"p = {c['p']:.3f}") + ('' if c['resolved'] else f"; could detect ≥ {c['mde']:.3g}")
 
 def informative(S:list, name:str, base:dict) -> bool:
     "Whether any epoch count's accuracy beats the task's larger baseline (chance or majority) by two stderr."
@@ -94,40 +125,92 @@ def _acc_vs_baselines(name, s, base) -> str:
             f" the {which} baseline ({_pct(ref)}; {z:+.1f} stderr)" + (' — uninformative at this scale' if z < 2 else ''))
 
 def _value_txt(v) -> str:
-    sym = {'=': '', '>': '> ', '<': '< '}[v['bound']]
-    ci = f" (95% CI {v['ci_lo']:.2f}–{v['ci_hi']:.2f})" if v['bound'] == '=' and v['ci_lo'] is not None else ''
-    return f"{sym}{v['value']:.2f}{ci}"
+    "A value of a repeated token as the paper prints it: measured with its interval, or a bound named as one."
+    if v['bound'] != '=': return f"{'≥' if v['bound'] == '>' else '≤'} {v['value']:.2f} ({'a lower' if v['bound'] == '>' else 'an upper'} bound: beyond the fresh control's reach)"
+    ci = f" (95% CI {v['ci_lo']:.2f}–{v['ci_hi']:.2f})" if v['ci_lo'] is not None else ''
+    return f"{v['value']:.2f}{ci}"
+
+def _word(r) -> str: return r['verdict'] + (f" — {r['direction']}" if r['direction'] else '')
+def _num(r) -> str:
+    c = verdict_cells(r)
+    return ', '.join(f"{k} {v}" for k, v in (('effect', c['effect']), ('interval', c['interval']), ('MDE', c['mde']), ('Holm p', c['p_adj'])) if v != '—')
+
+def headline(res:dict, V:list | None = None) -> tuple[str, str]:
+    "The first finding — the papers' index shows it: the question, answered in one sentence with its verdict."
+    sm, d = res['summary'], res['data']; S = sm['by_epochs']; V = verdicts(res) if V is None else V
+    b1 = next(s for s in S if s['epochs'] == 1) if any(s['epochs'] == 1 for s in S) else S[0]
+    one = next((r for r in V if r['label'].endswith('vs 1 epoch: held-out bits/byte')), None)
+    q = 'Is one epoch all you need?'
+    if one is None: return q, (f"Yes, at this scale: held-out bits/byte is lowest after one epoch ({b1['heldout_bpb']:.3f}) — "
+                               f"more passes over the same {d['n_tokens']:,} tokens did not lower it.")
+    k = int(one['a'].split()[0]); bk = next(s for s in S if s['epochs'] == k)
+    c = verdict_cells(one); n = b1['n_seeds']
+    v = next((x for x in sm.get('value_of_repeats') or [] if x['epochs'] == k), None)
+    worth = f", and a token repeated {k} times is worth {_value_txt(v)} of a fresh one" if v is not None else ''
+    if one['effect'] is None:   # no test (one seed): the numbers, and why there is no verdict
+        return q, (f"Not testable here: {k} epochs of the same {d['n_tokens']:,} tokens end at {bk['heldout_bpb']:.3f} held-out bits/byte against {b1['heldout_bpb']:.3f} "
+                   f"after one ({bk['heldout_bpb'] - b1['heldout_bpb']:+.3f}; {one['verdict']}: {one['reason']}){worth}.")
+    ans = ('No' if one['effect'] < 0 else 'Yes') if one['verdict'] == 'resolved' else 'Not settled at this scale'
+    return q, (f"{ans}: {k} epochs of the same {d['n_tokens']:,} tokens end at {bk['heldout_bpb']:.3f} held-out bits/byte against {b1['heldout_bpb']:.3f} after one "
+               f"({c['effect']}, interval {c['interval']}; {_word(one)}, Holm p {c['p_adj']} over the paper's {one['family_size']} tests with {n} seed{'s' * (n != 1)}){worth}.")
+
+def gap_finding(res:dict, V:list) -> tuple[str, str] | None:
+    "Repetition's share of the generalisation gap: the repeated run's gap against the fresh control's own, by the engine."
+    S, F = res['summary']['by_epochs'], res['summary'].get('fresh_by_epochs') or []
+    R = [r for r in V if r['label'].startswith("repetition's share of the gap")]
+    if not R or not F or S[0].get('gap') is None: return None
+    g = {s['epochs']: s['gap'] for s in S}; f = {s['epochs']: s['gap'] for s in F}
+    K = max(int(r['a'].split()[0]) for r in R); last = next(r for r in R if int(r['a'].split()[0]) == K)
+    share = f" — {last['effect']:.3f} of the repeated run's {g[K]:.3f} nats at {K} epochs ({last['effect'] / g[K]:.0%}); the rest is the control's own" if g.get(K) and last['effect'] is not None else ''
+    return ("Repetition's share of the gap", f"Held-out minus training loss goes from {g[1]:+.3f} to {g[max(g)]:+.3f} nats/token over {max(g)} epochs of the pool, and the fresh control's own gap — "
+            f"it never repeats a token — from {f[min(f)]:+.3f} to {f[max(f)]:+.3f} over {max(f)} pools; repetition's share is the difference at the same steps (repeated − fresh): "
+            + '; '.join(f"{r['a'].split()[0]} epochs {verdict_cells(r)['effect']} (interval {verdict_cells(r)['interval']}, {r['verdict']})" for r in R) + share + '.')
+
+def drop_finding(res:dict, V:list) -> tuple[str, str] | None:
+    "The seed's BLiMP claim, tested pair by pair: effect, interval and MDE against the seed's 1.5 points, and the tie rates."
+    r = claim_of_drop(V)
+    if r is None: return None
+    hi, lo, val = SEED_DROP; lab = f"Seed claim — {r['label']}"
+    if r['verdict'] == 'not testable here': return lab, f"**not testable here**: {r['reason']}."
+    c, S = verdict_cells(r), {s['epochs']: s for s in res['summary']['by_epochs']}
+    claimed = 100 * val
+    seen = ('a drop of the seed’s size would have been detected' if r['mde'] is not None and r['mde'] <= abs(claimed) else
+            'a drop of the seed’s size could go unseen at this scale')
+    inside = r['ci_lo'] is not None and r['ci_lo'] <= claimed <= r['ci_hi']
+    ties = ', '.join(f"{_pct(S[k].get('blimp_ties'))} at {k} epochs" for k in (lo, hi) if k in S and S[k].get('blimp_ties') is not None)
+    return lab, (f"**{_word(r)}**: BLiMP at {hi} minus {lo} epochs, the same pairs of each seed compared ({r['test']}): {c['effect']} (interval {c['interval']}; "
+                 f"the seed: {claimed:+.2f} points), MDE {c['mde']} against the seed's {abs(claimed):.1f} points — {seen}; the interval "
+                 f"{'contains' if inside else 'excludes'} the seed's {claimed:+.1f}, Holm p {c['p_adj']}." + (f" Pairs tied exactly (lm-eval scores a tie correct): {ties}." if ties else ''))
 
 def findings(res:dict) -> list[tuple[str, str]]:
-    "Key findings of the epochs experiment, each (label, sentence), from the envelope."
+    "Key findings of the epochs experiment, each (label, sentence), from the envelope; the first answers the question."
     sm = res['summary']; S, base = sm['by_epochs'], sm['baselines']
     first, last = S[0], S[-1]
     h = {s['epochs']: s['heldout_loss'] for s in S if s['heldout_loss'] is not None}
     best = min(h, key=h.get); bs = next(s for s in S if s['epochs'] == best)
     V = verdicts(res)
-    word = lambda r: r['verdict'] + (f" — {r['direction']}" if r['direction'] else '')
-    num = lambda r: ', '.join(f"{k} {v}" for k, v in (('effect', verdict_cells(r)['effect']), ('interval', verdict_cells(r)['interval']), ('MDE', verdict_cells(r)['mde']), ('Holm p', verdict_cells(r)['p_adj'])) if v != '—')
-    one = next((r for r in V if r['label'].endswith('vs 1 epoch: held-out bits/byte')), None)
-    if one is not None:
-        ans = ('No, at this scale' if one['verdict'] == 'resolved' and one['effect'] < 0 else 'Not resolved at this scale')
-        out = [('Is one epoch all you need?', f"{ans}: held-out bits/byte is lowest after {_ep(best)} ({bs['heldout_bpb']:.3f}, against {first['heldout_bpb']:.3f} after 1 epoch) — "
-                f"{word(one)} ({num(one)}; Holm over the paper's {one['family_size']} tests).")]
-    else: out = [('Is one epoch all you need?', f"Held-out bits/byte is lowest after one epoch ({first['heldout_bpb']:.3f}): more epochs of the same pool did not help at this scale.")]
+    out = [headline(res, V)]
     out += [('Held-out loss', f"Lowest after {_ep(best)}: {bs['heldout_loss']:.3f} nats/token ({bs['heldout_bpb']:.3f} bits/byte) on "
-            f"{res['data']['val_docs_scored']} held-out {res['corpus']} documents, against {first['heldout_bpb']:.3f} bits/byte after 1 epoch and {last['heldout_bpb']:.3f} after {last['epochs']}.")]
-    adj = [r for r in V if '→' in r['label']]
+            f"{res['data']['val_docs_scored']} held-out {res['corpus']} documents, against {first['heldout_bpb']:.3f} bits/byte after 1 epoch"
+            + (f" and {last['heldout_bpb']:.3f} after {last['epochs']}" if last['epochs'] != best else '') + '.')]
+    adj = [r for r in V if '→' in r['label'] and r['label'].endswith('held-out bits/byte')]
     if adj: out.append(('Each extra epoch', 'held-out bits/byte, k → k+1 epochs: ' + '; '.join(
         f"{r['label'].split(':')[0]} {verdict_cells(r)['effect']} ({r['verdict']}" + ('' if r['verdict'] == 'resolved' else f", could detect {verdict_cells(r)['mde']}") + ')' for r in adj) + '.'))
     vr = [v for v in sm.get('value_of_repeats', []) if v['epochs'] > 1]
     if vr:
+        nb = sum(v['bound'] != '=' for v in vr)
         out.append(('A repeated token is worth', '; '.join(f"at {v['epochs']} epochs {_value_txt(v)} of a fresh one (predicted {v['predicted']:.2f})" for v in vr)
-                    + f". Measured by placing each repeated run's held-out bits/byte on the fresh-data control's curve; the prediction is Muennighoff et al.'s R_D* = {MUENNIGHOFF_RD}, fitted on models ≥ 10M parameters."))
+                    + f". Measured by placing each repeated run's held-out bits/byte on the fresh-data control's curve, which reaches {_F(res)} pools"
+                    + (f" ({nb} value{'s' * (nb != 1)} beyond it {'are bounds' if nb != 1 else 'is a bound'}, never read as measurements)" if nb else ', so every value is measured')
+                    + f"; the prediction is Muennighoff et al.'s R_D* = {MUENNIGHOFF_RD}, fitted on models ≥ 10M parameters."))
     rf = [r for r in V if r['label'].startswith('repeated vs fresh')]
     if rf: out.append(('Repeated vs fresh', 'held-out bits/byte, repeated minus fresh at the same steps: ' + '; '.join(
-        f"{r['label'].split(' at ')[1].split(':')[0]} {verdict_cells(r)['effect']} ({word(r)}" + ('' if r['verdict'] == 'resolved' else f", could detect {verdict_cells(r)['mde']}") + ')' for r in rf) + '.'))
-    gap0, gap1 = first['heldout_loss'] - first['train_loss'], last['heldout_loss'] - last['train_loss']
-    out.append(('Train vs held-out', f"Training loss falls from {first['train_loss']:.3f} to {last['train_loss']:.3f}; the held-out gap goes from {gap0:+.3f} to {gap1:+.3f} nats"
-                + (' — repeated data lowers training loss faster than held-out loss.' if gap1 > gap0 else ': at this scale repetition has not turned into memorisation.')))
+        f"{r['label'].split(' at ')[1].split(':')[0]} {verdict_cells(r)['effect']} ({_word(r)}" + ('' if r['verdict'] == 'resolved' else f", could detect {verdict_cells(r)['mde']}") + ')' for r in rf) + '.'))
+    gf = gap_finding(res, V)
+    if gf: out.append(gf)
+    elif first.get('train_loss') is not None:
+        out.append(('Train vs held-out', f"Training loss falls from {first['train_loss']:.3f} to {last['train_loss']:.3f}; the held-out gap goes from "
+                    f"{first['heldout_loss'] - first['train_loss']:+.3f} to {last['heldout_loss'] - last['train_loss']:+.3f} nats — without a fresh-data control, not all of it can be credited to repetition."))
     ng = sm.get('ngram') or {}
     if ng.get('heldout_bpb') is not None:
         bb = min(S, key=lambda s: s['heldout_bpb'])
@@ -137,23 +220,36 @@ def findings(res:dict) -> list[tuple[str, str]]:
     if bc is not None and bc['effect'] is not None:
         k = int(bc['a'].split()[0]); fields = next(s for s in S if s['epochs'] == k)
         ftxt = ', '.join(f"{f.replace('_', '–')} {_pct(fields.get(f'blimp_{f}'))}" for f in BLIMP_FIELDS if fields.get(f'blimp_{f}') is not None)
-        out.append(('BLiMP', f"Best after {_ep(k)}: {_pct(fields['blimp'])}, {verdict_cells(bc)['effect']} from chance (interval {verdict_cells(bc)['interval']}; "
-                    f"the items every seed shares keep their error, and the best of {res['plan']['epochs']} counts was picked) — {word(bc)}, Holm p {verdict_cells(bc)['p_adj']}"
-                    + (f"; by field: {ftxt}" if ftxt else '') + '.'))
+        out.append(('BLiMP', f"Best after {_ep(k)}: {_pct(fields['blimp'])}, {verdict_cells(bc)['effect']} from chance (interval {verdict_cells(bc)['interval']}; {bc['test']}: "
+                    f"the items every seed shares keep their error, and the best of {res['plan']['epochs']} counts was picked) — {_word(bc)}, Holm p {verdict_cells(bc)['p_adj']}"
+                    + (f"; by field: {ftxt}" if ftxt else '') + (f"; pairs tied exactly (scored correct): {_pct(fields.get('blimp_ties'))}" if fields.get('blimp_ties') is not None else '') + '.'))
     F = sm.get('fresh_by_epochs') or []
     if F and F[-1].get('blimp') is not None:
         out.append(('BLiMP vs unique tokens', 'fresh-data control: ' + ', '.join(f"{_pct(s['blimp'])} at {s['epochs']}× the pool" for s in F) + '.'))
     for t, name in (('arc_easy', 'ARC-Easy'), ('boolq', 'BoolQ')):
         if first.get(t) is not None: out.append((name, f"After {last['epochs']} epochs: {_acc_vs_baselines(t, last, base.get(t))}."))
+    df = drop_finding(res, V)
+    if df: out.append(df)
     for r in V:
-        if r['kind'] == 'claim': out.append((f"Seed claim — {r['label']}", f"**{r['verdict']}**" + (f": {r['reason']}" if r['reason'] else '') + (f" ({num(r)})" if r['effect'] is not None else '') + '.'))
+        if r['kind'] == 'claim' and r is not claim_of_drop(V):
+            out.append((f"Seed claim — {r['label']}", f"**{r['verdict']}**" + (f": {r['reason']}" if r['reason'] else '') + (f" ({_num(r)})" if r['effect'] is not None else '') + '.'))
     n = first['n_seeds']
     out.append(('Noise', f"{n} seed{'s' * (n > 1)} per epoch count; " + ("with one seed no difference can be resolved." if n == 1 else
-                f"every test is decided by the verdict engine (supra.lab.verdict): paired over seeds, Holm over the paper's {V[0]['family_size']} tests at α = 0.01; "
+                f"every test is decided by the verdict engine (supra.lab.verdict): paired over seeds, BLiMP also over its shared pairs, Holm over the paper's {V[0]['family_size']} tests at α = 0.01; "
                 "'bounded' comes with the effect the run could have detected, in the metric's unit.")))
     return out
 
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #d9c03941
+def value_series(vr:list) -> dict:
+    """The value chart's series {name: (values, CI half-widths)}: the measured values (mean over seeds, 95% CI) where the fresh control
+    brackets them, and every bound — beyond the control's reach — in a series of its own, named a bound and drawn without an interval."""
+    nan = float('nan')
+    out = {'measured (mean over seeds, 95% CI)': ([v['value'] if v['bound'] == '=' else nan for v in vr],
+                                                  [nan if v['bound'] != '=' or v['ci_hi'] is None else (v['ci_hi'] - v['ci_lo']) / 2 for v in vr])}
+    for b, name in (('>', "lower bound (beyond the fresh control's reach)"), ('<', "upper bound (beyond the fresh control's reach)")):
+        if any(v['bound'] == b for v in vr): out[name] = ([v['value'] if v['bound'] == b else nan for v in vr], None)
+    return out
+
 def figures(res:dict, fig_dir) -> dict:
     "The epochs paper's figures (SVG + PNG) from the envelope."
     from supra.pages.figures import line_chart, twin_axis_chart, curves_chart
@@ -177,9 +273,17 @@ def figures(res:dict, fig_dir) -> dict:
     vr = sm.get('value_of_repeats') or []
     if vr:
         kx = [v['epochs'] for v in vr]
-        figs['value'] = line_chart(kx, {'measured (mean over seeds, 95% CI half-width)': ([v['value'] for v in vr], [None if v['ci_hi'] is None else (v['ci_hi'] - v['ci_lo']) / 2 for v in vr]),
-                                        f'Muennighoff et al. (R_D* = {MUENNIGHOFF_RD})': ([v['predicted'] for v in vr], None)},
+        figs['value'] = line_chart(kx, {**value_series(vr), f'Muennighoff et al. (R_D* = {MUENNIGHOFF_RD})': ([v['predicted'] for v in vr], None)},
                                    fig_dir / 'value_of_repeats', title='Value of a repeated token relative to a fresh one', xlabel='epochs', ylabel='effective ÷ seen tokens')
+    R = {int(r['a'].split()[0]): r for r in verdicts(res) if r['label'].startswith("repetition's share of the gap") and r['effect'] is not None}
+    if R and S[0].get('gap') is not None:
+        fg = {s['epochs']: s for s in F}; nan = float('nan')
+        gs = {'repeated: gap (± sd over seeds)': (g('gap'), err('gap')),
+              'fresh control: gap (± sd)': ([fg[k]['gap'] if k in fg else nan for k in x], [fg[k].get('gap_std') if k in fg and fg[k].get('gap_std') is not None else nan for k in x]),
+              "repetition's share: repeated − fresh (the engine's interval)": ([R[k]['effect'] if k in R else nan for k in x],
+                                                                               [(R[k]['ci_hi'] - R[k]['ci_lo']) / 2 if k in R else nan for k in x])}
+        figs['gap'] = line_chart(x, gs, fig_dir / 'gap', title="The generalisation gap: repeated pool vs the fresh control", xlabel='epochs (fresh control: pools of fresh tokens)',
+                                 ylabel='held-out − train loss (nats/token)', baselines={'no gap': 0.0})
     seed = str(res['plan']['seeds'][0]); c = res['curves'].get(f'repeated/{seed}', {})
     order = lambda b: -1 if b == 'stable' else int(b.removeprefix('epochs') or 0)
     curves = {('stable' if b == 'stable' else f"cooldown → {b.removeprefix('epochs')} ep"): (v['tokens'], v['loss']) for b, v in sorted(c.items(), key=lambda kv: order(kv[0])) if v['tokens']}
@@ -200,9 +304,9 @@ def _method(res) -> list[str]:
         f"Training: {tc['optimizer']} (peak LR {tc['lr']}, weight decay {tc['weight_decay']}), batch {tc['batch_size']} × {tc['seq_len']} tokens, warmup {tc['warmup_frac']:.0%} of an epoch; one warmup–stable–decay run per seed and arm, with a linear cooldown of {tc['cooldown_frac']:.0%} of each epoch count's steps branched from the stable phase, so every epoch count is a fully annealed model that has seen exactly that many epochs.",
         f"Evaluation: lm-eval's own task definitions (zero-shot) through Supra's in-memory backend — " + ', '.join(f"{t} {lim.get(t, ev['limit']) or 'all'}" + (' per paradigm' if t == 'blimp' else '') for t in ev['tasks'])
         + f"; held-out loss and bits/byte on {d['val_docs_scored']} documents never in the pool (sliding window, context {ev['bpb_context']}, stride {ev['bpb_stride']}). The fresh control is scored on held-out bits/byte and BLiMP.",
-        "Value of a repeated token: each seed's repeated run at k epochs is placed, by its held-out bits/byte, on the same seed's fresh-control curve (linear in log tokens between bracketing points); effective unique tokens ÷ (k × pool) is the value, averaged over seeds with a t interval; past the control's reach it is a bound. Prediction: Muennighoff et al. (2023), 'Scaling Data-Constrained Language Models', effective data U + U·R_D*(1 − e^{−(k−1)/R_D*}) with R_D* = 15.39 — fitted on models ≥ 10M parameters, so at this size an extrapolation.",
+        "Value of a repeated token: each seed's repeated run at k epochs is placed, by its held-out bits/byte, on the same seed's fresh-control curve (linear in log tokens between bracketing points); effective unique tokens ÷ (k × pool) is the value, averaged over seeds with a t interval; past the control's reach it is a bound, printed with ≥ or ≤ and drawn as a series of its own. Generalisation gap: held-out loss minus the training loss of the last 5% of steps; the fresh control's gap grows too (its held-out documents are not its training text), so repetition's share is the repeated run's gap minus the control's at the same steps, tested paired over seeds. Prediction: Muennighoff et al. (2023), 'Scaling Data-Constrained Language Models', effective data U + U·R_D*(1 − e^{−(k−1)/R_D*}) with R_D* = 15.39 — fitted on models ≥ 10M parameters, so at this size an extrapolation.",
         "Scale: the laptop scale was chosen for signal within an hour on two cores. Held-out bits/byte is continuous and steep at this size; BLiMP leaves chance only after roughly 0.5–1M unique tokens (Warstadt et al. 2020, BLiMP §6.3: ≈50–53% at 125–250k Wikipedia tokens, ≈55–56% at 0.5M, ≈58% at 1M), which the fresh control's curve measures on this hardware; zero-shot ARC-Easy and BoolQ carry no information below ~1B tokens, so BoolQ is not run at this scale and ARC-Easy is shown against its baselines.",
-        f"Statistics: every test by the verdict engine (supra.lab.verdict) — one family of {len(family(res))} (the best and each next epoch count against the one before on held-out bits/byte, repeated vs fresh, the best BLiMP against chance and the trigram, held-out bits/byte against the trigram, the seed's claims), Holm–Bonferroni at α = 0.01 with intervals and minimum detectable effects (power 0.8) at α/m in each metric's unit. Paired over seeds: the epoch counts of one seed are cooldown branches of one run, and the fresh control shares its seed's initialisation and first epoch. An accuracy against a reference keeps the error of the items every seed shares (mean lm-eval stderr², not divided by the number of seeds) and pays for picking the best of the epoch counts (p × k). A claim of no change (a stall) can only be bounded, never supported."]
+        f"Statistics: every test by the verdict engine (supra.lab.verdict) — one family of {len(family(res))} (the best and each next epoch count against the one before on held-out bits/byte, repeated vs fresh, repetition's share of the gap, the best BLiMP against chance and the trigram, held-out bits/byte against the trigram, the seed's claims), Holm–Bonferroni at α = 0.01 with intervals and minimum detectable effects (power 0.8) at α/m in each metric's unit. Paired over seeds: the epoch counts of one seed are cooldown branches of one run, and the fresh control shares its seed's initialisation and first epoch. BLiMP is scored pair by pair (the same pairs in the same order for every checkpoint): an accuracy against a reference is bootstrapped over the shared pairs and the seeds (so the items' error is kept, not divided by the number of seeds) and pays for picking the best of the epoch counts (p × k); the seed's BLiMP claim is the difference between two epoch counts of each seed, bootstrapped over the same pairs and the seeds, with its MDE set against the seed's 1.5 points. A claim of no change (a stall) can only be bounded, never supported."]
 
 def paper(res:dict, figs:dict, path) -> Path:
     "Render the epochs write-up from the envelope `res` and its figures; returns the paper's path."
@@ -248,13 +352,20 @@ def paper(res:dict, figs:dict, path) -> Path:
                  row(f'Predicted (R_D* = {MUENNIGHOFF_RD})', [f"{v['predicted']:.2f}" for v in vr], fmt='str'),
                  row('Fresh control: held-out bits/byte at k pools (↓)', [F[v['epochs']]['heldout_bpb'] if v['epochs'] in F else None for v in vr], fmt='.4f', best='min'),
                  row('Fresh control: BLiMP at k pools (↑)', [F[v['epochs']]['blimp'] if v['epochs'] in F else None for v in vr], fmt='pct', best='max', chance=0.5)]
+        if S[0].get('gap') is not None:
+            G = {int(r['a'].split()[0]): verdict_cells(r) for r in verdicts(res) if r['label'].startswith("repetition's share of the gap")}
+            Sg = {s['epochs']: s for s in S}
+            vrows += [row('Gap, repeated: held-out − train loss (nats/token)', [Sg[v['epochs']]['gap'] if v['epochs'] in Sg else None for v in vr], fmt='.3f'),
+                      row('Gap, fresh control (nats/token)', [F[v['epochs']].get('gap') if v['epochs'] in F else None for v in vr], fmt='.3f'),
+                      row("Repetition's share: repeated − fresh, interval (engine)", [f"{G[v['epochs']]['effect']} ({G[v['epochs']]['interval']})" if v['epochs'] in G else '—' for v in vr], fmt='str')]
         secs.append(table([f"{v['epochs']} ep" for v in vr], vrows, title='What is a repeated token worth?', baselines=('chance',), id='value', nav='Repeated vs fresh', label='// Repeated_vs_Fresh',
-                          caption='Effective fresh tokens ÷ tokens seen, mean over seeds with a 95% t interval; > / < : a bound (beyond the fresh control\'s reach). The fresh rows are the pilot of this scale: held-out bits/byte and BLiMP against unique tokens on this hardware.'))
+                          caption='Effective fresh tokens ÷ tokens seen, mean over seeds with a 95% t interval; ≥ / ≤ : a bound (beyond the fresh control\'s reach), never a measurement. The fresh rows are the pilot of this scale: held-out bits/byte and BLiMP against unique tokens on this hardware. The gap rows set the repeated run\'s held-out − training gap against the fresh control\'s own at the same steps: repetition\'s share is their difference, with the verdict engine\'s simultaneous interval.'))
     secs.append(verdict_table(verdicts(res), title="Every test, decided: comparisons and the seed's claims", id='claims', nav='Claims', label='// Claims'))
     titles = dict(downstream=('Downstream metrics across epoch counts', 'Accuracy ± stderr; dashed lines: chance and majority-class baselines.'),
                   loss_vs_blimp=('Training loss vs grammatical accuracy (BLiMP)', 'Left axis: losses; right axis: BLiMP. Same numbers as the table.'),
                   heldout=('Held-out vs training loss', 'Held-out: documents never in the pool. The fresh control reads new tokens every epoch.'),
-                  value=('The value of a repeated token', 'Measured against the fresh-data control, beside the data-constrained scaling law\'s prediction.'),
+                  gap=('Repetition\'s share of the generalisation gap', 'Held-out minus training loss of both arms; the difference at the same steps is what repetition adds, with the verdict engine\'s simultaneous interval.'),
+                  value=('The value of a repeated token', 'Measured against the fresh-data control, beside the data-constrained scaling law\'s prediction; a bound (beyond the control\'s reach) is drawn as its own series, not as a measurement.'),
                   curves=('Training curves', 'Loss per step of the stable phase and each cooldown branch (EMA-smoothed); markers: held-out loss every few steps.'))
     secs += [chart(f, *titles[k], id=f'chart-{k}', nav='Charts' if i == 0 else None, label='// Visualizations' if i == 0 else None) for i, (k, f) in enumerate(figs.items())]
     gens = []

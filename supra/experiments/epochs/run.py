@@ -12,13 +12,12 @@ from ...core.config import as_int, check, check_choice, Preset
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...core.cache import read_json, write_json
-from ...lab.verdict import versus
-from ...lab.stats import ALPHA, group_summary, compare, paired, summary
+from ...lab.stats import group_summary, summary
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'predicted_value', 'EpochsPlan', 'plan', 'ChunkSteps',
            'same_first_epoch', 'train_runs', 'control_eval', 'evaluate_runs', 'effective_tokens', 'value_of_repeats',
-           'claims', 'above_chance', 'planned_work', 'plan_line', 'epoch_status', 'summarize', 'run']
+           'planned_work', 'plan_line', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #a690459d
 NAME, TITLE = 'epochs', 'Is one epoch really all you need for SLMs?'
@@ -26,8 +25,8 @@ PARAMS = dict(epochs=8, preset='auto', corpus='wikipedia-en', seeds=None, device
               fresh=True)
 SCALE = {   # per preset: unique tokens, fresh-control reach (in pools), default seeds, cooldown, tasks and per-task evaluation sizes
     'smoke': dict(n_tokens=40_000, fresh_pools=2, seeds=(0,), cooldown_frac=0.2, tasks=('blimp', 'arc_easy', 'boolq', 'wikitext'), limits={}),
-    'cpu':   dict(n_tokens=500_000, fresh_pools=4, seeds=(0, 1, 2), cooldown_frac=0.1, tasks=('blimp', 'arc_easy', 'wikitext'),
-                  limits={'blimp': 120, 'arc_easy': 900, 'wikitext': 20}),
+    'cpu':   dict(n_tokens=400_000, fresh_pools=8, seeds=(0, 1, 2), cooldown_frac=0.1, tasks=('blimp', 'arc_easy', 'wikitext'),
+                  limits={'blimp': 200, 'arc_easy': 500, 'wikitext': 20}),
     'paper': dict(n_tokens=20_000_000, fresh_pools=8, seeds=(0, 1, 2), cooldown_frac=0.2, tasks=('blimp', 'arc_easy', 'boolq', 'wikitext'), limits={}),
 }
 MUENNIGHOFF_RD = 15.39    # R_D*: the fitted "half-life" of repeated data (Muennighoff et al. 2023, data-constrained scaling laws)
@@ -129,14 +128,19 @@ def train_runs(p:EpochsPlan, pool, fresh_pool=None, dashboard:bool=True) -> list
     return out
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #e6e0f68c
-METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'blimp', 'blimp_ties', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
+METRICS = ('train_loss', 'heldout_loss', 'heldout_bpb', 'gap', 'blimp', 'blimp_ties', 'arc_easy', 'arc_easy_norm', 'boolq', 'wikitext_word_ppl', 'wikitext_byte_ppl', 'wikitext_bpb')
 
 def control_eval(p:EpochsPlan):
     "The fresh control's evaluation: BLiMP alone (its question is held-out bits/byte against unique tokens; BLiMP tracks the repeated arm's)."
     return p.eval.replace(tasks=tuple(t for t in p.eval.tasks if t == 'blimp'))
 
+def _gap(heldout, train):
+    "The generalisation gap of one checkpoint: held-out minus training loss (nats/token); None when either is missing."
+    return None if heldout is None or train is None or not (math.isfinite(heldout) and math.isfinite(train)) else float(heldout - train)
+
 def evaluate_runs(p:EpochsPlan, pool, runs:list[dict]) -> tuple[list[dict], dict]:
-    "(rows, baselines): every annealed checkpoint evaluated (cached) into one row per (arm, epoch count, seed)."
+    """(rows, baselines): every annealed checkpoint evaluated (cached) into one row per (arm, epoch count, seed), with its generalisation
+    gap (`gap`: held-out minus training loss) and BLiMP's per-item scores (`blimp_items`, packed by `supra.eval.harness.pack_items`)."""
     from supra.model.checkpoint import read_meta
     rows, base, lim, done = [], {}, dict(p.limits), {}   # done: the repeated arm's evaluations by their weights' sha256
     for i, r in enumerate(runs):
@@ -150,7 +154,7 @@ def evaluate_runs(p:EpochsPlan, pool, runs:list[dict]) -> tuple[list[dict], dict
         if r['arm'] == 'repeated': base, done[sha] = base or task_baselines(ev), ev
         m = eval_metrics(ev)
         rows.append(dict(arm=r['arm'], epochs=r['epochs'], seed=r['seed'], steps=r['steps'], tokens=r['tokens'], unique_tokens=(r['epochs'] if r['arm'] == 'fresh' else 1) * p.data.n_tokens,
-                         train_loss=r.get('loss_tail'), last_step_loss=r.get('loss'), train_s=r.get('train_s', r.get('elapsed')), **m,
+                         train_loss=r.get('loss_tail'), last_step_loss=r.get('loss'), train_s=r.get('train_s', r.get('elapsed')), **m, gap=_gap(m['heldout_loss'], r.get('loss_tail')),
                          **{f'blimp_{f}': m['blimp_fields'].get(f) for f in BLIMP_FIELDS},
                          checkpoint=rel(r['checkpoint'], p.out_dir), run_dir=rel(r['run_dir'], p.out_dir)))
     return rows, base
@@ -186,55 +190,6 @@ def value_of_repeats(rows:list[dict], pool_tokens:int) -> list[dict]:
                         bound='=' if bounds == {'='} else ('>' if '>' in bounds else '<'), predicted=predicted_value(k)))
     return out
 
-# %% ../../../nbs/10_experiments/00_epochs_run.ipynb #09429b1a
-def _w(rows, metric, a, b, arm='repeated', arm_b=None):
-    "Paired test over seeds of `metric` at epoch count a (arm) vs b (arm_b, default the same arm): the branches of one seed share its run."
-    val = lambda k, m: {r['seed']: r[metric] for r in rows if r['arm'] == m and r['epochs'] == k}
-    va, vb = val(a, arm), val(b, arm_b or arm); ks = sorted(set(va) & set(vb))
-    return paired([va[k] for k in ks], [vb[k] for k in ks])
-
-def _pt(w) -> str:
-    if w['p'] is None: return 'one seed: no test'
-    return ('p < 0.001' if w['p'] < 0.001 else f"p = {w['p']:.3f}") + ('' if w['resolved'] else f", could detect ≥ {w['mde']:.3g}")
-
-def claims(rows:list[dict], epochs:int) -> list[dict]:
-    "The seed's three claims, each with a verdict (supported / contradicted / not resolved at this scale / not resolvable) and its evidence."
-    out = []
-    if epochs >= 8:
-        w = _w(rows, 'blimp', 8, 7)
-        v = 'not resolved at this scale' if not w['resolved'] else ('supported' if w['diff'] < 0 else 'contradicted')
-        out.append(dict(claim='BLiMP peaks and then fractures past epoch 7', verdict=v, evidence=f"BLiMP at 8 vs 7 epochs: {100 * w['diff']:+.2f} points ({_pt(w)})"))
-    else: out.append(dict(claim='BLiMP peaks and then fractures past epoch 7', verdict='not resolvable', evidence=f'the run stops at {epochs} epochs'))
-    S = {s['epochs']: s for s in group_summary([r for r in rows if r['arm'] == 'repeated'], 'epochs', ['heldout_loss', 'train_loss'])}
-    if epochs >= 7:
-        better = [k for k in S if k != 6 and (w := _w(rows, 'heldout_loss', k, 6))['resolved'] and w['diff'] < 0]
-        beats = all((w := _w(rows, 'heldout_loss', 6, k))['resolved'] and w['diff'] < 0 for k in (5, 7))
-        v = 'contradicted' if better else 'supported' if beats else 'not resolved at this scale'
-        e = (f"held-out loss lower than at 6 epochs at {', '.join(map(str, sorted(better)))} epochs" if better else
-             f"6 vs 5: {_pt(_w(rows, 'heldout_loss', 6, 5))}; 6 vs 7: {_pt(_w(rows, 'heldout_loss', 6, 7))}")
-        out.append(dict(claim='Epoch 6 is the optimum (held-out loss)', verdict=v, evidence=e))
-    else: out.append(dict(claim='Epoch 6 is the optimum (held-out loss)', verdict='not resolvable', evidence=f'the run stops at {epochs} epochs'))
-    if epochs >= 2:
-        mid = max(1, epochs // 2)
-        wt, wh = _w(rows, 'train_loss', epochs, mid), _w(rows, 'heldout_loss', epochs, mid)
-        falls = wt['resolved'] and wt['diff'] < 0
-        if not falls: v = 'contradicted' if wt['resolved'] else 'not resolved at this scale'
-        else: v = ('contradicted' if wh['diff'] < 0 else 'supported') if wh['resolved'] else 'not resolved at this scale'   # a stall needs evidence, not a missing test
-        out.append(dict(claim='More epochs keep lowering training loss while generalisation stalls', verdict=v,
-                        evidence=f"{epochs} vs {mid} epochs — train loss {wt['diff']:+.3f} ({_pt(wt)}); held-out loss {wh['diff']:+.3f} ({_pt(wh)})"))
-    return out
-
-# %% ../../../nbs/10_experiments/00_epochs_run.ipynb #a0d4a50a
-def above_chance(rows:list[dict], metric:str='blimp', chance:float=0.5, arm:str='repeated') -> dict:
-    """The epoch count with the highest mean `metric` against `chance`, by the verdict engine: every seed scores the same items (their
-    error does not shrink with seeds), and the count was picked as the best of k (p × k). Its mean, standard error, z and two-sided p."""
-    ks = sorted({r['epochs'] for r in rows if r['arm'] == arm and r.get(metric) is not None})
-    if not ks: return {}
-    by = {k: [r for r in rows if r['arm'] == arm and r['epochs'] == k] for k in ks}
-    k = max(ks, key=lambda k: np.mean([r[metric] for r in by[k]]))
-    v = versus(by[k], metric, arm, chance, select=len(ks))
-    return dict(epochs=k, mean=v['effect'] + chance, stderr=v['se'], z=v['effect'] / v['se'] if v['se'] else None, p=v['p'], chance=chance, test=v['test'])
-
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #9945780b
 def planned_work(p:EpochsPlan, pool=None, fresh_pool=None) -> dict:
     """The plan's training steps and evaluations, counted before any compute: per seed the repeated run and the fresh control
@@ -267,27 +222,6 @@ def plan_line(p:EpochsPlan, work:dict) -> str:
             + (f" · fresh control to {p.fresh_pools} pools" if p.fresh_pools else '') + f" · {p.device} — {n(work['seeds'], 'seed')} × {n(work['arms'], 'arm')}: "
             f"{work['steps']:,} training steps ({work['tokens']:,} tokens), {n(work['evaluations'], 'checkpoint')} to evaluate")
 
-# %% ../../../nbs/10_experiments/00_epochs_run.ipynb #2654d9d5
-def epoch_status(rows:list[dict], alpha:float=ALPHA) -> dict:
-    "{epochs: (label, tone)} for the repeated arm, from per-seed held-out loss with Welch's test against the best epoch count."
-    rows = [r for r in rows if r.get('arm', 'repeated') == 'repeated']
-    S = group_summary(rows, 'epochs', ['heldout_loss', 'train_loss'])
-    h = {s['epochs']: s['heldout_loss'] for s in S if s['heldout_loss'] is not None}
-    if not h: return {}
-    best = min(h, key=h.get); tr = {s['epochs']: s['train_loss'] for s in S}
-    one = all(s['n_seeds'] < 2 for s in S)
-    val = lambda k: {r['seed']: r['heldout_loss'] for r in rows if r['epochs'] == k}
-    out = {}
-    for k in h:
-        ks = sorted(set(val(k)) & set(val(best)))
-        w = paired([val(k)[x] for x in ks], [val(best)[x] for x in ks], alpha)
-        if k == best: lab = ('best held-out', 'success')
-        elif not w['resolved']: lab = ('not resolved from best', 'success')
-        elif k < best: lab = ('under-trained', None)
-        else: lab = ('overfitting' if tr.get(k) is not None and tr[k] < tr[best] else 'worse than best', 'warning')
-        out[k] = (lab[0] + ' (1 seed)', lab[1]) if one else lab
-    return out
-
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #8939e0a8
 def _curves(run_dir:Path, n:int=400) -> dict:
     "Per branch of a run: (tokens, train loss) thinned to ≤ n points, and the held-out rows (step, tokens, loss, bpb) of the eval hook."
@@ -306,18 +240,16 @@ def _curves(run_dir:Path, n:int=400) -> dict:
         out[b.name] = dict(tokens=xs[::k], loss=ys[::k], heldout=ev)
     return out
 
-def summarize(rows:list[dict], epochs:int, fresh_pools:int, pool_tokens:int) -> dict:
-    "Every statistic of the summary, from the per-run rows alone: seed summaries of both arms, paired tests, the value of repeats, BLiMP vs chance, claims."
+def summarize(rows:list[dict], fresh_pools:int, pool_tokens:int) -> dict:
+    """The measurements of the summary, from the per-run rows alone: seed summaries of both arms and the value of a repeated token.
+    No test: the paper's family is judged by the verdict engine from the rows."""
     rep = [r for r in rows if r['arm'] == 'repeated']
-    comps = [c for m, low in [('heldout_loss', True), ('heldout_bpb', True), ('blimp', False)]
-             for c in compare(rep, m, 'epochs', low, pairs=[(k, k + 1) for k in range(1, epochs)], paired_by='seed')]
     return dict(by_epochs=group_summary(rep, 'epochs', METRICS + tuple(f'blimp_{f}' for f in BLIMP_FIELDS)),
-                fresh_by_epochs=group_summary([r for r in rows if r['arm'] == 'fresh'], 'epochs', ('heldout_bpb', 'heldout_loss', 'blimp', 'train_loss')),
-                comparisons=comps, repeated_vs_fresh=[dict(epochs=k, **_w(rows, 'heldout_bpb', k, k, 'repeated', 'fresh')) for k in range(2, fresh_pools + 1)],
-                value_of_repeats=value_of_repeats(rows, pool_tokens) if fresh_pools else [], blimp_vs_chance=above_chance(rows), claims=claims(rows, epochs))
+                fresh_by_epochs=group_summary([r for r in rows if r['arm'] == 'fresh'], 'epochs', ('heldout_bpb', 'heldout_loss', 'gap', 'blimp', 'blimp_ties', 'train_loss')),
+                value_of_repeats=value_of_repeats(rows, pool_tokens) if fresh_pools else [])
 
 def run(p:EpochsPlan, dashboard:bool=True) -> dict:
-    "The whole experiment: pools → both arms per seed → evaluation → effective data, claims → the results envelope (not yet written)."
+    "The whole experiment: pools → both arms per seed → evaluation → the value of a repeated token → the results envelope (not yet written); the paper judges."
     from supra.data.pool import build_pool
     from supra.model.transformer import count_params
     from supra.lab.estimate import estimate
@@ -346,8 +278,8 @@ def run(p:EpochsPlan, dashboard:bool=True) -> dict:
                 val_docs_scored=min(p.eval.bpb_docs or p.data.val_docs, p.data.val_docs), **{k: v for k, v in pm.items() if k in ('docs', 'bytes', 'chars', 'source', 'bytes_per_token')})
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset.name, corpus=p.corpus, environment=environment(p.device),
                     data=data, runs=rows, curves=curves,
-                    summary=dict(**summarize(rows, p.epochs, p.fresh_pools, p.data.n_tokens), baselines=base, ngram=floor,
+                    summary=dict(**summarize(rows, p.fresh_pools, p.data.n_tokens), baselines=base, ngram=floor,
                                  model=dict(n_params=int(count_params(p.model)), **p.model.to_dict())),
                     compute=dict(train_s=sum({(r['arm'], r['seed']): r['wall_s'] for r in runs}.values()), eval_s=sum(r.get('eval_s') or 0 for r in rows),
                                  wall_s=time.time() - t0),
-                    status=dict(state='complete', labels={str(k): v for k, v in epoch_status(rows).items()}))
+                    status=dict(state='complete'))
