@@ -43,17 +43,21 @@ CPU_ABLATE_WHY = ("the record names EMA + tight SWA, late QAT, value embeddings 
 # baseline's 2.33), so 0.95 keeps the record's horizon as a fraction of the run (20 steps).
 # The cpu byte budget holds both arms' artefacts (≈1.31 MB baseline, ≈1.34 MB full stack at 4×128, vocabulary 4,096).
 #
-# The cpu step budget, timed. Measured alone on the 2-core AMD EPYC (the cpu regeneration of 5cc62c5: 21 runs of
-# 300 steps): 2,473 s of training for 6,300 steps = 0.39 s a step (every arm 0.34–0.44 s), and 575 s of everything else — 21 × ≈ 13 s of
-# scoring and checks (sliding bpb before and after, the disjoint-window check by both scorers, zstd-22 and the size check), 6 × ≈ 40 s
-# of BLiMP 100/task + ARC-Easy 800 (baseline and full), the pool once: 3,048 s = 51 min, over the 45-min budget. (An earlier
-# estimate of 0.29 s a step came from the 2-core Intel Xeon's 90-s runs; this machine is slower per step.) So, at 240 steps:
+# The cpu step budget, timed. A nice'd benchmark on the 2-core AMD EPYC (busy with other work, so CPU seconds of one thread,
+# not wall time): 0.70 s a step for the baseline, 0.59 for the full stack (batch 32 × 128, 4 × 128); an eval forward 51 µs a
+# token; the zstd size check 0.3 s. The earlier 90-s runs (2-core Intel Xeon) give the wall time with both cores: at best 339
+# steps (baseline) and 316 (full) in 90 s, ≈ 0.27–0.29 s a step — 2.4–2.6× faster than one busy thread. Hence, alone:
 #   runs        = 3 baseline + 3 full + 5 ablations × 3 = 21 (every arm on seeds 0, 1, 2)
-#   training    = 21 × 240 steps × 0.39 s                                 ≈ 1,970 s
-#   the rest    ≈ 575 s (scoring does not depend on the steps; the pool is smaller: 1.0 M tokens)
-#   total       ≈ 2,545 s ≈ 42 min, inside the 45-min budget with ≈ 6% slack. All 9 techniques would be 33 runs
-#                 × (240 × 0.39 + 13) s + 300 s ≈ 3,800 s, and 6 ablations ≈ 2,850 s — over it; hence five, CPU_ABLATE.
-CPU_STEPS = 240
+#   training    = 21 × 300 steps × 0.29 s                                              ≈ 1,830 s
+#   scoring     = 21 × ≈ 13 s: 10 held-out docs ≈ 70k tokens × 6 forwards (sliding before and after: 2 × 2; the
+#                 disjoint-window check, Supra's and the independent one: 2 × 1) × 51 µs / 2.5, + softmax guard and zstd   ≈ 270 s
+#   downstream  = 6 × ≈ 40 s (BLiMP 100/task + ARC-Easy 800, baseline and full only; the earlier run's 410 s of
+#                 non-training time less its 24 × 2 sliding scores)                   ≈ 240 s
+#   pool        = 1.3 M tokens tokenised once (+ the tokenizer, if not cached)       ≈ 60 s
+#   total       ≈ 2,400 s ≈ 40 min, inside the 45-min budget (≈ 43 min at 0.32 s a step). All 9 techniques would be
+#                 33 runs × (300 × 0.29 + 13) s ≈ 3,300 s before downstream — over it; so would 6 ablations
+#                 (24 runs: ≈ 2,700 s in all) — hence five, CPU_ABLATE.
+CPU_STEPS = 300
 SCALE = {
     'smoke': dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, seq_len=64, batch=16, steps=30, budget_s=None, byte_budget=300_000,
                   bigram=256, bigram_dim=32, ve_dim=32, ve_layers=(1,), momentum_warmup=10, ema=0.8, swa_every=2, seeds=(0, 1), ablate=('qat',),
@@ -73,7 +77,7 @@ PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', o
 class GolfPlan(Plan):
     "Everything that determines one run of the golf experiment."
     byte_budget: int = 1_500_000
-    steps: int | None = CPU_STEPS    # the step budget of every run (None: a wall-clock budget)
+    steps: int | None = 300          # the step budget of every run (None: a wall-clock budget)
     budget_s: float | None = None    # the wall-clock budget of every run, in seconds of step time (None: a step budget)
     techniques: tuple = TECHNIQUES   # switched on in the full stack
     ablate: tuple = TECHNIQUES       # each switched off in turn
