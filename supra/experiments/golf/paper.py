@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
 from ...lab.verdict import Metric, Comparison, judge, verdict_cells, fmt_p
-from .run import LABELS, SCALE, CPU_ABLATE, CPU_ABLATE_WHY
+from .run import LABELS, SCALE
 
 # %% auto #0
 __all__ = ['BPB', 'family', 'verdicts', 'budget_text', 'ablation_verdict', 'findings', 'figures', 'paper']
@@ -167,8 +167,8 @@ def paper(res:dict, figs:dict, path) -> Path:
          ('Seeds', why_seeds + '.'),
          ('Ablations', f"each of {', '.join(LABELS[t] for t in sm['ablated'])} switched off in turn" + (
           f"; not ablated at this preset: {', '.join(LABELS[t] for t in nab)} — the preset's time budget holds {len(res['runs'])} runs of {bt} "
-          f"({2 + len(sm['ablated'])} arms × {len(pl['seeds'])} seeds), so only these are ablated: " + (CPU_ABLATE_WHY if set(sm['ablated']) == set(CPU_ABLATE) else
-          "the plan's choice (its ablate parameter)") + "; those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
+          f"({2 + len(sm['ablated'])} arms × {len(pl['seeds'])} seeds), so only the techniques the record credits most and the earlier cpu runs moved most are ablated; "
+          "those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
          ('Checks', f"every artefact's size re-computed with plain zstd ({ck['size']['tool']}) and its bits per byte by an independent scorer (`supra.golf.check`); see Checks.")],
         label='// Method', nav='Method', id='method')
     secs = [findings_(findings(res), title='What the runs show', nav='Findings'), main,
