@@ -13,7 +13,7 @@ os.environ.setdefault('HF_HUB_OFFLINE', '1'); os.environ.setdefault('HF_DATASETS
 
 import supra.eval.harness as E
 from supra.core.config import ConfigError, EvalConfig, preset
-from supra.data.tokenizers import get_tokenizer
+from supra.data.tokenizers import get_tokenizer, EOS
 from supra.data.corpus import val_texts
 from supra.data.textbytes import count_bytes
 from supra.model.transformer import Transformer
@@ -27,7 +27,7 @@ def tok(): return get_tokenizer(P.data)
 
 def _train(model, tok, steps=50, seed=0):
     "A few AdamW steps on the smoke corpus' held-out text, so that context helps (the test needs a model that uses it)."
-    ids = np.concatenate([[tok.token_to_id(E.EOS)] + tok.encode(d).ids for d in val_texts(P.data.replace(val_docs=8))])
+    ids = np.concatenate([[tok.token_to_id(EOS)] + tok.encode(d).ids for d in val_texts(P.data.replace(val_docs=8))])
     g = torch.Generator().manual_seed(seed)
     T = model.cfg.seq_len
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -64,7 +64,7 @@ def test_tokenizers_agree(tok, hf_dir, model):
     hf = E.hf_lm(hf_dir, tok, model.cfg.seq_len)
     for s in ["Who should Derek hug after shocking Richard?", " yes", "Question: Which gas?\nAnswer: oxygen", "naïve café — 3.5 km"]:
         assert hf.tok_encode(s) == tok.encode(s, add_special_tokens=False).ids
-    assert hf.prefix_token_id == tok.token_to_id(E.EOS) == E.SupraLM(model, tok).prefix_token_id
+    assert hf.prefix_token_id == tok.token_to_id(EOS) == E.SupraLM(model, tok).prefix_token_id
 
 
 def test_loglikelihood_parity_requests(tok, hf_dir, model):
@@ -145,7 +145,7 @@ def test_heldout_bpb(tok, model):
     assert wide['bpb'] == pytest.approx(wide['loss'] * wide['tokens'] / math.log(2) / wide['bytes'])
     assert wide['ppl'] == pytest.approx(math.exp(wide['loss']))
     # brute force: every token once, each with all of its (<= 64) previous tokens of the document as context
-    eos = tok.token_to_id(E.EOS)
+    eos = tok.token_to_id(EOS)
     short = docs[0][:500]
     ids = [eos] + tok.encode(short).ids
     nll = 0.0
