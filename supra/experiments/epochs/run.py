@@ -4,7 +4,7 @@
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #7149fb1d
 from __future__ import annotations
-import json, math, time
+import math, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
@@ -13,6 +13,7 @@ from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_c
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...core.cache import read_json, write_json
 from ...lab.stats import group_summary, summary
+from ...train.runlog import RunLog
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'PARAMS', 'SCALE', 'MUENNIGHOFF_RD', 'METRICS', 'predicted_value', 'EpochsPlan', 'plan', 'ChunkSteps',
@@ -224,20 +225,18 @@ def plan_line(p:EpochsPlan, work:dict) -> str:
 
 # %% ../../../nbs/10_experiments/00_epochs_run.ipynb #8939e0a8
 def _curves(run_dir:Path, n:int=400) -> dict:
-    "Per branch of a run: (tokens, train loss) thinned to ≤ n points, and the held-out rows (step, tokens, loss, bpb) of the eval hook."
+    "Per branch of a run, read through its `RunLog` (metrics.jsonl's one reader): (tokens, train loss) thinned to ≤ n points, and the held-out rows (step, tokens, loss, bpb) of the eval hook."
+    log = RunLog(run_dir); log.poll()
+    ev = {k: log.eval_series(k) for k in ('heldout_loss', 'bpb')}
     out = {}
-    for b in sorted(run_dir.iterdir()):
-        f = b / 'metrics.jsonl'
-        if not f.exists(): continue
-        xs, ys, ev, last = [], [], [], 0
-        for line in f.read_text().splitlines():
-            try: r = json.loads(line)
-            except ValueError: continue
-            if isinstance(r.get('eval'), dict):
-                ev.append(dict(step=r.get('step'), tokens=r.get('tokens', last), heldout_loss=r['eval'].get('heldout_loss'), bpb=r['eval'].get('bpb')))
-            elif r.get('loss') is not None: xs.append(r.get('tokens', r.get('step'))); ys.append(r['loss']); last = xs[-1]
-        k = max(1, len(xs) // n)
-        out[b.name] = dict(tokens=xs[::k], loss=ys[::k], heldout=ev)
+    for b in log.branches:
+        steps, loss = log.series('loss', b); _, tok = log.series('tokens', b)
+        ok = ~np.isnan(loss); x = (tok if len(tok) == len(steps) and not np.isnan(tok).any() else steps)
+        xs, ys = x[ok].tolist(), loss[ok].tolist(); k = max(1, len(xs) // n)
+        es, hl = ev['heldout_loss'].get(b, (np.zeros(0), np.zeros(0))); _, bpb = ev['bpb'].get(b, (es, np.full(len(es), np.nan)))
+        at = np.clip(np.searchsorted(steps, es, side='right') - 1, 0, None)   # tokens of the last train row at or before each eval
+        held = [dict(step=int(s), tokens=float(x[j]) if len(x) else None, heldout_loss=float(h), bpb=float(v)) for s, j, h, v in zip(es, at, hl, bpb)]
+        out[b] = dict(tokens=xs[::k], loss=ys[::k], heldout=held)
     return out
 
 def summarize(rows:list[dict], fresh_pools:int, pool_tokens:int) -> dict:
