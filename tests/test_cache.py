@@ -12,10 +12,9 @@ def _keys():
     from supra.data.tokenizers import tokenizer_key
     from supra.data.pool import pool_key
     from supra.lab.experiment import run_dir, EVAL_CODE
-    from supra.experiments.topology.run import plan, study_name
     p = preset('smoke', 'cpu')
     return dict(tokenizer=tokenizer_key(p.data), pool=pool_key(p.data, 'tokenizer-sha'), run=run_dir('out', 'seed0', 'pool-key', p.model, p.train).name,
-                eval=C.code_fingerprint(*EVAL_CODE), study=study_name(plan(preset='smoke', device='cpu', out_dir='/tmp/supra-cache-test'), 'balanced', 'pool-key'))
+                eval=C.code_fingerprint(*EVAL_CODE))
 
 @pytest.fixture
 def pkg(tmp_path, monkeypatch):
@@ -31,9 +30,9 @@ def test_keys_move_with_the_code_of_their_stage(pkg):
     m = pkg / 'model' / 'transformer.py'
     m.write_text('# a comment\n' + m.read_text().replace('"""', '"""Edited prose. ', 1))   # a comment and the docstring: no key moves
     assert _keys() == k0
-    _edit(pkg / 'model' / 'transformer.py', 'MODEL_CHANGED = 1')             # the model: checkpoints, evaluations and tuned LRs move; data does not
+    _edit(pkg / 'model' / 'transformer.py', 'MODEL_CHANGED = 1')             # the model: checkpoints (the LR walk's included) and evaluations move; data does not
     k1 = _keys()
-    assert k1['run'] != k0['run'] and k1['eval'] != k0['eval'] and k1['study'] != k0['study']
+    assert k1['run'] != k0['run'] and k1['eval'] != k0['eval']
     assert (k1['tokenizer'], k1['pool']) == (k0['tokenizer'], k0['pool'])
     _edit(pkg / 'data' / 'tokenizers.py', 'TOKENIZER_CHANGED = 1')    # the tokenizer: the tokenizer and the pool move
     k2 = _keys()
