@@ -11,6 +11,7 @@ import pandas as pd, torch
 import lm_eval, lm_eval.evaluator
 
 from ..core.config import check
+from ..core.hardware import matmul_peak
 from .score import eos_token_id
 from .backend import SupraLM, hf_lm
 from .tasks import blimp_paradigms, check_task_data, task_manager
@@ -98,14 +99,6 @@ def bench_eval(model_name:str='balanced', tasks:str='blimp,arc_easy,boolq,wikite
     return dict(tasks=subset, table=df, ratio=float(a.backend_ratio), e2e_ratio=float(a.e2e_ratio))
 
 # %% ../../nbs/04_eval/08_bench.ipynb #0d432577
-def _matmul_peak(n:int=1024, reps:int=5) -> float:
-    "This CPU's fp32 matmul FLOP/s: best of `reps` n×n×n products."
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b); best = float('inf')
-    for _ in range(reps):
-        t = time.perf_counter(); torch.mm(a, b); best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
 def _compare(a:pd.DataFrame, b:pd.DataFrame) -> tuple[float, float]:
     "(largest accuracy difference, largest relative perplexity difference) between two tidy tables of the same tasks."
     m = a.merge(b, on=['task', 'metric'], suffixes=('', '_b'))
@@ -128,12 +121,12 @@ def _floor(names, limit, batch_size, vocab, seed, repeats:int=2) -> dict:
             if t.get_config('num_fewshot') is None: t.set_config(key='num_fewshot', value=0)
             t.set_fewshot_seed(seed=FEWSHOT_SEED)
             for d in build_requests(t, limit, cache=False)[0]: by_type.setdefault(d['type'], []).append(decode_requests(d, None))
-    peaks, times = [_matmul_peak()], []
+    peaks, times = [matmul_peak(1024)], []
     for _ in range(repeats):                  # best of `repeats`, the peak re-measured around each: noise only ever slows
         lm = SupraLM(m, tok, batch_size=batch_size)
         t0 = time.perf_counter()
         for kind, reqs in by_type.items(): getattr(lm, kind)(reqs)
-        times.append(time.perf_counter() - t0); peaks.append(_matmul_peak())
+        times.append(time.perf_counter() - t0); peaks.append(matmul_peak(1024))
     backend, peak = min(times), max(peaks)
     P, st, cfg = m.n_params(), lm.stats, m.cfg
     flops = 2 * P * st['tokens'] + 2 * cfg.n_layer * cfg.d_model * st['tokens_sq']
@@ -192,7 +185,7 @@ def bench_eval_many(checkpoints:int=8, limit:int|None=None, paradigms:int|None=N
     # the ceiling: the cpu-preset model's own compute floor on the requests it ran, with no overhead at all
     cfg, st = P.model.replace(vocab_size=tok.get_vocab_size()), ours['ck0'].attrs['backend_stats']
     ck_flops = 2 * Transformer(cfg).n_params() * st['tokens'] + 2 * cfg.n_layer * cfg.d_model * st['tokens_sq']
-    peak = max(_matmul_peak() for _ in range(3))
+    peak = max(matmul_peak(1024) for _ in range(3))
     ceiling = stock_s / (checkpoints * ck_flops / peak)
     print(f"ceiling: the cpu-preset model's inputs ({st['tokens']:,} tokens) are {ck_flops / 1e12:.3f} TFLOP per checkpoint = {ck_flops / peak:.2f}s at "
           f"{peak / 1e9:.1f} GFLOP/s; a backend at that floor with no other cost would be {ceiling:.2f}x the stock loop (supra: {checkpoints * ck_flops / peak / supra_s:.0%} of it)")

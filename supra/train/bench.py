@@ -9,6 +9,7 @@ import time
 import torch
 
 from ..core.config import ModelConfig, TrainConfig
+from ..core.hardware import matmul_peak
 from ..model.transformer import Transformer
 from .runtime import jemalloc_loaded, train_flops_per_token, loss_kwargs
 from .optim import make_optimizers
@@ -17,14 +18,6 @@ from .optim import make_optimizers
 __all__ = ['bench_train', 'profile_train_step']
 
 # %% ../../nbs/03_train/07_bench.ipynb #869443e1
-def _matmul_peak(n:int=2048, reps:int=5) -> float:
-    "This CPU's fp32 matmul FLOP/s: best of `reps` n×n×n products."
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b); best = float('inf')
-    for _ in range(reps):
-        t = time.perf_counter(); torch.mm(a, b); best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
-
 def _hf_llama(cfg:ModelConfig):
     from transformers import LlamaConfig, LlamaForCausalLM
     hc = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, intermediate_size=cfg.hidden, num_hidden_layers=cfg.n_layer,
@@ -50,7 +43,7 @@ def bench_train(configs='deep-narrow,balanced,shallow-wide', seq_len:int=256, ba
     both under `torch.compile`, and MFU vs the measured matmul peak."""
     names = configs.split(',') if isinstance(configs, str) else list(configs)
     torch.manual_seed(seed)
-    peaks, rows = [_matmul_peak()], []
+    peaks, rows = [matmul_peak(2048)], []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, jemalloc {'loaded' if jemalloc_loaded() else 'NOT loaded'}, "
           f"batch {batch_size} × {seq_len} tokens")
     for name in names:
@@ -66,7 +59,7 @@ def bench_train(configs='deep-narrow,balanced,shallow-wide', seq_len:int=256, ba
         for _ in range(rounds):   # alternate, so that noise from other processes hits every side alike
             for k, (m, hf) in sides.items(): times[k].append(_time_steps(m, x, y, steps, hf))
         tps = {k: batch_size * seq_len / min(v) for k, v in times.items()}
-        peaks.append(_matmul_peak())   # re-measured around every config: best of all is the peak (noise only ever slows)
+        peaks.append(matmul_peak(2048))   # re-measured around every config: best of all is the peak (noise only ever slows)
         r = dict(config=name, params=sup.n_params(), tok_s=round(tps['supra']), ref_tok_s=round(tps['hf']),
                  ratio=round(tps['supra'] / tps['hf'], 3), flops_per_token=train_flops_per_token(cfg, seq_len))
         if compile: r.update(tok_s_c=round(tps['supra_c']), ref_tok_s_c=round(tps['hf_c']), ratio_c=round(tps['supra_c'] / tps['hf_c'], 3),

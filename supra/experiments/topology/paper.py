@@ -13,7 +13,8 @@ from ...lab.stats import ALPHA
 from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p
 
 # %% auto #0
-__all__ = ['UNITS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings', 'lr_walk_chart', 'figures', 'paper']
+__all__ = ['UNITS', 'SPIKE_NATS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings', 'lr_walk_chart',
+           'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/03_topology_paper.ipynb #8a50636c
 def _S(res) -> dict: return {s['topology']: s for s in res['summary']['by_topology']}
@@ -96,13 +97,15 @@ def _neighbour(info:dict, k:int, step:float=2.0) -> dict | None:
     "The LR-walk run at the chosen LR × step^k, or None when the walk did not run it."
     return next((r for r in info['runs'] if math.isclose(r['lr'], info['lr'] * step ** k, rel_tol=1e-6)), None)
 
+SPIKE_NATS = 0.1   # a rise of the training loss above its first step's (≈ ln V at init) larger than the first steps' own jitter: a spike
+
 def _spikes(res) -> str:
-    "Every run whose training loss rose above its first step's (≈ ln V at init) — a spike — and every LR-walk run that diverged, named."
-    up = [f"{LABELS[r['topology']].lower()} seed {r['seed']} +{r['spike']:.2f}" for r in res['runs'] if (r.get('spike') or 0) > 0]
+    "Every run whose training loss rose more than SPIKE_NATS above its first step's — a spike — and every LR-walk run that diverged, named."
+    up = [f"{LABELS[r['topology']].lower()} seed {r['seed']} +{r['spike']:.2f}" for r in res['runs'] if (r.get('spike') or 0) > SPIKE_NATS]
     walk = [f"{LABELS[t].lower()} at {x['lr']:.2e} " + ('diverged' if x['diverged'] else f"spiked +{x['spike']:.2f}")
-            for t in TOPOLOGIES for x in res['summary']['topologies'][t]['runs'] if x['diverged'] or (x['spike'] or 0) > 0]
-    return ('; comparison runs whose loss rose above its start: ' + ', '.join(up) if up else "; no comparison run's loss rose above its starting value") + \
-           ('; in the LR walk: ' + ', '.join(walk) + ' (never chosen when diverged)' if walk else '; no LR-walk run diverged or spiked')
+            for t in TOPOLOGIES for x in res['summary']['topologies'][t]['runs'] if x['diverged'] or (x['spike'] or 0) > SPIKE_NATS]
+    return (f'; comparison runs whose loss rose more than {SPIKE_NATS:g} nats above its start: ' + ', '.join(up) if up else f"; no comparison run's loss rose more than {SPIKE_NATS:g} nats above its starting value") + \
+           ('; in the LR walk: ' + ', '.join(walk) + ' (never chosen when diverged)' if walk else f'; no LR-walk run diverged or rose more than {SPIKE_NATS:g} nats above its start')
 
 def _floor_verdict(res, k) -> str:
     "One sentence: how many shapes beat, or lose to, the n-gram floor on `k` (resolved: Holm p < 0.01 over the paper's family)."
@@ -278,7 +281,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         "Floor: " + (f"an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from exactly the pool the transformers train on, scored by the same lm-eval tasks and held-out documents; "
                      "each shape is tested against it (held-out bits/byte: a one-sample t-test of the seeds; accuracies: a z-test on lm-eval's stderrs)." if ng else "not measured in this run."),
         f"Learning rate: each shape's own, chosen at full length on seed {W.get('seed', '—')} — a seed the comparisons never see — by a walk on a ×{step:g} grid that stops when the lowest "
-        "held-out loss has both neighbours measured (the LR walk table); a run whose loss diverges is listed and never chosen, and every run whose loss rose above its first step's is named in the findings.",
+        f"held-out loss has both neighbours measured (the LR walk table); a run whose loss diverges is listed and never chosen, and every run whose loss rose more than {SPIKE_NATS:g} nats above its first step's is named in the findings.",
         "Statistics: every test on this page — each pair of shapes on each ranked metric (paired over seeds: a seed fixes the data order, shared by the three shapes), each shape against the trigram, "
         "and the seed's claims — is one family judged by the verdict engine (`supra.lab.verdict`): Holm's adjustment over the family at α = 0.01, intervals at the family's level, "
         "and the minimum detectable effect (80% power) wherever a difference is not resolved."],
