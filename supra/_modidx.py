@@ -655,6 +655,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                            'supra/experiments/topology/paper.py'),
                                                   'supra.experiments.topology.paper._best': ( '10_experiments/topology_paper.html#_best',
                                                                                               'supra/experiments/topology/paper.py'),
+                                                  'supra.experiments.topology.paper._claims': ( '10_experiments/topology_paper.html#_claims',
+                                                                                                'supra/experiments/topology/paper.py'),
                                                   'supra.experiments.topology.paper._comp': ( '10_experiments/topology_paper.html#_comp',
                                                                                               'supra/experiments/topology/paper.py'),
                                                   'supra.experiments.topology.paper._floor_txt': ( '10_experiments/topology_paper.html#_floor_txt',

@@ -28,21 +28,32 @@ def _metric(k) -> Metric:
     lab, fmt, best, _ = METRICS[k]
     return Metric(k, 'points' if fmt == 'pct' else UNITS[k], best == 'min', 100.0 if fmt == 'pct' else 1.0, lab.split(' (')[0])
 
-def family(res:dict) -> list:
-    """Every test this paper reports, one family for the verdict engine: each pair of shapes on each ranked metric (paired: a seed
-    fixes the data order every shape reads), each shape against the trigram counted from the same pool, and the seed's claims."""
-    ks = [k for k in TESTED if k in res['runs'][0]]; ng = res['summary'].get('ngram') or {}
-    out = [Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}")
-           for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:]]
-    out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', by='topology', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
-                   label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
-    for k, what in [('heldout_bpb', 'held-out bits per byte'), ('wikitext_word_ppl', 'WikiText word perplexity')]:
-        out += [Claim(f'Shallow & wide wins on {what}: vs {LABELS[o].lower()}', _metric(k), 'shallow-wide', o, sign=-1, by='topology') for o in ('balanced', 'deep-narrow')]
+def _claims(res:dict) -> list:
+    "The seed's claims: shallow & wide wins on held-out bits/byte (a direction) and on word perplexity (the seed's own factors, on the log scale), depth is a bottleneck, shallow & wide trains faster."
+    ref = res['summary'].get('seed_reference', {}); ppl, sc = ref.get('wikitext_word_ppl'), ref.get('samples_s')
+    out = [Claim(f'Shallow & wide wins on held-out bits per byte: vs {LABELS[o].lower()}', _metric('heldout_bpb'), 'shallow-wide', o, sign=-1, by='topology')
+           for o in ('balanced', 'deep-narrow')]
+    for o in ('balanced', 'deep-narrow'):
+        x = ppl['shallow-wide'] / ppl[o] if ppl else None
+        out.append(Claim(f'Shallow & wide wins on WikiText word perplexity: vs {LABELS[o].lower()}' + (f' (the seed: ×{x:.2f})' if x else ''),
+                         _metric('wikitext_word_ppl'), 'shallow-wide', o, value=x, ratio=True, sign=-1, by='topology'))
     out.append(Claim('Depth is a bottleneck: deep & narrow is worse than balanced (held-out bits/byte)', _metric('heldout_bpb'), 'deep-narrow', 'balanced', sign=1, by='topology'))
-    sc = res['summary'].get('seed_reference', {}).get('samples_s')
     seed_x = f"×{sc['shallow-wide'] / sc['deep-narrow']:.2f} on its GPU" if sc else 'faster'
     out.append(Claim(f'Shallow & wide trains faster than deep & narrow (the seed: {seed_x}; the direction is tested — speed ratios do not transfer across hardware)',
                      _metric('samples_s'), 'shallow-wide', 'deep-narrow', sign=1, by='topology'))
+    return out
+
+def family(res:dict) -> list:
+    """Every test this paper reports, one family for the verdict engine: the seed's claims; each pair of shapes on each tested metric
+    that no claim already tests (paired: a seed fixes the data order every shape reads) — ARC-Easy only where it is informative; and
+    each shape against the trigram counted from the same pool. Training-set losses are shown, not tested: held-out bits/byte asks the question."""
+    cl = _claims(res); ng = res['summary'].get('ngram') or {}
+    done = {(c.metric.name, frozenset((c.a, c.b))) for c in cl}
+    ks = [k for k in TESTED if k in res['runs'][0] and (k != 'arc_easy' or informative(res, k))]
+    out = cl + [Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}")
+                for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] if (k, frozenset((a, b))) not in done]
+    out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', by='topology', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
+                   label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
     return out
 
 def verdicts(res:dict) -> list[dict]:
@@ -50,18 +61,22 @@ def verdicts(res:dict) -> list[dict]:
     return judge(res['runs'], family(res), family='topology')
 
 def _comp(res, k, a, b):
-    "The engine's comparison of shapes `a` and `b` on `k`, oriented a − b (effect in the metric's display unit)."
-    r = next(x for x in verdicts(res) if x['kind'] == 'comparison' and x['metric'] == k and {x['a'], x['b']} == {a, b})
-    flip = r['a'] != a
-    return dict(r, a=a, b=b, diff=None if r['effect'] is None else (-r['effect'] if flip else r['effect']), resolved=r['verdict'] == 'resolved')
+    """The engine's test of shapes `a` and `b` on `k` — a comparison, or the claim that tests that pair — oriented a against b; `resolved`:
+    its interval excludes no difference (0, or ×1 for a claim on the log scale)."""
+    r = next((x for x in verdicts(res) if x['kind'] in ('comparison', 'claim') and x['metric'] == k and {x.get('a'), x.get('b')} == {a, b}), None)
+    if r is None: return None          # not in the family (ARC-Easy where uninformative)
+    ratio, flip = r['unit'] == '×', r['a'] != a
+    e = r['effect'] if r['effect'] is None or not flip else (1 / r['effect'] if ratio else -r['effect'])
+    none = 1.0 if ratio else 0.0
+    return dict(r, a=a, b=b, diff=e, resolved=r['effect'] is not None and (r['ci_lo'] > none or r['ci_hi'] < none))
 
 def _p(c) -> str:
     if c['p'] is None: return 'no test: one seed'
-    return f"Holm p {fmt_p(c['p_adj'])}" + ('' if c['verdict'] == 'resolved' else f"; could detect {verdict_cells(c)['mde']}")
+    return f"Holm p {fmt_p(c['p_adj'])}" + ('' if c.get('resolved', c['verdict'] == 'resolved') else f"; could detect {verdict_cells(c)['mde']}")
 
 def _lead(res, k, best) -> str:
-    return '; '.join(f"{'**resolved**' if (c := _comp(res, k, best, o))['resolved'] else 'bounded'} vs {LABELS[o].lower()} ({_p(c)})"
-                     for o in TOPOLOGIES if o != best)
+    cs = [(o, c) for o in TOPOLOGIES if o != best and (c := _comp(res, k, best, o)) is not None]
+    return '; '.join(f"{'**resolved**' if c['resolved'] else 'bounded'} vs {LABELS[o].lower()} ({_p(c)})" for o, c in cs) or 'not tested: uninformative at this scale'
 
 def vs_floor(res:dict, k:str) -> dict:
     """Each topology against the n-gram floor on metric `k`, from the engine's family: {topology: dict(mean, floor, diff, p (Holm), resolved, test)}.
