@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from ..core.config import check_num
 from ..pages.fmt import fmt_int, fmt_si, fmt_duration, fmt_num
-from ..pages.figures import PALETTE
+from ..pages.html import PALETTE
 from ..pages.html import render, stylesheet
 from ..core.config import atomic_write
 from ..train.runlog import (METRICS_FILE, DASHBOARD_FILE, META_FILES, DONE_MARKERS, MAIN, STABLE, BRANCH_RE, DONE_QUIET_S, RunLog,

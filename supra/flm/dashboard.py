@@ -8,14 +8,14 @@ import datetime, json, math
 from pathlib import Path
 import numpy as np
 from markupsafe import Markup
-from ..pages.html import render, TEMPLATES
+from ..pages.html import render, TEMPLATES, PALETTE, SERIES_COLORS, with_palette
 from ..core.config import atomic_write
 from ..train.runlog import RunLog, run_meta
 from ..pages.svg import downsample, svg_chart
 from .probes import TARGETS, em_ema, meets
 
 # %% auto #0
-__all__ = ['GUIDE', 'PANELS', 'series', 'flm_panels', 'render_flm_dashboard', 'write_flm_dashboard', 'show']
+__all__ = ['GUIDE', 'PANELS', 'series', 'flm_panels', 'flm_css', 'render_flm_dashboard', 'write_flm_dashboard', 'show']
 
 # %% ../../nbs/09_flm/06_dashboard.ipynb #fa1106dc
 GUIDE = dict(version='V16 — Lean Hydra + Programmatic Geometry', how=[
@@ -69,7 +69,6 @@ PANELS = [   # (title, [(series, label)], guide entry)
     ('WordNet Losses', [('wn_noun', 'noun hierarchy'), ('wn_axis', 'axis consistency'), ('wn_tropo', 'troponym chains')], 'WN Noun Hierarchy'),
 ]
 _DOCS = {n: t for s in GUIDE['sections'] for n, t in s['items']}
-_COLORS = ['#536bfe', '#ffb300', '#00e676', '#ff5252', '#26c6da', '#ab47bc']
 
 def series(log:RunLog, key:str) -> tuple[np.ndarray, np.ndarray]:
     "(steps, values) of a panel series (NaN where a row lacks it)."
@@ -96,7 +95,7 @@ def flm_panels(log:RunLog, points:int=300) -> list[dict]:
             m = np.isfinite(y); x, y = x[m], y[m]
             if len(x): xs += [x.min(), x.max()]
             if len(x) > points: x, y, lo, hi = downsample(x, y, points)
-            ss.append(dict(name=label, x=x, y=y, color=_COLORS[i % len(_COLORS)], points=k.startswith('eval:') and len(x) < 40))
+            ss.append(dict(name=label, x=x, y=y, color=SERIES_COLORS[i % len(SERIES_COLORS)], points=k.startswith('eval:') and len(x) < 40))
             name = k[5:] if k.startswith('eval:') else k
             ok = meets(name, y[-1] if len(y) else None)
             latest.append(dict(label=label, value=_fmt(y[-1] if len(y) else None), cls='' if ok is None else 'met' if ok else 'unmet'))
@@ -104,7 +103,7 @@ def flm_panels(log:RunLog, points:int=300) -> list[dict]:
             name = k[5:]
             if name in TARGETS and xs:
                 op, t = TARGETS[name]
-                ss.append(dict(name=f'target {label} {op} {t}', x=[min(xs), max(xs)], y=[t, t], color='#888', dash=True))
+                ss.append(dict(name=f'target {label} {op} {t}', x=[min(xs), max(xs)], y=[t, t], color=PALETTE['muted'], dash=True))
         out.append(dict(title=title, svg=svg_chart(ss, width=520, height=210, ylabel=None), latest=latest,
                         nseries=sum(1 for s in ss if len(s['x'])), doc=_DOCS.get(doc, 'The optimiser step size: warmup, then cosine decay.') if doc else
                         'The optimiser step size at each step: warmup, then cosine decay to the floor.'))
@@ -118,6 +117,10 @@ def _last_json_line(path:Path):
         try: return json.loads(l)
         except ValueError: continue
     return None
+
+def flm_css() -> Markup:
+    "The flm dashboard's stylesheet, its colours the one palette's (`supra.pages.html.with_palette`)."
+    return Markup(with_palette((TEMPLATES / 'flm_dashboard.css').read_text()))
 
 def render_flm_dashboard(run_dir, standalone:bool=True, refresh_s:float=30.0) -> str:
     "The flm dashboard of `run_dir` as HTML: a self-refreshing page, or (standalone=False) a fragment for a notebook."
@@ -135,9 +138,8 @@ def render_flm_dashboard(run_dir, standalone:bool=True, refresh_s:float=30.0) ->
                refresh_label=f'{refresh_s:g}s' if standalone and not done else 'final', guide=GUIDE, setup=setup, panels=flm_panels(log),
                diagnostics=(diag or {}).get('lines'), diag_step=(diag or {}).get('step'))
     if not standalone:
-        css = (TEMPLATES / 'flm_dashboard.css').read_text()
-        return f'<style>{css}</style>' + render('flm_dashboard_body.html', **ctx)
-    return render('flm_dashboard.html', **ctx, refresh_ms=0 if done else int(refresh_s * 1000), refresh_s=f'{refresh_s:g}')
+        return f'<style>{flm_css()}</style>' + render('flm_dashboard_body.html', **ctx)
+    return render('flm_dashboard.html', **ctx, flm_css=flm_css(), palette=PALETTE, refresh_ms=0 if done else int(refresh_s * 1000), refresh_s=f'{refresh_s:g}')
 
 def write_flm_dashboard(run_dir, refresh_s:float=30.0) -> Path:
     "Write `run_dir/flm_dashboard.html` (atomically) and return its path."

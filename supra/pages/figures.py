@@ -11,16 +11,12 @@ from typing import NamedTuple
 import numpy as np
 from ..core.config import check
 from .fmt import fmt_value
+from .html import PALETTE, SERIES_COLORS
 
 # %% auto #0
-__all__ = ['PALETTE', 'SERIES_COLORS', 'theme_rc', 'Fig', 'save_figure', 'line_chart', 'twin_axis_chart', 'bar_chart',
-           'curves_chart']
+__all__ = ['theme_rc', 'Fig', 'save_figure', 'line_chart', 'twin_axis_chart', 'bar_chart', 'curves_chart']
 
 # %% ../../nbs/05_pages/02_figures.ipynb #9109d85e
-PALETTE = dict(bg='#0f0f0f', surface='#1a1a1a', border='#333333', grid='#262626', text='#e0e0e0',
-               muted='#888888', accent='#536bfe', success='#00e676', warning='#ffb300', danger='#e53935')
-SERIES_COLORS = ['#536bfe', '#00e676', '#ffb300', '#e53935', '#2196f3', '#ab47bc', '#26c6da', '#ff7043', '#c0ca33', '#ec407a']
-
 def theme_rc() -> dict:
     "matplotlib rcParams for the Supra dark theme (seaborn 'darkgrid' recoloured to the seed palette)."
     import seaborn as sns

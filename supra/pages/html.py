@@ -12,13 +12,21 @@ from markupsafe import Markup, escape
 from ..core.config import atomic_write, check
 
 # %% auto #0
-__all__ = ['TEMPLATES', 'STYLESHEET', 'DASH_MARKER', 'jinja_env', 'stylesheet', 'render', 'esc', 'inline', 'data_uri',
-           'publishable']
+__all__ = ['TEMPLATES', 'STYLESHEET', 'DASH_MARKER', 'PALETTE', 'SERIES_COLORS', 'PALETTE_SLOT', 'with_palette', 'jinja_env',
+           'stylesheet', 'render', 'esc', 'inline', 'data_uri', 'publishable']
 
 # %% ../../nbs/05_pages/01_html.ipynb #ce81e284
 TEMPLATES = Path(__import__('supra').__file__).parent / 'templates'
 STYLESHEET = TEMPLATES / 'supra.css'
 DASH_MARKER = '/* == DASHBOARD == */'
+PALETTE = dict(bg='#0f0f0f', surface='#1a1a1a', border='#333333', grid='#262626', text='#e0e0e0',
+               muted='#888888', accent='#536bfe', success='#00e676', warning='#ffb300', danger='#e53935')
+SERIES_COLORS = ['#536bfe', '#00e676', '#ffb300', '#e53935', '#2196f3', '#ab47bc', '#26c6da', '#ff7043', '#c0ca33', '#ec407a']
+PALETTE_SLOT = '/*PALETTE*/'     # where a stylesheet takes the palette's CSS variables (--bg, --surface, … --danger)
+
+def with_palette(css:str) -> str:
+    "`css` with every PALETTE_SLOT filled by the palette as CSS custom properties: the one palette of pages, charts and dashboards."
+    return css.replace(PALETTE_SLOT, ''.join(f'--{k}:{v};' for k, v in PALETTE.items()))
 
 @functools.lru_cache(maxsize=None)
 def jinja_env() -> jinja2.Environment:
@@ -29,7 +37,7 @@ def jinja_env() -> jinja2.Environment:
 def stylesheet(part:str='all') -> Markup:
     "The shared stylesheet: 'all' (a standalone page) or 'dash' (only the .supra-dash rules, for a notebook fragment)."
     check(part in ('all', 'dash'), 'part', part, "'all' or 'dash'")
-    css = STYLESHEET.read_text()
+    css = with_palette(STYLESHEET.read_text())
     return Markup(css if part == 'all' else css.split(DASH_MARKER, 1)[1])
 
 def render(template:str, **context) -> str:

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from ..core.config import check, check_choice
 from .fmt import MISSING, FORMATS, is_missing, fmt_num, fmt_pct, fmt_int, fmt_si, fmt_duration, fmt_value
-from .figures import PALETTE, SERIES_COLORS, theme_rc, Fig, save_figure, line_chart, twin_axis_chart, bar_chart, curves_chart
+from .html import PALETTE, SERIES_COLORS
+from .figures import theme_rc, Fig, save_figure, line_chart, twin_axis_chart, bar_chart, curves_chart
 from markupsafe import Markup
 from .html import esc, inline, data_uri, publishable, render
 from ..core.config import atomic_write

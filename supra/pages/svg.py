@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import numpy as np
 from .fmt import fmt_si
-from .figures import PALETTE, SERIES_COLORS
+from .html import PALETTE, SERIES_COLORS
 from markupsafe import Markup
 from .html import jinja_env
 

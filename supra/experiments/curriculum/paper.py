@@ -125,7 +125,8 @@ def claim_chart(res:dict, arm:str, path):
     "Held-out bpb vs tokens (left) and vs training seconds (right): `arm` against the baseline, every seed; stage starts marked."
     import matplotlib as mpl
     from matplotlib.figure import Figure
-    from supra.pages.figures import theme_rc, save_figure, SERIES_COLORS, PALETTE
+    from supra.pages.figures import theme_rc, save_figure
+    from supra.pages.html import SERIES_COLORS, PALETTE
     C, L = res['curves'], res['summary']['labels']
     target = np.mean([c['bpb'][-1] for c in C['baseline'].values()])
     with mpl.rc_context(theme_rc()):
@@ -148,7 +149,8 @@ def speedup_chart(res:dict, path):
     bound, the target never reached), the verdict engine's simultaneous interval where the paper tests the claim, and the seed's factor."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
-    from supra.pages.figures import theme_rc, save_figure, SERIES_COLORS, PALETTE
+    from supra.pages.figures import theme_rc, save_figure
+    from supra.pages.html import SERIES_COLORS, PALETTE
     sp, L, F = res['summary']['speedups'], res['summary']['labels'], res['summary']['seed_reference']['factors']
     F = dict(curriculum=F['curriculum'], superbpe=F['superbpe'], fp8=F['fp8'], **{'superbpe-curriculum': F['superbpe'] * F['curriculum']})
     V = {r['a']: r for r in verdicts(res) if r['metric'] == 'speedup' and r['ci_lo'] is not None}

@@ -104,7 +104,8 @@ def figures(res:dict, fig_dir) -> dict:
     "Probe trajectories (every seed, both arms, seed targets dashed) and reconstruction-loss curves."
     import matplotlib as mpl
     from matplotlib.figure import Figure
-    from supra.pages.figures import theme_rc, save_figure, SERIES_COLORS, curves_chart
+    from supra.pages.figures import theme_rc, save_figure, curves_chart
+    from supra.pages.html import SERIES_COLORS
     from supra.flm.probes import TARGETS
     fig_dir = Path(fig_dir); figs = {}
     keys = ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'erank90', 'test_token_acc')

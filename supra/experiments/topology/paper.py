@@ -182,7 +182,8 @@ def lr_walk_chart(res:dict, path):
     "The LR walk: each full-length run's peak LR against its held-out loss on the selection seed, one colour per shape, the chosen LR starred, a diverged run a cross at the top."
     import matplotlib as mpl
     from matplotlib.figure import Figure
-    from supra.pages.figures import theme_rc, save_figure, SERIES_COLORS, PALETTE
+    from supra.pages.figures import theme_rc, save_figure
+    from supra.pages.html import SERIES_COLORS, PALETTE
     topo = res['summary']['topologies']
     ok = [r['heldout_loss'] for t in TOPOLOGIES for r in topo[t]['runs'] if r['heldout_loss'] is not None]
     with mpl.rc_context(theme_rc()):
@@ -200,7 +201,8 @@ def lr_walk_chart(res:dict, path):
 
 def figures(res:dict, fig_dir) -> dict:
     "The paper's figures, all drawn from the envelope."
-    from supra.pages.figures import bar_chart, curves_chart, SERIES_COLORS
+    from supra.pages.figures import bar_chart, curves_chart
+    from supra.pages.html import SERIES_COLORS
     fig_dir = Path(fig_dir); S = _S(res); labels = [LABELS[t] for t in TOPOLOGIES]
     ms = lambda k: ([S[t][k] for t in TOPOLOGIES], [S[t][f'{k}_std'] for t in TOPOLOGIES])
     n = min(S[t]['n_seeds'] for t in TOPOLOGIES); figs = {}
