@@ -14,8 +14,8 @@ from ...lab.experiment import Plan, plan_preamble, run_dir, rel, envelope, envir
 from ...lab.stats import group_summary
 
 # %% auto #0
-__all__ = ['NAME', 'TITLE', 'QUESTION', 'CORPUS', 'ARMS', 'PARAMS', 'PRESETS', 'GEOMETRY', 'PROBES', 'CONTROL', 'LOWER_BETTER',
-           'FLM_CODE', 'FLMPlan', 'plan', 'configs', 'setup_table', 'train_one', 'run']
+__all__ = ['NAME', 'TITLE', 'QUESTION', 'CORPUS', 'ARMS', 'PARAMS', 'PLAN_DEFAULTS', 'GEOMETRY', 'PROBES', 'CONTROL',
+           'LOWER_BETTER', 'FLM_CODE', 'FLMPlan', 'plan', 'configs', 'setup_table', 'train_one', 'run']
 
 # %% ../../../nbs/10_experiments/08_flm_run.ipynb #121566a8
 NAME, TITLE = 'flm', 'Concept bottleneck: geometry losses on unseen vocabulary'
@@ -23,7 +23,7 @@ QUESTION = 'Do programmatic geometry losses give a 32-slot concept bottleneck an
 CORPUS = 'flm-programmatic'
 ARMS = {'geometry': 'Geometry losses on', 'no_geometry': 'Geometry losses off'}
 PARAMS = dict(preset='auto', corpus=CORPUS, seeds=None, device='auto', out_dir='outputs/flm', paper='papers/flm.html', geometry='both', wordnet='auto')
-PRESETS = {   # model preset, data, schedule; the seed: 600K steps, batch 32, cosine 2e-4 → 1e-5, warmup 2K, geometry warm-up 5K
+PLAN_DEFAULTS = {   # per preset (as every experiment's): model preset, data, schedule; the seed: 600K steps, batch 32, cosine 2e-4 → 1e-5, warmup 2K, geometry warm-up 5K
     'smoke': dict(model='smoke', n_pairs=600, n_test=16, steps=24, batch=8, lr=3e-3, eval_every=12, geo_warmup=12, warmup=3, seeds=(0, 1), min_seeds=1, wordnet=False),
     # cpu: 640 steps — 1,200 measured ≈ 12 min per run on the 2 cores (6 runs would overrun the hour); probes every 80 steps.
     # The seed trains ~940× longer: at this budget no test sentence is reconstructed, which the paper states.
@@ -38,7 +38,7 @@ LOWER_BETTER = {'word_order_sim'}
 @dataclass(frozen=True)
 class FLMPlan(Plan):
     """Everything that determines one run of the flm experiment: the shared fields of every plan — but `preset` is the name of
-    one of flm's own scales (PRESETS), its model a family of its own — then flm's knobs."""
+    one of flm's own scales (PLAN_DEFAULTS), its model a family of its own — then flm's knobs."""
     preset: str
     arms: tuple = ('geometry', 'no_geometry'); wordnet: bool = False
     model: str = 'smoke'; n_pairs: int = 1000; n_test: int = 32; steps: int = 40; batch: int = 16; lr: float = 3e-3
@@ -47,7 +47,7 @@ class FLMPlan(Plan):
 def plan(**params) -> FLMPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
     from supra.flm.wordnet import wordnet_root, MISSING
-    p, c, d = plan_preamble(params, PARAMS, PRESETS, corpora=(CORPUS,))
+    p, c, d = plan_preamble(params, PARAMS, PLAN_DEFAULTS, corpora=(CORPUS,))
     check_choice('geometry', p['geometry'], ('both', 'on', 'off'))
     wn = d['wordnet'] if p['wordnet'] == 'auto' else p['wordnet']
     check(wn in (True, False, 'auto'), 'wordnet', p['wordnet'], "'auto', True or False")
