@@ -988,6 +988,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'supra.lab.verdict._q': ('07_lab/verdict.html#_q', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict._t_result': ('07_lab/verdict.html#_t_result', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict._z_cdf': ('07_lab/verdict.html#_z_cdf', 'supra/lab/verdict.py'),
+                                   'supra.lab.verdict.combined_interval': ('07_lab/verdict.html#combined_interval', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.combined_p': ('07_lab/verdict.html#combined_p', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.difference': ('07_lab/verdict.html#difference', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.fmt_p': ('07_lab/verdict.html#fmt_p', 'supra/lab/verdict.py'),

@@ -13,7 +13,7 @@ from .stats import ALPHA
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'Comparison', 'Versus', 'Claim', 'holm', 'judge',
            'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule', 'stage2_seeds',
-           'simulate', 'stage2_for', 'two_stage', 'fmt_p', 'verdict_cells']
+           'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -196,6 +196,7 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
         else:
             h = _q(r['df'], 1 - a_m / 2) * r['se']; mde = (_q(r['df'], 1 - a_m / 2) + _q(r['df'], power)) * r['se']
             lo, hi, e = r['effect'] - h, r['effect'] + h, r['effect']
+            if r.get('interval'): lo, hi = r['interval'](a_m)        # a two-stage test: its own test inverted at the family's level
             if isinstance(t, Claim):
                 claimed = None if t.value is None else (math.log(t.value) if ratio else t.value)
                 v, why = _claim_verdict(lo, hi, claimed, t.sign)
@@ -308,6 +309,21 @@ def stage2_for(d1, target:float, n_max:int, family_size:int=1, alpha:float=ALPHA
     "Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size; 0 or ≥ 2."
     return int(stage2_seeds(float(np.std(np.asarray(d1, float), ddof=1)), stage2_rule(len(d1), target, n_max, alpha / family_size, power)))
 
+def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float, float]:
+    """The shifts δ the combination test does not reject at `level`: {δ : combined_p(z(d1 − δ), z(d2 − δ)) ≥ level} — the test inverted,
+    so the interval excludes no difference exactly when the test rejects at that level."""
+    from scipy.optimize import brentq
+    d1, d2 = np.asarray(d1, float), np.asarray(d2, float); allv = np.concatenate([d1, d2])
+    zc = lambda x: w[0] * stage_z(d1 - x) + w[1] * stage_z(d2 - x)           # decreasing in the shift x
+    span = float(np.ptp(allv)) or max(abs(float(allv.mean())), 1.0) * 1e-6
+    c = brentq(zc, allv.min() - span, allv.max() + span)                    # the shift the data fit best: z = 0, p = 1
+    g = lambda x: combined_p(stage_z(d1 - x), stage_z(d2 - x), w) - level
+    def edge(sign):
+        k = span
+        while g(c + sign * k) > 0: k *= 2
+        return brentq(g, *sorted((c, c + sign * k)))
+    return edge(-1), edge(1)
+
 def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False) -> dict:
     """A paired test of a two-stage design: effect and se over every seed both arms have; p from the inverse-normal combination of the
     stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max) as planned). Stage 1 alone (at full α) while stage 2 has < 2 seeds."""
@@ -317,8 +333,9 @@ def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False)
     f = (lambda x: math.log(x)) if log else (lambda x: x)
     d = {k: [f(A[s]) - f(B[s]) for s in out['seeds'] if st_of.get(s, 1) == k] for k in (1, 2)}
     if len(d[1]) < 2: return out
-    z2 = stage_z(d[2]) if len(d[2]) >= 2 else None
-    return dict(out, p=combined_p(stage_z(d[1]), z2, weights(stages['n1'], stages['n_max'])), stage_seeds=(len(d[1]), len(d[2])),
+    z2, w = (stage_z(d[2]) if len(d[2]) >= 2 else None), weights(stages['n1'], stages['n_max'])
+    return dict(out, p=combined_p(stage_z(d[1]), z2, w), stage_seeds=(len(d[1]), len(d[2])),
+                interval=None if z2 is None else (lambda level: combined_interval(d[1], d[2], w, level)),
                 test=f"paired t over seeds, two stages ({len(d[1])} + {len(d[2])} seeds, inverse-normal combination p)" if z2 is not None else out['test'])
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #935ba1b5
