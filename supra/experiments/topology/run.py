@@ -149,6 +149,8 @@ def choose_lrs(p:TopologyPlan, pool) -> dict:
             say(f"[topology] LR walk {t}: lr {lr:.2e} → held-out loss {h['loss']:.4f}" + (f" (loss spiked +{m['spike']:.2f} above its start)" if m['spike'] > 0 else ''))
             return h['loss']
         best, _ = lr_walk(score, p.max_lr_runs)
+        check(runs[best]['heldout_loss'] is not None, 'base_lr', p.base_lr,
+              f'a start from which some full-length run of {t} does not diverge (all {len(runs)} of its walk did: try a lower base_lr)')
         out[t] = dict(lr=runs[best]['lr'], heldout_loss=runs[best]['heldout_loss'], edge=not {best - 1, best + 1} <= set(runs),
                       runs=[runs[k] for k in sorted(runs)])
         say(f"[topology] {t}: LR {out[t]['lr']:.2e} chosen of {len(runs)} full-length runs" + (' — at the edge of the walk: out of runs' if out[t]['edge'] else ''))
