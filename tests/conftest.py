@@ -1,7 +1,7 @@
 """Helpers shared by the test modules: the project root, the environment a notebook or command runs in, papermill runs of
 an experiment notebook, the checks that a bad parameter is refused (in-process by the plan, and end to end in the notebook's
-first cell), and small model and tokenizer fixtures that need no data set."""
-import json, math, os, subprocess, sys
+first cell), small model and tokenizer fixtures that need no data set, a toy token pool, and SIGKILL at a given row."""
+import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
@@ -68,3 +68,22 @@ def tiny_bpe(text:str, vocab_size:int, specials=None):
     t.train_from_iterator([text], trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials or (EOS,)),
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     return t
+
+def bigram_pool(n:int=30_000, vocab:int=64, seed:int=0):
+    "A toy token pool from a random bigram process (each token has four likely successors): a model learns it in seconds."
+    import numpy as np
+    g = np.random.default_rng(seed)
+    nxt, choice = g.integers(0, vocab, size=(vocab, 4)), g.integers(0, 4, size=n)
+    out = np.zeros(n, dtype=np.uint16)
+    for i in range(1, n): out[i] = nxt[out[i - 1], choice[i]]
+    return out
+
+def kill_at_rows(p:subprocess.Popen, metrics:Path, rows:int, timeout:float=120):
+    "SIGKILL the training process `p` once its `metrics` file holds `rows` train rows; fails if it ended first."
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if metrics.exists() and metrics.read_text().count('"loss"') >= rows: break
+        if p.poll() is not None: break
+        time.sleep(0.005)
+    assert p.poll() is None, f'the run ended before it could be killed: {p.stderr.read().decode()[-2000:] if p.stderr else ""}'
+    p.send_signal(signal.SIGKILL); p.wait()

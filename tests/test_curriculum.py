@@ -4,7 +4,7 @@ uninterrupted result; FP8 refused here with its reason; a bad parameter stopping
 import html, json, math, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pytest, torch
-from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'curriculum.ipynb'
@@ -92,18 +92,11 @@ SCRIPT = textwrap.dedent('''
     print(json.dumps(train_run(pool[:40_000], m, t, sys.argv[4], stages, hook)))
 ''')
 
-def bigram_pool(n=45_000, vocab=64, seed=0):
-    g = np.random.default_rng(seed)
-    nxt, choice = g.integers(0, vocab, size=(vocab, 4)), g.integers(0, 4, size=n)
-    out = np.zeros(n, dtype=np.uint16)
-    for i in range(1, n): out[i] = nxt[out[i - 1], choice[i]]
-    return out
-
 def test_curriculum_run_resumes_after_sigkill(tmp_path):
     "train_run with the curriculum, killed with SIGKILL inside its second stage, resumes to the uninterrupted run: same rows, same weights."
     from supra.core.config import ModelConfig, TrainConfig
     from supra.model.checkpoint import read_meta, load_checkpoint
-    np.save(tmp_path / 'pool.npy', bigram_pool())
+    np.save(tmp_path / 'pool.npy', bigram_pool(45_000))
     mcfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
     tcfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3, ckpt_every_s=0.02, eval_every=10)
     cmd = lambda out: [sys.executable, '-c', SCRIPT, mcfg.to_json(), tcfg.to_json(), str(tmp_path / 'pool.npy'), str(out)]
@@ -111,14 +104,7 @@ def test_curriculum_run_resumes_after_sigkill(tmp_path):
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / 'killed'
     p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while time.time() - t0 < 120:                 # stages of 45, 45, 60 steps: kill inside the second
-        ml = run / 'metrics.jsonl'
-        if ml.exists() and ml.read_text().count('"loss"') >= 55: break
-        if p.poll() is not None: break
-        time.sleep(0.005)
-    assert p.poll() is None, p.stderr.read().decode()[-2000:]
-    p.send_signal(signal.SIGKILL); p.wait()
+    kill_at_rows(p, run / 'metrics.jsonl', 55)     # stages of 45, 45, 60 steps: kill inside the second
     at = read_meta(run / 'last')
     assert at['loader']['kind'] == 'stages' and at['loader'].get('slices') and 0 < at['step'] < 150, at['loader']
     res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

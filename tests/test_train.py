@@ -15,19 +15,12 @@ from supra.model.checkpoint import read_meta
 from supra.model.checkpoint import load_checkpoint, save_checkpoint, CheckpointError
 from supra.train.optim import make_optimizers, lr_factor
 from supra.train.runtime import jemalloc_path, with_jemalloc_env
+from conftest import bigram_pool, kill_at_rows
 
 torch.set_num_threads(1)   # tiny models gain nothing from more threads; spinning OpenMP workers crawl on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
 MCFG = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
 TCFG = TrainConfig(epochs=2, batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3)
-
-
-def bigram_pool(n=30_000, vocab=64, seed=0):
-    g = np.random.default_rng(seed)
-    nxt, choice = g.integers(0, vocab, size=(vocab, 4)), g.integers(0, 4, size=n)
-    out = np.zeros(n, dtype=np.uint16)
-    for i in range(1, n): out[i] = nxt[out[i - 1], choice[i]]
-    return out
 
 
 @pytest.fixture(scope='module')
@@ -296,14 +289,7 @@ def test_curriculum_with_eval_hook_resumes_bitwise_after_sigkill(pool_file, tmp_
     assert ref.returncode == 0, ref.stderr[-3000:]
     run = tmp_path / 'killed'
     p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    t0 = time.time()
-    while time.time() - t0 < 120:                  # kill inside the second stage (steps 60..119)
-        ml = run / 'metrics.jsonl'
-        if ml.exists() and ml.read_text().count('"loss"') >= 75: break
-        if p.poll() is not None: break
-        time.sleep(0.005)
-    assert p.poll() is None, p.stderr.read().decode()[-2000:]
-    p.send_signal(signal.SIGKILL); p.wait()
+    kill_at_rows(p, run / 'metrics.jsonl', 75)      # kill inside the second stage (steps 60..119)
     at = read_meta(run / 'last')
     assert at['loader']['kind'] == 'stages' and 0 < at['step'] < 160, at['loader']
     res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)

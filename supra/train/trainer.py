@@ -109,6 +109,15 @@ def _open_trackers(cfg:TrainConfig, run_dir:Path, config:dict):
     from supra.train.trackers import open_trackers
     return open_trackers(cfg.tracker, run_dir, config)
 
+def _hook_tensors(ckpt:Path, meta:dict, device) -> dict:
+    "A step hook's tensors in checkpoint `ckpt` (saved under `hook.` in its state file)."
+    st = load_file(str(Path(ckpt) / meta['state_file']), device=str(device))
+    return {k[5:]: v for k, v in st.items() if k.startswith('hook.')}
+
+def _rank0_value(x:float, device) -> float:
+    "Rank 0's value of `x` on every rank: a step hook that reads the clock must decide the same step on all of them."
+    t = torch.tensor([x], dtype=torch.float64, device=device); dist.broadcast(t, 0); return t.item()
+
 def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> dict:
     "Resume the live objects from `ckpt` (`supra.model.checkpoint.restore_state`); the fields a resumed run may change are not compared."
     return restore_state(ckpt, model, opts, ema, device, expect, ignore=IGNORED_ON_RESUME, rank=rank)
@@ -116,8 +125,9 @@ def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> di
 
 # %% ../../nbs/03_train/06_trainer.ipynb #32dddadc
 def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int|None, warmup:int, cooldown:int, stop:int,
-         init=None, snapshots=(), phase:str='train', quiet:bool=False, eval_hook=None) -> dict:
-    "Train from `run_dir/last` (or `init`, or scratch) up to optimiser step `stop` of a `total`-step schedule."
+         init=None, snapshots=(), phase:str='train', quiet:bool=False, eval_hook=None, step_hook=None, clock=time.perf_counter) -> dict:
+    """Train from `run_dir/last` (or `init`, or scratch) up to optimiser step `stop` of a `total`-step schedule (or until `step_hook`
+    says done). `clock`: the step timer that `train_s` sums (a lesson passes a fake one)."""
     run_dir = Path(run_dir); r0 = ctx.rank == 0
     if r0: run_dir.mkdir(parents=True, exist_ok=True)
     last, metrics = run_dir / 'last', run_dir / 'metrics.jsonl'
@@ -128,9 +138,11 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if cfg.ema else None
     schedule = dict(kind=cfg.schedule if total is not None else 'wsd', total=total, warmup=warmup, cooldown=cooldown, min_frac=cfg.min_lr_frac)
     expect = dict(model_cfg=model_cfg.to_dict(), train_cfg=cfg.to_dict(), pool_key=ctx.pool_key, world_size=ctx.world)
+    if step_hook is not None: expect['step_hook'] = step_hook.config(); step_hook.start(model, opts)
     step, seen, elapsed, train_s, loss_v, src, at = 0, 0, 0.0, 0.0, float('nan'), None, None
     for cand in ([last] if (last / 'meta.json').exists() else []) + ([Path(init)] if init else []):
         meta = _restore(cand, model, opts, ema, device, expect, ctx.rank)
+        if step_hook is not None: step_hook.load_state(_hook_tensors(cand, meta, device), meta.get('step_hook_state') or {})
         step, seen, elapsed, loss_v, src = meta['step'], meta['tokens'], meta['elapsed'], meta.get('loss', float('nan')), cand
         train_s, at = meta.get('train_s', elapsed), meta.get('loader')   # older checkpoints: no separate step time, no loader state
         break
@@ -149,10 +161,11 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
 
     def meta_now(): return dict(step=step, epoch=step / ctx.spe, data_cursor=dict(epoch=step // ctx.spe, step=step % ctx.spe),
                                 tokens=seen, elapsed=elapsed, train_s=train_s, loss=loss_v, schedule=schedule, phase=phase,
-                                loader=ctx.loader.state(), **expect)
+                                loader=ctx.loader.state(), **expect, **({'step_hook_state': step_hook.state()[1]} if step_hook else {}))
     def state_now():
         s = rng_state(device, ctx.world)
         if ema: s.update({f'ema.{n}': t for n, t in ema.items()})
+        if step_hook is not None: s.update({f'hook.{k}': t for k, t in step_hook.state()[0].items()})
         return s
     def save(path):   # collective (every rank's RNG state); rank 0 writes
         s = state_now()
@@ -167,14 +180,15 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     if step < stop and hasattr(ctx.loader, 'shapes'): _warm_up(fwd, model, ctx.loader.shapes(), device, amp, loss_kw)
     t_ckpt, t_start, el0, eval_s = time.monotonic(), time.perf_counter(), elapsed, 0.0
     try:
-        while step < stop:
-            t0 = time.perf_counter()
+        while step < stop and not (step_hook is not None and step_hook.done(step, train_s)):
+            t0 = clock()
             epoch = step // ctx.spe
             mbs, info = ctx.loader.next()                       # this step's micro-batches (fewer at a ragged epoch end)
             if r0 and info.get('boundary'):
                 emit(dict(event='stage', at_step=step, phase=phase, **{k: v for k, v in info.items() if k != 'boundary'}), step)
             f = lr_factor(step, total, warmup, cooldown, schedule['kind'], cfg.min_lr_frac)
             if info.get('lr_scale', 1.0) != 1.0: f = f * info['lr_scale']
+            if step_hook is not None: f = step_hook.before_step(step, train_s, f)
             for o in opts:
                 for g in o.param_groups: g['lr'] = g['peak_lr'] * f
             n_seq = sum(x.size(0) for x, _ in mbs)
@@ -212,20 +226,24 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
             for o in opts: o.zero_grad(set_to_none=True)
             if ema_pairs:
                 with torch.no_grad(): torch._foreach_lerp_([e for e, _ in ema_pairs], [p for _, p in ema_pairs], 1 - cfg.ema)
+            if step_hook is not None: step_hook.after_step(step, f)
             step += 1; step_tokens = sum(x.numel() for x, _ in mbs) * ctx.world; seen += step_tokens
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             train_s += dt                                                        # step time only, summed over every segment
+            if step_hook is not None and ctx.world > 1: train_s = _rank0_value(train_s, device)   # one clock decides for every rank
+            end = step == stop or (step_hook is not None and step_hook.done(step, train_s))
             elapsed = el0 + time.perf_counter() - t_start - eval_s
-            if r0 and (step % cfg.log_every == 0 or step == stop):
+            if r0 and (step % cfg.log_every == 0 or end):
                 rec = dict(step=step, epoch=round(step / ctx.spe, 6), tokens=seen, loss=loss_v, lr=f * cfg.lr,
                            grad_norm=gn, tok_s=step_tokens / dt, elapsed=round(elapsed, 4), train_s=round(train_s, 4), phase=phase)
-                clash = sorted(set(aux_v) & set(rec))
-                check(not clash, 'aux', clash, f"auxiliary metric names other than the trainer's own {ROW_KEYS}")
-                rec.update(aux_v)
+                extra = {**aux_v, **(step_hook.row() if step_hook is not None else {})}
+                clash = sorted(set(extra) & set(rec))
+                check(not clash, 'aux', clash, f"auxiliary metric (and step hook row) names other than the trainer's own {ROW_KEYS}")
+                rec.update(extra)
                 emit(rec, step)
                 bar.set_postfix(loss=f'{loss_v:.4f}', lr=f'{f * cfg.lr:.2e}', refresh=False)
             bar.update(1)
-            if eval_hook is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == stop):
+            if eval_hook is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or end):
                 t_ev = time.perf_counter()
                 if r0:
                     ev = _evaluate(eval_hook, model, step, device)
@@ -233,19 +251,21 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
                               eval_s=round(time.perf_counter() - t_ev, 4)), step)
                 eval_s += time.perf_counter() - t_ev                             # not training time
             if step in snapshots: save(run_dir / f'step{step}')
-            if step % ctx.spe == 0 or want_ckpt or step == stop:
+            if step % ctx.spe == 0 or want_ckpt or end:
                 save(last); t_ckpt = time.monotonic()
         if step in snapshots and not (run_dir / f'step{step}' / 'meta.json').exists(): save(run_dir / f'step{step}')
     finally:
         bar.close()
         if log: log.close()
         if trk is not None: trk.close()
-    if total is not None and step >= total and r0 and not (run_dir / 'final' / 'meta.json').exists():
+    finished = total is not None and (step >= total or (step_hook is not None and step_hook.done(step, train_s)))
+    if finished and r0 and not (run_dir / 'final' / 'meta.json').exists():
+        if step_hook is not None: step_hook.finish(model)                  # the weights the hook keeps (e.g. an average)
         if ema:
             with torch.no_grad():
                 for n, p in model.named_parameters(): p.copy_(ema[n])
         save_checkpoint(run_dir / 'final', model, dict(meta_now(), ema=bool(ema)))
-    return dict(out_dir=str(run_dir), checkpoint=str(run_dir / ('final' if total is not None and step >= total else 'last')),
+    return dict(out_dir=str(run_dir), checkpoint=str(run_dir / ('final' if finished else 'last')),
                 step=step, epochs=step / ctx.spe, tokens=seen, loss=loss_v, elapsed=elapsed, train_s=train_s, steps_per_epoch=ctx.spe)
 
 
@@ -265,18 +285,22 @@ def _write_run_json(run_dir, plan:dict, rank:int):
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         atomic_write(Path(run_dir) / 'run.json', json.dumps(plan, indent=1))
 
-def train(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, quiet:bool=False, *, loader=None, eval_hook=None) -> dict:
+def train(pool, model_cfg:ModelConfig, train_cfg:TrainConfig, out_dir, quiet:bool=False, *, loader=None, eval_hook=None,
+          steps:int|None=None, step_hook=None, clock=time.perf_counter) -> dict:
     """Train a model of `model_cfg`'s family on `pool` as `train_cfg` says; resumes from `out_dir`; returns a summary dict.
     `loader`: a step loader (or a factory `(tokens, train_cfg, rank, world) -> loader`; default `EpochSteps`); `eval_hook(model, step)
-    -> dict`: called every `train_cfg.eval_every` steps and at the end, written as eval rows."""
+    -> dict`: called every `train_cfg.eval_every` steps and at the end, written as eval rows; `steps`: the run's length in optimiser
+    steps (default: the loader's, `tokens` or `epochs`); `step_hook`: a `supra.train.hooks.StepHook` (it may end the run early)."""
     ctx = _context(pool, model_cfg, train_cfg, loader)
-    total = (getattr(ctx.loader, 'total_steps', None) or
+    if steps is not None: check_int('steps', steps, lo=1)
+    total = (steps or getattr(ctx.loader, 'total_steps', None) or
              (math.ceil(train_cfg.tokens / (train_cfg.batch_size * train_cfg.seq_len)) if train_cfg.tokens else train_cfg.epochs * ctx.spe))
     warmup = round(train_cfg.warmup_frac * total)
     cooldown = round(train_cfg.cooldown_frac * total) if train_cfg.schedule == 'wsd' else 0
     _write_run_json(out_dir, dict(name=f'train, seed {train_cfg.seed}', steps_per_epoch=ctx.spe, total_steps=total), ctx.rank)
-    res = _run(ctx, model_cfg, train_cfg, out_dir, total=total, warmup=warmup, cooldown=cooldown, stop=total, quiet=quiet, eval_hook=eval_hook)
-    return _summary(res, Path(out_dir) / 'metrics.jsonl', ctx.rank, total)
+    res = _run(ctx, model_cfg, train_cfg, out_dir, total=total, warmup=warmup, cooldown=cooldown, stop=total, quiet=quiet, eval_hook=eval_hook,
+               step_hook=step_hook, clock=clock)
+    return _summary(res, Path(out_dir) / 'metrics.jsonl', ctx.rank, res['step'])
 
 
 # %% ../../nbs/03_train/06_trainer.ipynb #13bb2c5a

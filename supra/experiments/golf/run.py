@@ -14,6 +14,7 @@ from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_c
 from ...eval.harness import eval_metrics
 from ...core.cache import write_json, read_json
 from ...lab.stats import group_summary
+from ...train.runlog import RunLog
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'RECORD', 'TECHNIQUES', 'LABELS', 'CPU_ABLATE', 'CPU_STEPS', 'SCALE', 'PARAMS',
@@ -180,7 +181,8 @@ def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list) -> dict:
         ev = evaluate_checkpoint(d / 'artefact_ckpt', pool, p.eval, p.device, limits=p.scale['limits'])
         m = eval_metrics(ev)
         row.update({k: m[k] for k in ('blimp', 'blimp_stderr', 'arc_easy', 'arc_easy_stderr')})
-    row['curve'] = [[x['step'], x['train_s'], x['loss']] for x in map(json.loads, (d / 'metrics.jsonl').read_text().splitlines()) if 'loss' in x]
+    log = RunLog(d); log.poll()                                              # metrics.jsonl's one reader
+    row['curve'] = [[int(s), t, l] for s, t, l in zip(log.column('step'), log.column('train_s'), log.column('loss'))]
     write_json(d / 'row.json', row)
     say(f"[golf] {arm} seed {seed}: {r['step']} steps · bpb {g['bpb_before']:.4f} → {g['bpb_after']:.4f} after the round trip · artefact {g['bytes']:,} B"
         f" · checks: size {'agrees' if checks['size']['agree'] else 'DIFFERS'}, bpb {'agrees' if checks['bpb']['agree'] else 'DIFFERS'}")
