@@ -26,13 +26,14 @@ def smoke(tmp_path_factory):
 def test_results_complete(smoke):
     res, sm = smoke['results'], smoke['results']['summary']
     assert res['experiment'] == 'golf' and res['preset'] == 'smoke'
-    arms = {(r['arm'], r['seed']) for r in res['runs']}
-    assert arms == {(a, s) for a in ('baseline', 'full', 'no-qat') for s in (0, 1)}
+    arms = {(r['arm'], r['seed'], r['stage']) for r in res['runs']}      # a pilot of 2 seeds, then 2 more by power (n_max 4)
+    assert arms == {(a, s, 1 if s < 2 else 2) for a in ('baseline', 'full', 'no-qat') for s in (0, 1, 2, 3)}
     for r in res['runs']:
         for k in ('bpb', 'bpb_before', 'quant_gap', 'artefact_bytes', 'steps', 'train_s', 'epochs'): assert _finite(r[k]), (r['arm'], k)
         assert 0 < r['bpb'] < 10 and r['fits'] == (r['artefact_bytes'] <= sm['byte_budget'])
         assert abs(r['quant_gap'] - (r['bpb'] - r['bpb_before'])) < 1e-12
-        if r['arm'] in ('baseline', 'full'): assert 0 <= r['blimp'] <= 1 and 0 <= r['arc_easy'] <= 1
+        if r['arm'] in ('baseline', 'full') and r['stage'] == 1: assert 0 <= r['blimp'] <= 1 and 0 <= r['arc_easy'] <= 1
+        else: assert 'blimp' not in r                                   # downstream on the pilot's seeds only
     assert sm['record']['bpb'] == 1.1243
     assert not {'headline', 'ablation'} & set(sm)                      # measurements only: the paper runs the tests
 
@@ -61,11 +62,17 @@ def test_independent_checks(smoke):
     assert len({r['checks']['bpb']['bytes'] for r in res['runs']}) == 1                # every artefact scored on the same held-out bytes
 
 def test_paired_verdicts(smoke):
-    "The paper's tests: the verdict engine, each comparison paired over the two seeds both arms ran."
+    "The paper's tests: the verdict engine, each comparison paired over the seeds both arms ran, its two stages combined."
     from supra.experiments.golf.paper import verdicts
-    V = verdicts(smoke['results'])
+    from supra.lab.verdict import stage2_for
+    res = smoke['results']; d = res['summary']['design']
+    V = verdicts(res)
     assert [(v['a'], v['b']) for v in V] == [('full', 'baseline'), ('no-qat', 'full')]
-    assert all(v['n'] == 2 and v['family_size'] == 2 and v['p'] is not None for v in V)
+    assert all(v['n'] == 4 and v['stage_seeds'] == (2, 2) and v['family_size'] == 2 and v['p'] is not None for v in V)
+    assert (d['n1'], d['n_max'], d['family_size'], d['target']) == (2, 4, 2, 0.1)
+    bpb = {(r['arm'], r['seed']): r['bpb'] for r in res['runs']}
+    for a, b in (('full', 'baseline'), ('no-qat', 'full')):                # the allocation recomputes from the pilot's rows
+        assert d['need'][f'{a}|{b}'] == stage2_for([bpb[a, s] - bpb[b, s] for s in (0, 1)], 0.1, 4, 2) == 2
 
 def test_artefacts_on_disk(smoke):
     "Each artefact's recorded size is its file's size, and it reloads to the fake-quantised weights of the trained checkpoint, bit for bit."

@@ -188,7 +188,7 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
         M_ = t.metric; ratio = isinstance(t, Claim) and t.ratio
         res = dict(family=family, family_size=m, kind=type(t).__name__.lower(), metric=M_.name, unit='×' if ratio else M_.unit,
                    label=getattr(t, 'label', '') or getattr(t, 'claim', ''), test=r['test'], n=r['n'], p=r['p'], p_adj=pa,
-                   effect=None, ci_lo=None, ci_hi=None, mde=None, verdict=None, direction='', reason='')
+                   effect=None, ci_lo=None, ci_hi=None, mde=None, verdict=None, direction='', reason='', stage_seeds=r.get('stage_seeds'))
         if isinstance(t, Claim) and t.untestable:
             res.update(verdict='not testable here', reason=t.untestable, claimed=t.value, a=t.a, b=t.b)
         elif r['p'] is None or r['se'] is None:

@@ -4,7 +4,7 @@
 
 # %% ../../nbs/03_train/06_trainer.ipynb #00614b0c
 from __future__ import annotations
-import argparse, contextlib, dataclasses, json, math, os, sys, time, warnings
+import argparse, contextlib, dataclasses, json, math, os, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,21 +16,14 @@ from tqdm.auto import tqdm
 from ..core.config import ConfigError, check, check_int, field_notes, field_flag, ModelConfig, TrainConfig, stable_hash, atomic_write
 
 # %% auto #0
-__all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'main', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan',
-           'train_epochs', 'train_arg_parser', 'train_main']
+__all__ = ['IGNORED_ON_RESUME', 'ROW_KEYS', 'TrainingDiverged', 'train', 'wsd_branch_plan', 'epochs_run_plan', 'train_epochs',
+           'train_arg_parser', 'train_main']
 
 # %% ../../nbs/03_train/06_trainer.ipynb #7f4ae53a
-from ..model.transformer import Transformer
-from ..data.pool import EpochLoader
-from .loader import EpochSteps, Stage, StageLoader
-from .runtime import (JEMALLOC_CONF, jemalloc_path, jemalloc_loaded, with_jemalloc_env, reexec_with_jemalloc, dist_context,
-                           loss_kwargs, AUTO_COMPILE_FLOPS, train_flops_per_token, compile_wanted)
-from .optim import lr_factor, SplitMuon, make_optimizers
-
-# %% ../../nbs/03_train/06_trainer.ipynb #b91778a9
-from ..model.checkpoint import (CKPT_FORMAT, CheckpointError, save_checkpoint, read_meta, load_checkpoint, register_family, model_from_config,
-                              restore_state, rng_state,
-                              load_weights, unwrap_model)
+from .loader import EpochSteps
+from .runtime import jemalloc_loaded, dist_context, loss_kwargs, compile_wanted
+from .optim import lr_factor, make_optimizers
+from ..model.checkpoint import save_checkpoint, read_meta, model_from_config, restore_state, rng_state
 
 # %% ../../nbs/03_train/06_trainer.ipynb #850a2665
 class TrainingDiverged(FloatingPointError):
@@ -109,18 +102,13 @@ def _open_trackers(cfg:TrainConfig, run_dir:Path, config:dict):
     from supra.train.trackers import open_trackers
     return open_trackers(cfg.tracker, run_dir, config)
 
-def _hook_tensors(ckpt:Path, meta:dict, device) -> dict:
-    "A step hook's tensors in checkpoint `ckpt` (saved under `hook.` in its state file)."
-    st = load_file(str(Path(ckpt) / meta['state_file']), device=str(device))
-    return {k[5:]: v for k, v in st.items() if k.startswith('hook.')}
-
-def _rank0_value(x:float, device) -> float:
-    "Rank 0's value of `x` on every rank: a step hook that reads the clock must decide the same step on all of them."
-    t = torch.tensor([x], dtype=torch.float64, device=device); dist.broadcast(t, 0); return t.item()
-
-def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0) -> dict:
-    "Resume the live objects from `ckpt` (`supra.model.checkpoint.restore_state`); the fields a resumed run may change are not compared."
-    return restore_state(ckpt, model, opts, ema, device, expect, ignore=IGNORED_ON_RESUME, rank=rank)
+def _restore(ckpt:Path, model, opts, ema, device, expect:dict, rank:int=0, step_hook=None) -> dict:
+    "Resume the live objects and the step hook's state (tensors under `hook.`, scalars in the meta) from `ckpt`, less the fields a resumed run may change."
+    meta = restore_state(ckpt, model, opts, ema, device, expect, ignore=IGNORED_ON_RESUME, rank=rank)
+    if step_hook is not None:
+        st = load_file(str(Path(ckpt) / meta['state_file']), device=str(device))
+        step_hook.load_state({k[5:]: v for k, v in st.items() if k.startswith('hook.')}, meta.get('step_hook_state') or {})
+    return meta
 
 
 # %% ../../nbs/03_train/06_trainer.ipynb #32dddadc
@@ -141,8 +129,7 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
     if step_hook is not None: expect['step_hook'] = step_hook.config(); step_hook.start(model, opts)
     step, seen, elapsed, train_s, loss_v, src, at = 0, 0, 0.0, 0.0, float('nan'), None, None
     for cand in ([last] if (last / 'meta.json').exists() else []) + ([Path(init)] if init else []):
-        meta = _restore(cand, model, opts, ema, device, expect, ctx.rank)
-        if step_hook is not None: step_hook.load_state(_hook_tensors(cand, meta, device), meta.get('step_hook_state') or {})
+        meta = _restore(cand, model, opts, ema, device, expect, ctx.rank, step_hook)
         step, seen, elapsed, loss_v, src = meta['step'], meta['tokens'], meta['elapsed'], meta.get('loss', float('nan')), cand
         train_s, at = meta.get('train_s', elapsed), meta.get('loader')   # older checkpoints: no separate step time, no loader state
         break
@@ -230,7 +217,8 @@ def _run(ctx:_Ctx, model_cfg:ModelConfig, cfg:TrainConfig, run_dir, *, total:int
             step += 1; step_tokens = sum(x.numel() for x, _ in mbs) * ctx.world; seen += step_tokens
             dt = clock() - t0
             train_s += dt                                                        # step time only, summed over every segment
-            if step_hook is not None and ctx.world > 1: train_s = _rank0_value(train_s, device)   # one clock decides for every rank
+            if step_hook is not None and ctx.world > 1:   # rank 0's clock decides for every rank: a hook that reads it ends all on one step
+                t = torch.tensor([train_s], dtype=torch.float64, device=device); dist.broadcast(t, 0); train_s = t.item()
             end = step == stop or (step_hook is not None and step_hook.done(step, train_s))
             elapsed = el0 + time.perf_counter() - t_start - eval_s
             if r0 and (step % cfg.log_every == 0 or end):
@@ -429,6 +417,4 @@ def train_main(argv=None, prog:str='python -m supra.train') -> int:
     finally:
         if dist.is_initialized(): dist.destroy_process_group()
     return 0
-
-main = train_main   # the older name
 

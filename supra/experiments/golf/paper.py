@@ -25,8 +25,8 @@ def family(res:dict) -> list:
             Comparison(BPB, a, 'full', paired=True, label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
 
 def verdicts(res:dict) -> list[dict]:
-    "Every test of the family, judged (Holm over the family, α = 0.01)."
-    return judge(res['runs'], family(res), family='golf')
+    "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
+    return judge(res['runs'], family(res), family='golf', stages=res['summary'].get('design'))
 
 def budget_text(res:dict) -> str:
     "The training budget of every run, in words: 'N steps' or 'S s of wall clock' (an envelope from before step budgets: its seconds)."
@@ -35,7 +35,8 @@ def budget_text(res:dict) -> str:
 
 def _p(r) -> str:
     if r['p'] is None: return r['reason'] or 'no test'
-    return f"paired over {r['n']} seeds, Holm p {fmt_p(r['p_adj'])}" + ('' if r['verdict'] == 'resolved' else f"; could detect {verdict_cells(r)['mde']}")
+    st = f" ({r['stage_seeds'][0]} + {r['stage_seeds'][1]} in two stages)" if r.get('stage_seeds') else ''
+    return f"paired over {r['n']} seeds{st}, Holm p {fmt_p(r['p_adj'])}" + ('' if r['verdict'] == 'resolved' else f"; could detect {verdict_cells(r)['mde']}")
 
 def ablation_verdict(r:dict) -> str:
     "'helps', 'hurts' or 'bounded' for an ablation (a = no-X, b = full; lower bpb is better), from the engine's verdict."
@@ -101,6 +102,8 @@ def paper(res:dict, figs:dict, path) -> Path:
     from supra.pages.fmt import fmt_duration
     S, sm, pl, env = _S(res), res['summary'], res['plan'], res['environment']; rec = sm['record']
     hw = env.get('hardware', env.get('device')); names = list(S)
+    de, seeds = sm.get('design'), sm.get('seeds') or {a: pl['seeds'] for a in S}
+    seeds_of = lambda a: f"{col(a)}: {len(seeds[a])} seeds"
     sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']]))
     bu, po, ck, bt = sm['budget'], sm['pool'], sm['checks'], budget_text(res)
     stride = min(64, sc['seq_len'] // 2)   # the plan's sliding stride (supra.experiments.golf.run.plan)
@@ -113,14 +116,15 @@ def paper(res:dict, figs:dict, path) -> Path:
                  ('Training seconds (measured, not the budget)' if bu['kind'] == 'steps' else 'Training seconds', 'train_s', 'num', None, 0, {}),
                  ('BLiMP, quantised (↑)', 'blimp', 'pct', 'max', 2, dict(chance=0.5)), ('ARC-Easy, quantised (↑)', 'arc_easy', 'pct', 'max', 2, dict(chance=0.25))]
                  if k in S['full']], title='Baseline vs full stack', baselines=('chance',), label='// Results', nav='Results', id='results',
-                 caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; {bt} of training each; scored only after quantise → zstd-22 → reload.")
+                 caption=f"Mean ± std over each arm's seeds ({seeds_of('baseline')} and {seeds_of('full')}" + (f"; BLiMP and ARC-Easy on the pilot's seeds {', '.join(map(str, de['downstream_seeds']))}" if de else '') +
+                         f"); {bt} of training each; scored only after quantise → zstd-22 → reload.")
     V = verdicts(res)
     abl = table(['bpb without', 'Δ vs full', 'p', 'p (Holm)', 'verdict', 'artefact bytes', 'quant gap'],
                 [row(LABELS[r['a'][3:]], [f"{S[r['a']]['bpb']:.4f}", verdict_cells(r)['effect'], fmt_p(r['p']), fmt_p(r['p_adj']), ablation_verdict(r),
                                           f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:]],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
                 caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired seed by seed over the seeds both arms ran "
-                        f"(every ablation ran the full stack's seeds {', '.join(map(str, pl['seeds']))}); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
+                        f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if de else '') + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
                         + (f" Not ablated at this preset: {', '.join(LABELS[t] for t in sm['not_ablated'])} (see Method)." if sm['not_ablated'] else ''))
     vt = verdict_table(V, title='Every test, decided', id='verdicts', nav='Verdicts', label='// Verdicts')
     cols = ['bytes (Supra)', f"bytes ({ck['size']['tool']}, level {ck['size']['level']})", 'Δ bytes', 'Δ bytes (zstandard module)', 'round trip', f'bpb, stride {stride} (headline)',
@@ -143,14 +147,21 @@ def paper(res:dict, figs:dict, path) -> Path:
                   row('Quantisation gap', [f"+{rec['quant_gap']}", f"{S['full']['quant_gap']:+.4f}"], fmt='str')],
                  title='The record beside Supra', row_header='', label='// Record', nav='Record', id='record',
                  caption='Different scale, corpus, tokenizer and hardware: the absolute numbers are not comparable.')
-    nab = sm['not_ablated']; why_seeds = ("three seeds per arm — every arm, ablations included, on the same seeds "
+    nab = sm['not_ablated']
+    why_seeds = (f"a pilot of {de['n1']} seeds for every arm ({', '.join(map(str, pl['seeds']))}), then, for each comparison, as many more as 80% power at "
+        f"{de['target']:g} {de['unit']} needs given the pilot's spread of its per-seed differences, at α/{de['family_size']} (`supra.lab.verdict.stage2_for`, a rule fixed "
+        f"before the run), at most {de['n_max']} in all: " + '; '.join(f"{col(a)} vs {col(b)} +{k}" for a, b, k in ((*c.split('|'), k) for c, k in de['need'].items())) +
+        f" (an arm runs the most any of its comparisons needs: " + ', '.join(f"{col(a)} {len(v)}" for a, v in seeds.items()) + "). Every arm runs the same seed numbers, so each "
+        "comparison is paired seed by seed (same initialisation, same data order); its test combines the two stages' own t statistics (inverse-normal, weights fixed "
+        "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only (descriptive, not tested)") if de else \
+        ("three seeds per arm — every arm, ablations included, on the same seeds "
         f"{', '.join(map(str, pl['seeds']))}, so each ablation is compared with the full stack seed by seed (same initialisation, same data order) by a paired test; "
         "three is what the preset's time budget holds (the arithmetic is in `SCALE`), fixed before the runs rather than allocated in stages") if len(pl['seeds']) >= 3 else \
         f"{len(pl['seeds'])} seed(s) per arm, every arm on the same seeds {', '.join(map(str, pl['seeds']))}, compared seed by seed (a test preset: too few seeds to resolve anything)"
-    budget_p = (f"Every arm trains exactly {bu['steps']:,} steps of {bu['tokens_per_step']:,} tokens with the same loop (`supra.golf.train`): LR warm-up over 10 steps, then a linear warmdown "
+    budget_p = (f"Every arm trains exactly {bu['steps']:,} steps of {bu['tokens_per_step']:,} tokens with the same loop (Supra's trainer with the golf techniques as its step hook, `supra.golf.train.GolfHook`): LR warm-up over 10 steps, then a linear warmdown "
                 f"over the last half of the steps that reaches 0 at the last one. The budget is steps, not seconds, because this {hw} is shared with other work: a wall-clock budget "
                 f"would mix the step count into every difference (an earlier 90-s run gave 211–339 steps per run). Training seconds are measured and reported, not budgeted.") \
-        if bu['kind'] == 'steps' else (f"Every arm trains for the same wall-clock budget of {bu['budget_s']:g} s of step time with the same loop (`supra.golf.train`): LR warm-up over 10 steps, then a linear "
+        if bu['kind'] == 'steps' else (f"Every arm trains for the same wall-clock budget of {bu['budget_s']:g} s of step time with the same loop (Supra's trainer with the golf techniques as its step hook, `supra.golf.train.GolfHook`): LR warm-up over 10 steps, then a linear "
                 f"warmdown over the last half of the budget that reaches 0 exactly at the budget; a wall-clock budget is fair only on a machine nothing else uses "
                 f"(steps here: {', '.join(map(str, bu['steps_per_run']))}).")
     method = prose('Method', [
@@ -167,7 +178,7 @@ def paper(res:dict, figs:dict, path) -> Path:
          ('Seeds', why_seeds + '.'),
          ('Ablations', f"each of {', '.join(LABELS[t] for t in sm['ablated'])} switched off in turn" + (
           f"; not ablated at this preset: {', '.join(LABELS[t] for t in nab)} — the preset's time budget holds {len(res['runs'])} runs of {bt} "
-          f"({2 + len(sm['ablated'])} arms × {len(pl['seeds'])} seeds), so only the techniques the record credits most and the earlier cpu runs moved most are ablated; "
+          f"({2 + len(sm['ablated'])} arms" + (", seeds allocated by power" if de else f" × {len(pl['seeds'])} seeds") + "), so only the techniques the record names as its key innovations, its optimiser and one titled architecture piece are ablated; "
           "those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
          ('Checks', f"every artefact's size re-computed with plain zstd ({ck['size']['tool']}) and its bits per byte by an independent scorer (`supra.golf.check`); see Checks.")],
         label='// Method', nav='Method', id='method')
@@ -175,7 +186,7 @@ def paper(res:dict, figs:dict, path) -> Path:
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
             chart(figs['curves'], 'Loss against the step' if bu['kind'] == 'steps' else 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, chk, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': ', '.join(map(str, pl['seeds'])), 'Budget': f"{bt} per run",
+            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if de else ', '.join(map(str, pl['seeds']))), 'Budget': f"{bt} per run",
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
     banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
     return write_paper(path, dict(title='Parameter Golf', kicker='Experiment:', banner=banner, sections=secs,

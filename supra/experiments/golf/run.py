@@ -17,8 +17,9 @@ from ...lab.stats import group_summary
 from ...train.runlog import RunLog
 
 # %% auto #0
-__all__ = ['NAME', 'TITLE', 'QUESTION', 'RECORD', 'TECHNIQUES', 'LABELS', 'CPU_ABLATE', 'CPU_STEPS', 'SCALE', 'PARAMS',
-           'GOLF_CODE', 'METRICS', 'GolfPlan', 'plan', 'arm_configs', 'arms', 'run_one', 'check_summary', 'run']
+__all__ = ['NAME', 'TITLE', 'QUESTION', 'RECORD', 'TECHNIQUES', 'LABELS', 'CPU_ABLATE', 'CPU_STEPS', 'TARGET', 'SCALE', 'PARAMS',
+           'GOLF_CODE', 'METRICS', 'GolfPlan', 'plan', 'arm_configs', 'arms', 'comparisons', 'run_one', 'check_summary',
+           'second_stage', 'run']
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #3fdbff56
 NAME, TITLE = 'golf', 'Parameter golf: bits per byte under a byte and a step budget'
@@ -31,43 +32,43 @@ TECHNIQUES = ('bigram', 'smear', 've', 'ln_scale', 'unet', 'ortho', 'muon', 'ema
 LABELS = dict(baseline='Baseline (Llama + AdamW)', full='Full record stack', bigram='BigramHash', smear='SmearGate', ve='Shared value embeddings',
               ln_scale='LN scale 1/√(l+1)', unet='U-Net skips', ortho='Orthogonal init', muon='Muon (+ momentum warm-up)',
               ema_swa='EMA + tight SWA', qat='Late QAT (int6 STE)')
-# Techniques ablated at `cpu`, and why these: the record's write-up credits its gain to Muon, EMA + tight SWA, late QAT (the int6 round
-# trip is scored) and the cheap input features BigramHash and SmearGate; the earlier 90-s cpu run moved most with Muon and the
-# orthogonal init (both ≈ +0.03–0.2 bpb without them), and the rest (value embeddings, LN scale, U-Net skips) within seed noise.
-CPU_ABLATE = ('muon', 'ortho', 'ema_swa', 'qat', 'bigram')
+# Techniques ablated at `cpu`, and why these: the record's write-up names EMA + tight SWA and late QAT as its key innovations,
+# its title adds the shared value embeddings (VE128) among the architecture pieces, and Muon is its optimiser. The previous cpu run
+# (3 seeds, batch 32; not this design) also ablated the orthogonal init and BigramHash; the time budget holds four ablations now
+# that seeds are allocated by power (below).
+CPU_ABLATE = ('muon', 'ema_swa', 'qat', 've')
 # EMA decay per preset: the record's 0.997 is a horizon of 1/(1-0.997) ≈ 333 steps, 5% of its 7,005 steps; at `cpu`'s few hundred
 # steps 0.997 would leave most of the random init in the final weights (measured at ~300 steps: full stack 2.52 bpb vs the
 # baseline's 2.33), so 0.95 keeps the record's horizon as a fraction of the run (20 steps).
-# The cpu byte budget holds both arms' artefacts (≈1.31 MB baseline, ≈1.34 MB full stack at 4×128, vocabulary 4,096).
+# The cpu byte budget holds both arms' artefacts (≈1.34 MB baseline, ≈1.37 MB full stack at 4×128, vocabulary 4,096).
 #
-# The cpu step budget, timed. A nice'd benchmark on the 2-core AMD EPYC (busy with other work, so CPU seconds of one thread,
-# not wall time): 0.70 s a step for the baseline, 0.59 for the full stack (batch 32 × 128, 4 × 128); an eval forward 51 µs a
-# token; the zstd size check 0.3 s. The earlier 90-s runs (2-core Intel Xeon) give the wall time with both cores: at best 339
-# steps (baseline) and 316 (full) in 90 s, ≈ 0.27–0.29 s a step — 2.4–2.6× faster than one busy thread. Hence, alone:
-#   runs        = 3 baseline + 3 full + 5 ablations × 3 = 21 (every arm on seeds 0, 1, 2)
-#   training    = 21 × 300 steps × 0.29 s                                              ≈ 1,830 s
-#   scoring     = 21 × ≈ 13 s: 10 held-out docs ≈ 70k tokens × 6 forwards (sliding before and after: 2 × 2; the
-#                 disjoint-window check, Supra's and the independent one: 2 × 1) × 51 µs / 2.5, + softmax guard and zstd   ≈ 270 s
-#   downstream  = 6 × ≈ 40 s (BLiMP 100/task + ARC-Easy 800, baseline and full only; the earlier run's 410 s of
-#                 non-training time less its 24 × 2 sliding scores)                   ≈ 240 s
-#   pool        = 1.3 M tokens tokenised once (+ the tokenizer, if not cached)       ≈ 60 s
-#   total       ≈ 2,400 s ≈ 40 min, inside the 45-min budget (≈ 43 min at 0.32 s a step). All 9 techniques would be
-#                 33 runs × (300 × 0.29 + 13) s ≈ 3,300 s before downstream — over it; so would 6 ablations
-#                 (24 runs: ≈ 2,700 s in all) — hence five, CPU_ABLATE.
-CPU_STEPS = 300
+# Seeds by power: every arm runs a pilot of 3 seeds; then each comparison (full vs baseline, each ablation vs full) gets as many more
+# seeds as 80% power at TARGET needs given the pilot's spread (supra.lab.verdict.stage2_for, at α/family), at most n_max in all —
+# an arm takes the most any of its comparisons needs; the tests combine the two stages (supra.lab.verdict.two_stage).
+#
+# The cpu budget, timed alone on the 2-core AMD EPYC (AVX-512): 0.20 s a step for the full stack, 0.18 for the baseline at batch
+# 16 × 128 (train_golf, 25 steps each); the previous cpu run spent ≈ 20 s a run scoring (sliding bpb before and after the round trip,
+# the two disjoint-window checks, zstd) and ≈ 40 s on BLiMP 100/task + ARC-Easy 800 per artefact. Hence, alone:
+#   pilot       = 6 arms × 3 seeds × (250 × 0.2 + 20) s                              ≈ 1,260 s
+#   downstream  = baseline and full on the pilot's seeds: 6 × 40 s                      ≈   240 s
+#   stage 2     = 6 arms × 2–3 seeds × 70 s (n_max = 6)                               ≈   840–1,260 s
+#   pool        = 0.6 M tokens tokenised once (+ the tokenizer, if not cached)         ≈    60 s
+#   total       ≈ 40–47 min, inside the 60-min budget. Batch 16 (was 32) and 250 steps (was 300) buy the second stage.
+CPU_STEPS = 250
+TARGET = 0.1        # bits/byte: the smallest effect of a technique the second stage is powered (80%) to resolve at this scale
 SCALE = {
     'smoke': dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, seq_len=64, batch=16, steps=30, budget_s=None, byte_budget=300_000,
                   bigram=256, bigram_dim=32, ve_dim=32, ve_layers=(1,), momentum_warmup=10, ema=0.8, swa_every=2, seeds=(0, 1), ablate=('qat',),
-                  min_seeds=1, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
-    'cpu':   dict(n_layer=4, d_model=128, n_head=4, n_kv_head=2, seq_len=128, batch=32, steps=CPU_STEPS, budget_s=None, byte_budget=1_500_000,
+                  min_seeds=1, n_max=4, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
+    'cpu':   dict(n_layer=4, d_model=128, n_head=4, n_kv_head=2, seq_len=128, batch=16, steps=CPU_STEPS, budget_s=None, byte_budget=1_500_000,
                   bigram=1024, bigram_dim=64, ve_dim=64, ve_layers=(2, 3), momentum_warmup=100, ema=0.95, swa_every=10, seeds=(0, 1, 2), ablate=CPU_ABLATE,
-                  min_seeds=3, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
+                  min_seeds=3, n_max=6, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
     'paper': dict(n_layer=11, d_model=512, n_head=8, n_kv_head=4, seq_len=2048, batch=384, steps=None, budget_s=600.0, byte_budget=16_000_000,
                   bigram=2048, bigram_dim=128, ve_dim=128, ve_layers=(9, 10), momentum_warmup=1500, ema=0.997, swa_every=50, seeds=(1337, 42, 7), ablate=TECHNIQUES,
-                  min_seeds=3, limits={}, tasks=('blimp', 'arc_easy'), accum=8),
+                  min_seeds=3, n_max=6, limits={}, tasks=('blimp', 'arc_easy'), accum=8),
 }
 PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', out_dir='outputs/golf', paper='papers/golf.html',
-              byte_budget=None, steps=None, budget_s=None, techniques='all', ablate=None)
+              byte_budget=None, steps=None, budget_s=None, techniques='all', ablate=None, n_max=None)
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #16269d57
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class GolfPlan(Plan):
     budget_s: float | None = None    # the wall-clock budget of every run, in seconds of step time (None: a step budget)
     techniques: tuple = TECHNIQUES   # switched on in the full stack
     ablate: tuple = TECHNIQUES       # each switched off in turn
+    n_max: int = 6                   # seeds per arm at most: the pilot's, then the second stage's (allocated by power)
 
     @property
     def scale(self) -> dict: return SCALE[self.preset.name]
@@ -85,6 +87,8 @@ class GolfPlan(Plan):
     def budget(self) -> str: return 'steps' if self.steps is not None else 'wall_clock'
     @property
     def tokens_per_step(self) -> int: return self.train.batch_size * self.train.seq_len
+    @property
+    def stage2_seeds(self) -> tuple: return tuple(range(max(self.seeds) + 1, max(self.seeds) + 1 + max(0, self.n_max - len(self.seeds))))
 
 def _names(field, v, default) -> tuple:
     if v is None: return tuple(default)
@@ -119,7 +123,8 @@ def plan(**params) -> GolfPlan:
         if need > pre.data.n_tokens: pre = pre.replace(data=pre.data.replace(n_tokens=-(-need // 100_000) * 100_000))
     ev = pre.eval.replace(tasks=s['tasks'], bpb_context=s['seq_len'], bpb_stride=min(64, s['seq_len'] // 2))
     pre = pre.replace(eval=ev, train=pre.train.replace(batch_size=s['batch'], seq_len=s['seq_len'], grad_accum=s.get('accum', 1), grad_clip=0.3, log_every=1))
-    return GolfPlan(**{**c, 'preset': pre}, byte_budget=byte_budget, steps=steps, budget_s=budget, techniques=techniques, ablate=ablate)
+    n_max = max(s['n_max'], len(c['seeds'])) if p['n_max'] is None else as_int('n_max', p['n_max'], lo=len(c['seeds']))
+    return GolfPlan(**{**c, 'preset': pre}, byte_budget=byte_budget, steps=steps, budget_s=budget, techniques=techniques, ablate=ablate, n_max=n_max)
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #447600a5
 def arm_configs(p:GolfPlan, arm:str):
@@ -144,14 +149,18 @@ def arm_configs(p:GolfPlan, arm:str):
     return m, t, g
 
 def arms(p:GolfPlan) -> list[tuple[str, tuple]]:
-    "Every (arm, seeds) of the plan: every arm at every seed, so each ablation pairs with the full stack seed by seed."
+    "Every (arm, pilot seeds) of the plan: every arm at every pilot seed, so each ablation pairs with the full stack seed by seed."
     return [('baseline', p.seeds), ('full', p.seeds)] + [(f'no-{t}', p.seeds) for t in p.ablate]
+
+def comparisons(p:GolfPlan) -> list[tuple[str, str]]:
+    "The pairs the paper tests: the full stack against the baseline, then each ablation against the full stack."
+    return [('full', 'baseline')] + [(f'no-{t}', 'full') for t in p.ablate]
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #e379c5c3
 GOLF_CODE = ('golf.train', 'golf.model', 'golf.eval', 'golf.quant', 'golf.check')
 
-def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list) -> dict:
-    "Train, round-trip, score and check one (arm, seed); the row is cached in the run directory."
+def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list, downstream:bool=True) -> dict:
+    "Train, round-trip, score and check one (arm, seed) — and for baseline and full, with `downstream`, BLiMP and ARC-Easy; the row is cached in the run directory."
     from supra.golf.train import train_golf
     from supra.golf.eval import sliding_bpb
     from supra.golf.quant import quant_gap, load_artefact
@@ -159,7 +168,7 @@ def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list) -> dict:
     from supra.model.checkpoint import load_checkpoint, save_checkpoint
     mcfg, tcfg, gcfg = arm_configs(p, arm); tcfg = tcfg.replace(seed=seed, device=p.device)
     d = run_dir(p.out_dir, f'{arm}-seed{seed}', pool.key, mcfg, tcfg, golf=gcfg.to_dict(), golf_code=code_fingerprint(*GOLF_CODE),
-                docs=len(texts), ev=p.eval.to_dict(), limits=p.scale['limits'])
+                docs=len(texts), ev=p.eval.to_dict(), limits=p.scale['limits'], downstream=downstream)
     if (d / 'row.json').exists(): return read_json(d / 'row.json')
     say(f"[golf] training {arm} seed {seed} for " + (f"{p.steps} steps" if p.steps else f"{p.budget_s:g}s") + f" → {d}")
     r = train_golf(pool, mcfg, tcfg, gcfg, d)
@@ -176,7 +185,7 @@ def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list) -> dict:
                artefact_bytes=g['bytes'], artefact_bytes_check=checks['size']['independent_bytes'], weights_bytes=g['weights_bytes'], code_bytes=g['code_bytes'],
                fits=g['bytes'] <= p.byte_budget, n_swa=r['n_swa'], qat_from=r['qat_from'], checks=checks,
                run_dir=rel(d, p.out_dir), artefact=rel(d / 'model.supra', p.out_dir))
-    if arm in ('baseline', 'full'):
+    if downstream and arm in ('baseline', 'full'):
         save_checkpoint(d / 'artefact_ckpt', art, dict(step=r['step'], tokens=r['tokens'], source='artefact round trip'))
         ev = evaluate_checkpoint(d / 'artefact_ckpt', pool, p.eval, p.device, limits=p.scale['limits'])
         m = eval_metrics(ev)
@@ -201,16 +210,30 @@ def check_summary(rows:list) -> dict:
                 bpb=dict(tol=B[0]['tol'], context=B[0]['context'], all_agree=all(b['agree'] for b in B), n=len(B), max_abs_diff=max(abs(b['diff']) for b in B),
                          max_context_gain=max(r['bpb_check'] - r['bpb'] for r in rows), min_context_gain=min(r['bpb_check'] - r['bpb'] for r in rows)))
 
+def second_stage(p:GolfPlan, rows:list) -> tuple[dict, dict]:
+    """(seeds each comparison adds, seeds each arm adds) after the pilot: `stage2_for` on each comparison's per-seed bpb differences,
+    for 80% power at TARGET bits/byte at α/family, at most n_max seeds in all; an arm takes the most any of its comparisons needs."""
+    from supra.lab.verdict import stage2_for
+    by, C = {(r['arm'], r['seed']): r['bpb'] for r in rows}, comparisons(p)
+    need = {f'{a}|{b}': stage2_for([by[a, s] - by[b, s] for s in p.seeds], TARGET, p.n_max, len(C)) if len(p.seeds) >= 2 else 0 for a, b in C}
+    per_arm = {}
+    for (a, b), k in zip(C, need.values()):
+        for arm in (a, b): per_arm[arm] = max(per_arm.get(arm, 0), k)
+    return need, per_arm
+
 def run(p:GolfPlan) -> dict:
-    "Pool → every arm → the results envelope (not yet written): measurements only; the paper runs the tests."
+    "Pool → the pilot → the second stage → the results envelope (not yet written): measurements only; the paper runs the tests."
     from supra.data.pool import build_pool
     from supra.data.corpus import val_texts
     t0 = time.perf_counter()
-    say(f"[golf] plan: preset {p.preset.name} · {p.corpus} · seeds {list(p.seeds)} · " + (f"{p.steps} steps" if p.steps else f"{p.budget_s:g}s") +
+    say(f"[golf] plan: preset {p.preset.name} · {p.corpus} · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · " + (f"{p.steps} steps" if p.steps else f"{p.budget_s:g}s") +
         f" per run · {p.byte_budget:,} B · ablate {list(p.ablate)}")
     pool = build_pool(p.data)
     texts = val_texts(p.data)[:p.eval.bpb_docs or None]
-    rows = [run_one(p, pool, a, s, texts) for a, seeds in arms(p) for s in seeds]
+    rows = [dict(run_one(p, pool, a, s, texts), stage=1) for a, seeds in arms(p) for s in seeds]
+    need, more = second_stage(p, rows)
+    say(f"[golf] second stage: {', '.join(f'{k} +{v}' for k, v in need.items())} seeds (TARGET {TARGET} bits/byte, at most {p.n_max} per arm)")
+    rows += [dict(run_one(p, pool, a, s, texts, downstream=False), stage=2) for a, _ in arms(p) for s in p.stage2_seeds[:more.get(a, 0)]]
     for r in rows: r['fits'] = r['artefact_bytes'] <= p.byte_budget   # the plan's budget, not the one a cached row was run under
     curves = {f"{r['arm']}|{r['seed']}": r.pop('curve') for r in rows}
     keys = [k for k in METRICS if any(k in r for r in rows)]
@@ -220,7 +243,9 @@ def run(p:GolfPlan) -> dict:
     data = dict(n_tokens=int(pool.n_tokens), windows=rows[0]['pool_windows'], tokens_per_run_max=tok_max, epochs_max=max(r['epochs'] for r in rows),
                 repeats=max(r['epochs'] for r in rows) > 1)
     sm = dict(by_arm=group_summary(rows, 'arm', keys), record=RECORD, byte_budget=p.byte_budget, budget=budget, budget_s=p.budget_s, steps=p.steps,
-              seeds={a: list(s) for a, s in arms(p)}, techniques=list(p.techniques), ablated=list(p.ablate),
+              seeds={a: [r['seed'] for r in rows if r['arm'] == a] for a, _ in arms(p)}, techniques=list(p.techniques), ablated=list(p.ablate),
+              design=dict(n1=len(p.seeds), n_max=p.n_max, n2=more, need=need, target=TARGET, unit='bits/byte', family_size=len(comparisons(p)), power=0.8,
+                          downstream_seeds=list(p.seeds)),
               not_ablated=[t for t in p.techniques if t not in p.ablate], pool=data, checks=check_summary(rows), all_fit=all(r['fits'] for r in rows))
     sm['checks']['size']['all_fit'] = all(r['artefact_bytes_check'] <= p.byte_budget for r in rows)   # the budget under the independent size too
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset.name, corpus=p.corpus, environment=environment(p.device),
