@@ -80,7 +80,7 @@ def test_paper_is_self_contained_and_states_its_scale(smoke):
 def test_paper_judges_every_test_through_the_engine(smoke):
     "The paper's family by the verdict engine: the headline answers the question with its verdict, repetition's share of the gap is tested against the control's own gap, BLiMP is compared pair by pair."
     from supra.experiments.epochs import paper as P
-    from supra.lab.verdict import judge, Versus
+    from supra.lab.verdict import judge, Versus, item_pairs
     res = json.loads((smoke / 'results.json').read_text())
     V = P.verdicts(res)
     lab, text = P.findings(res)[0]
@@ -89,7 +89,7 @@ def test_paper_judges_every_test_through_the_engine(smoke):
     assert [r['a'] for r in gap] == ['2 epochs'] and gap[0]['b'] == 'fresh, 2 pools' and gap[0]['metric'] == 'gap'
     drop = P.claim_of_drop(V)
     assert drop['verdict'] == 'not testable here' and 'needs 8' in drop['reason']          # a 2-epoch run cannot test the 8-vs-6 claim
-    rows = P.item_pairs(P._cells(res), '2 epochs', '1 epoch')                                # ... but the same test, 2 vs 1 epochs, pairs items
+    rows = item_pairs(P._cells(res), '2 epochs', '1 epoch', by='cell')                              # ... but the same test, 2 vs 1 epochs, pairs items
     r = judge(rows, [Versus(P.BLIMP_CHANGE, '2 epochs − 1 epoch', 0.0, 'no change', by='cell')])[0]
     assert r['test'].startswith(f"bootstrap over {res['runs'][0]['blimp_n']} shared items") and r['mde'] is not None
     bc = next(r for r in V if r['label'].endswith('vs chance'))

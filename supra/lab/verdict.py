@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as st
 from .stats import ALPHA
+from ..eval.harness import item_lists
 
 # %% auto #0
-__all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'Comparison', 'Versus', 'Claim', 'holm', 'judge',
-           'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule', 'stage2_seeds',
+__all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim', 'holm',
+           'judge', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule', 'stage2_seeds',
            'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
@@ -71,7 +72,7 @@ def difference(rows, metric:str, a, b, by:str='arm', paired:bool=True, log:bool=
 # %% ../../nbs/07_lab/03_verdict.ipynb #c239769a
 def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value_se:float|None=None, B:int=4000, seed:int=0) -> dict:
     """Raw test of mean(arm) − `value` (a reference: chance, a floor). An accuracy scored on items every seed shares: a bootstrap over
-    items and seeds when the rows carry `<metric>_items`, else se² = mean(lm-eval stderr²) + var(seeds)/n (+ `value_se`², the
+    items and seeds when the rows carry `<metric>_items` (with `value_se`, the reference's own error added to its variance), else se² = mean(lm-eval stderr²) + var(seeds)/n (+ `value_se`², the
     reference's own item error: conservative, the two share items). A metric without item errors (held-out loss on fixed documents):
     a one-sample t-test over seeds. A best-of-`select` pick multiplies p by `select`."""
     rs = [r for r in rows if r.get(by) == arm and r.get(metric) is not None and math.isfinite(r[metric])]
@@ -81,9 +82,14 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
     items = [r.get(f'{metric}_items') for r in rs]
     if all(isinstance(x, (list, tuple)) and x for x in items) and len({len(x) for x in items}) == 1:
         X = np.array(items, float); rng = np.random.default_rng(seed); m = X.shape[1]
-        boot = np.array([X[rng.integers(0, n, n)][:, rng.integers(0, m, m)].mean() for _ in range(B)]) - value
+        def draw():   # one replicate: seeds and items resampled; the mean as counts @ X @ counts (exact for integer scores: no copy of X)
+            cs, ci = np.bincount(rng.integers(0, n, n), minlength=n), np.bincount(rng.integers(0, m, m), minlength=m)
+            return float(cs @ X @ ci) / (n * m)
+        boot = np.array([draw() for _ in range(B)]) - value
         se = float(boot.std(ddof=1)); p = float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()) + 1 / B))
         test = f'bootstrap over {m} shared items and {n} seeds'
+        if value_se:   # a reference measured on the same items (a floor): its own item error too, as if independent (conservative)
+            se = math.sqrt(se ** 2 + value_se ** 2); p = float(2 * st.norm.sf(abs(eff) / se)); test += ' + the reference’s stderr²'
     elif any(r.get(f'{metric}_stderr') is not None for r in rs):
         ses = np.array([r.get(f'{metric}_stderr') or np.nan for r in rs], float)
         item_var = float(np.nanmean(ses ** 2)) if np.isfinite(ses).any() else 0.0
@@ -100,6 +106,22 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
     p = min(1.0, p * select)
     if select > 1: test += f', best of {select} (p × {select})'
     return dict(test=test, n=n, effect=eff, se=se, df=math.inf, p=p)
+
+# %% ../../nbs/07_lab/03_verdict.ipynb #492c6823
+def item_pairs(rows, a, b, metric:str='blimp', by:str='arm') -> list[dict]:
+    """One row per seed that has `a` and `b`: under the arm 'a − b', `metric` is the difference of the two accuracies and
+    `<metric>_items` its per-item values (−1, 0, 1) when both carry per-item scores of one length (packed or not) — the rows `Versus`
+    against 0 bootstraps over the shared items and the seeds (without items: over seeds alone)."""
+    rows = item_lists(rows)
+    A = {r['seed']: r for r in rows if r.get(by) == a and r.get(metric) is not None}
+    B = {r['seed']: r for r in rows if r.get(by) == b and r.get(metric) is not None}
+    out = []
+    for s in sorted(set(A) & set(B), key=str):
+        ia, ib = A[s].get(f'{metric}_items'), B[s].get(f'{metric}_items')
+        r = {by: f'{a} − {b}', 'seed': s, metric: A[s][metric] - B[s][metric]}
+        if ia and ib and len(ia) == len(ib): r[f'{metric}_items'] = [x - y for x, y in zip(ia, ib)]
+        out.append(r)
+    return out
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #dd0f5c45
 VERDICTS = {'resolved': 'success', 'bounded': 'muted', 'supported': 'success', 'contradicted': 'warning', 'not testable here': 'muted'}

@@ -8,12 +8,11 @@ import math
 from pathlib import Path
 from ...eval.harness import BLIMP_FIELDS, item_lists
 from .run import MUENNIGHOFF_RD
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs
 
 # %% auto #0
-__all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'item_pairs', 'family', 'verdicts',
-           'claim_of_drop', 'statuses', 'informative', 'headline', 'gap_finding', 'drop_finding', 'findings',
-           'value_series', 'figures', 'paper']
+__all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'family', 'verdicts', 'claim_of_drop', 'statuses',
+           'informative', 'headline', 'gap_finding', 'drop_finding', 'findings', 'value_series', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #c6178e11
 BPB, LOSS, TRAIN = Metric('heldout_bpb', 'bits/byte', label='held-out bits/byte'), Metric('heldout_loss', 'nats/token', label='held-out loss'), Metric('train_loss', 'nats/token', label='train loss')
@@ -28,21 +27,6 @@ def _fresh(k): return f"fresh, {k} pool{'s' * (k != 1)}"
 def _cells(res) -> list[dict]:
     "The per-run rows keyed by arm and epoch count ('3 epochs', 'fresh, 2 pools'): the engine's arms; per-item scores decoded for it."
     return item_lists([dict(r, cell=_rep(r['epochs']) if r['arm'] == 'repeated' else _fresh(r['epochs'])) for r in res['runs']])
-
-def item_pairs(rows, a, b, metric:str='blimp', by:str='cell') -> list[dict]:
-    """One row per seed that has `a` and `b`: under the cell 'a − b', `metric` is the difference of the two accuracies and
-    `<metric>_items` its per-item values (−1, 0, 1) when both carry per-item scores of one length — the rows the engine's `Versus`
-    against 0 bootstraps over the shared items and the seeds (without items: over seeds alone)."""
-    rows = item_lists(rows)
-    A = {r['seed']: r for r in rows if r.get(by) == a and r.get(metric) is not None}
-    B = {r['seed']: r for r in rows if r.get(by) == b and r.get(metric) is not None}
-    out = []
-    for s in sorted(set(A) & set(B), key=str):
-        ia, ib = A[s].get(f'{metric}_items'), B[s].get(f'{metric}_items')
-        r = {by: f'{a} − {b}', 'seed': s, metric: A[s][metric] - B[s][metric]}
-        if ia and ib and len(ia) == len(ib): r[f'{metric}_items'] = [x - y for x, y in zip(ia, ib)]
-        out.append(r)
-    return out
 
 def _best(res, metric, arm='repeated', lowest=True):
     S = {s['epochs']: s.get(metric) for s in (res['summary']['by_epochs'] if arm == 'repeated' else res['summary'].get('fresh_by_epochs') or [])}
@@ -80,7 +64,7 @@ def family(res:dict) -> list:
 def _rows(res) -> list[dict]:
     "The engine's rows: every run's, and the per-seed item differences of the seed's BLiMP claim."
     rows, (hi, lo, _) = _cells(res), SEED_DROP
-    return rows + item_pairs(rows, _rep(hi), _rep(lo))
+    return rows + item_pairs(rows, _rep(hi), _rep(lo), by='cell')
 
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (see supra.lab.verdict.judge)."

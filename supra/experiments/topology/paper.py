@@ -10,11 +10,12 @@ import numpy as np
 from ...eval.harness import BLIMP_FIELDS
 from .run import TOPOLOGIES, LABELS, METRICS, TESTED, FIELDS
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs
+from ...eval.harness import item_lists
 
 # %% auto #0
-__all__ = ['UNITS', 'SPIKE_NATS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings', 'lr_walk_chart',
-           'figures', 'paper']
+__all__ = ['BLIMP_CHANGE', 'UNITS', 'SPIKE_NATS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings',
+           'lr_walk_chart', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/03_topology_paper.ipynb #8a50636c
 def _S(res) -> dict: return {s['topology']: s for s in res['summary']['by_topology']}
@@ -22,6 +23,7 @@ def _m(res, k, t): return _S(res)[t][k]
 def _best(res, k):
     means = {t: _m(res, k, t) for t in TOPOLOGIES}
     return (min if METRICS[k][2] == 'min' else max)(means, key=means.get)
+BLIMP_CHANGE = Metric('blimp', 'points', False, 100.0, label='BLiMP difference, paired over items and seeds')   # two shapes' BLiMP, item by item
 UNITS = dict(heldout_bpb='bits/byte', step_loss='nats/token', train_loss='nats/token', wikitext_word_ppl='word perplexity', samples_s='samples/s')
 
 def _metric(k) -> Metric:
@@ -45,25 +47,37 @@ def _claims(res:dict) -> list:
 
 def family(res:dict) -> list:
     """Every test this paper reports, one family for the verdict engine: the seed's claims; each pair of shapes on each tested metric
-    that no claim already tests (paired: a seed fixes the data order every shape reads) — ARC-Easy only where it is informative; and
+    that no claim already tests (paired: a seed fixes the data order every shape reads; BLiMP item by item, `item_pairs`) — ARC-Easy only where it is informative; and
     each shape against the trigram counted from the same pool. Training-set losses are shown, not tested: held-out bits/byte asks the question."""
     cl = _claims(res); ng = res['summary'].get('ngram') or {}
     done = {(c.metric.name, frozenset((c.a, c.b))) for c in cl}
     ks = [k for k in TESTED if k in res['runs'][0] and (k != 'arc_easy' or informative(res, k))]
-    out = cl + [Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}")
-                for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] if (k, frozenset((a, b))) not in done]
+    pair = lambda k, a, b: (Versus(BLIMP_CHANGE, f'{a} − {b}', 0.0, 'no change', by='topology', label=f"{BLIMP_CHANGE.label}: {LABELS[a].lower()} − {LABELS[b].lower()}")
+                            if k == 'blimp' else Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}"))
+    out = cl + [pair(k, a, b) for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] if (k, frozenset((a, b))) not in done]
     out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', by='topology', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
                    label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
     return out
 
+def _rows(res) -> list[dict]:
+    "The engine's rows: every run's (per-item BLiMP scores decoded) and, per seed, each pair of shapes' BLiMP difference item by item."
+    rows = item_lists(res['runs'])
+    return rows + [r for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] for r in item_pairs(rows, a, b, by='topology')]
+
+_MEMO = {}   # the last envelope judged and its verdicts: the page asks for them many times, and BLiMP's bootstraps take seconds
+
 def verdicts(res:dict) -> list[dict]:
-    "Every test of the family, judged by the engine (Holm over the family, α = 0.01)."
-    return judge(res['runs'], family(res), family='topology')
+    "Every test of the family, judged by the engine (Holm over the family, α = 0.01); judged once per envelope object."
+    if _MEMO.get('res') is not res: _MEMO.update(res=res, V=judge(_rows(res), family(res), family='topology'))
+    return _MEMO['V']
 
 def _comp(res, k, a, b):
     """The engine's test of shapes `a` and `b` on `k` — a comparison, or the claim that tests that pair — oriented a against b; `resolved`:
     its interval excludes no difference (0, or ×1 for a claim on the log scale)."""
-    r = next((x for x in verdicts(res) if x['kind'] in ('comparison', 'claim') and x['metric'] == k and {x.get('a'), x.get('b')} == {a, b}), None)
+    V = verdicts(res)
+    r = next((x for x in V if x['kind'] in ('comparison', 'claim') and x['metric'] == k and {x.get('a'), x.get('b')} == {a, b}), None)
+    if r is None:                      # an item-paired test: the arm 'a − b' against no change
+        r = next((dict(x, a=x['a'].split(' − ')[0]) for x in V if x['kind'] == 'versus' and x['metric'] == k and x['a'] in (f'{a} − {b}', f'{b} − {a}')), None)
     if r is None: return None          # not in the family (ARC-Easy where uninformative)
     ratio, flip = r['unit'] == '×', r['a'] != a
     e = r['effect'] if r['effect'] is None or not flip else (1 / r['effect'] if ratio else -r['effect'])
@@ -84,7 +98,7 @@ def vs_floor(res:dict, k:str) -> dict:
     every seed and the floor share keep their error (the floor's stderr added). None where the floor did not measure `k`."""
     ng = res['summary'].get('ngram') or {}
     if ng.get(k) is None: return None
-    R = {r['a']: r for r in verdicts(res) if r['kind'] == 'versus' and r['metric'] == k}
+    R = {r['a']: r for r in verdicts(res) if r['kind'] == 'versus' and r['metric'] == k and r['b'] == 'the trigram'}
     sc = _metric(k).scale
     return {t: dict(mean=float(ng[k]) + R[t]['effect'] / sc, floor=float(ng[k]), diff=R[t]['effect'] / sc, p=R[t]['p_adj'], resolved=R[t]['verdict'] == 'resolved', test=R[t]['test'])
             for t in TOPOLOGIES if t in R and R[t]['effect'] is not None}
@@ -299,7 +313,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                      "each shape is tested against it (held-out bits/byte: a one-sample t-test of the seeds; accuracies: a z-test on lm-eval's stderrs)." if ng else "not measured in this run."),
         f"Learning rate: each shape's own, chosen at full length on seed {W.get('seed', '—')} — a seed the comparisons never see — by a walk on a ×{step:g} grid that stops when the lowest "
         f"held-out loss has both neighbours measured (the LR walk table); a run whose loss diverges is listed and never chosen, and every run whose loss rose more than {SPIKE_NATS:g} nats above its first step's is named in the findings.",
-        "Statistics: every test on this page — each pair of shapes on each ranked metric (paired over seeds: a seed fixes the data order, shared by the three shapes), each shape against the trigram, "
+        f"Statistics: every test on this page — each pair of shapes on each ranked metric (paired over seeds: a seed fixes the data order, shared by the three shapes; BLiMP item by item, a bootstrap over the {res['runs'][0].get('blimp_n') or 0:,} pairs every model scores and the seeds), each shape against the trigram, "
         "and the seed's claims — is one family judged by the verdict engine (`supra.lab.verdict`): Holm's adjustment over the family at α = 0.01, intervals at the family's level, "
         "and the minimum detectable effect (80% power) wherever a difference is not resolved."],
         [('Step loss vs train loss', 'step loss is the last step\'s batch loss; train loss is the mean over every step of the run, so it includes the early, high losses.'),
