@@ -13,4 +13,5 @@ export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 echo "== lesson cells (nbdev-test) — SUPRA_DATA=${SUPRA_DATA:-<hub>}"
 nbdev-test --n-workers 2 --file-re '^\d' --timing
 echo "== integration tests (pytest)"
-python -m pytest tests -q -p no:cacheprovider "$@"
+# two workers, a test file each at a time (its module-scoped smoke run stays in one process); `-n 0` for one process
+python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile "$@"

@@ -15,7 +15,7 @@ from supra.model.checkpoint import read_meta
 from supra.model.checkpoint import load_checkpoint, save_checkpoint, CheckpointError
 from supra.train.optim import make_optimizers, lr_factor
 from supra.train.runtime import jemalloc_path, with_jemalloc_env
-from conftest import bigram_pool, kill_at_rows
+from conftest import bigram_pool
 
 torch.set_num_threads(1)   # tiny models gain nothing from more threads; spinning OpenMP workers crawl on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
@@ -263,44 +263,6 @@ def test_cli_exposes_every_config_field_and_refuses_bad_values(tmp_path, capsys)
     with pytest.raises(SystemExit):
         train_main(['--out_dir', str(tmp_path / 'x'), '--tracker', 'mlflow'])
     assert not (tmp_path / 'x').exists()        # refused before any compute
-
-
-# A curriculum run with periodic held-out evaluation, as a subprocess (killed with SIGKILL below).
-SEAMS_SCRIPT = textwrap.dedent('''
-    import json, sys, numpy as np, torch
-    torch.set_num_threads(1)
-    from supra.core.config import ModelConfig, TrainConfig
-    from supra.train.trainer import train
-    from supra.train.loader import StageLoader
-    from supra.train.hooks import heldout_hook
-    m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
-    pool = np.load(sys.argv[3], mmap_mode='r')
-    loader = StageLoader.constant_tokens(pool[:25_000], [8, 16, 32], tokens_per_step=256, steps=[60, 60, 40], lr_scales=[1.0, 1.0, 0.5], seed=t.seed)
-    hook = heldout_hook(pool[25_000:], 32, token_bytes=np.ones(64, dtype=np.int64))
-    res = train(pool[:25_000], m, t, sys.argv[4], quiet=True, loader=loader, eval_hook=hook)
-    print(json.dumps(res))
-''')
-
-def test_curriculum_with_eval_hook_resumes_bitwise_after_sigkill(pool_file, tmp_path):
-    "A StageLoader run with eval rows every 10 steps, killed with SIGKILL mid-stage, resumes to the uninterrupted run bit for bit."
-    tcfg = TCFG.replace(ckpt_every_s=0.02, eval_every=10)
-    cmd = lambda out: [sys.executable, '-c', SEAMS_SCRIPT, MCFG.to_json(), tcfg.to_json(), str(pool_file), str(out)]
-    ref = subprocess.run(cmd(tmp_path / 'ref'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    run = tmp_path / 'killed'
-    p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kill_at_rows(p, run / 'metrics.jsonl', 75)      # kill inside the second stage (steps 60..119)
-    at = read_meta(run / 'last')
-    assert at['loader']['kind'] == 'stages' and 0 < at['step'] < 160, at['loader']
-    res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    a, b = metrics(tmp_path / 'ref'), metrics(run)
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s', 'eval_s')} for r in rows]
-    assert strip(a) == strip(b)                    # every train, eval and stage row, once, bitwise
-    assert [r['at_step'] for r in b if r.get('event') == 'stage'] == [0, 60, 120]
-    assert [r['step'] for r in b if 'eval' in r] == list(range(10, 161, 10))
-    last = [r for r in b if 'loss' in r][-1]
-    assert abs(json.loads(res.stdout.strip().splitlines()[-1])['train_s'] - last['train_s']) < 1e-3 and last['train_s'] > 0
 
 
 def test_tensorboard_tracker_gets_the_rows(pool_file, tmp_path):

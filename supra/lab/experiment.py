@@ -130,7 +130,8 @@ def environment(device:str='cpu') -> dict:
     from supra.train.runtime import jemalloc_loaded
     gpu = torch.cuda.get_device_name(0) if device == 'cuda' and torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
-    return dict(device=device, hardware=gpu or f"CPU: {cpu_model()} ({cores} cores)", cpu=cpu_model(), cores=cores,
+    isa = torch.backends.cpu.get_cpu_capability()   # the vector units PyTorch's CPU kernels use: AVX2 and AVX-512 machines round differently
+    return dict(device=device, hardware=gpu or f"CPU: {cpu_model()} ({cores} cores, {isa})", cpu=cpu_model(), cores=cores, cpu_capability=isa,
                 torch_threads=torch.get_num_threads(), memory_gib=_mem_gib(), gpu=gpu, jemalloc=jemalloc_loaded(),
                 python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
                 lm_eval=getattr(lm_eval, '__version__', None), platform=platform.platform(), commit=_git_commit(),
