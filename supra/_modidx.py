@@ -611,6 +611,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                    'supra/experiments/golf/paper.py'),
                                               'supra.experiments.golf.paper._p': ( '10_experiments/golf_paper.html#_p',
                                                                                    'supra/experiments/golf/paper.py'),
+                                              'supra.experiments.golf.paper._rows': ( '10_experiments/golf_paper.html#_rows',
+                                                                                      'supra/experiments/golf/paper.py'),
                                               'supra.experiments.golf.paper.ablation_verdict': ( '10_experiments/golf_paper.html#ablation_verdict',
                                                                                                  'supra/experiments/golf/paper.py'),
                                               'supra.experiments.golf.paper.budget_text': ( '10_experiments/golf_paper.html#budget_text',

@@ -66,10 +66,13 @@ def test_paired_verdicts(smoke):
     from supra.experiments.golf.paper import verdicts
     from supra.lab.verdict import stage2_for
     res = smoke['results']; d = res['summary']['design']
-    V = verdicts(res)
-    assert [(v['a'], v['b']) for v in V] == [('full', 'baseline'), ('no-qat', 'full')]
-    assert all(v['n'] == 4 and v['stage_seeds'] == (2, 2) and v['family_size'] == 2 and v['p'] is not None for v in V)
+    V = verdicts(res); C = [v for v in V if v['kind'] == 'comparison']
+    assert [(v['a'], v['b']) for v in C] == [('full', 'baseline'), ('no-qat', 'full')]
+    assert all(v['n'] == 4 and v['stage_seeds'] == (2, 2) and v['family_size'] == 3 and v['p'] is not None for v in C)
     assert (d['n1'], d['n_max'], d['family_size'], d['target']) == (2, 4, 2, 0.1)
+    bl = next(v for v in V if v['kind'] == 'versus')                      # BLiMP of the artefacts, full − baseline, item by item
+    assert bl['a'] == 'full − baseline' and bl['test'].startswith('bootstrap over') and bl['n'] == 2 and bl['family_size'] == 3
+    assert all(0 <= r['blimp_ties'] <= 1 and r['blimp_items'] for r in res['runs'] if 'blimp' in r)
     bpb = {(r['arm'], r['seed']): r['bpb'] for r in res['runs']}
     for a, b in (('full', 'baseline'), ('no-qat', 'full')):                # the allocation recomputes from the pilot's rows
         assert d['need'][f'{a}|{b}'] == stage2_for([bpb[a, s] - bpb[b, s] for s in (0, 1)], 0.1, 4, 2) == 2

@@ -7,26 +7,35 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, judge, verdict_cells, fmt_p
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs
 from .run import LABELS, SCALE
 
 # %% auto #0
-__all__ = ['BPB', 'family', 'verdicts', 'budget_text', 'ablation_verdict', 'findings', 'figures', 'paper']
+__all__ = ['BPB', 'BLIMP_CHANGE', 'family', 'verdicts', 'budget_text', 'ablation_verdict', 'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/05_golf_paper.ipynb #b3ae0258
 def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
 BPB = Metric('bpb', 'bits/byte', label='held-out bits/byte after the round trip')
+BLIMP_CHANGE = Metric('blimp', 'points', False, 100.0, label='BLiMP of the quantised artefacts, full stack − baseline, paired over items and seeds')
 
 def family(res:dict) -> list:
     """The paper's tests, decided together by the verdict engine: the full stack against the baseline, and each ablation against the
-    full stack — paired over the seeds both arms ran (a seed fixes initialisation and data order for every arm)."""
+    full stack — paired over the seeds both arms ran (a seed fixes initialisation and data order for every arm) — and, where the
+    quantised artefacts were scored on BLiMP, the full stack against the baseline item by item (the pairs every artefact scores)."""
     arms = [s['arm'] for s in res['summary']['by_arm']]
-    return [Comparison(BPB, 'full', 'baseline', paired=True, label='full stack vs baseline')] + [
-            Comparison(BPB, a, 'full', paired=True, label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
+    out = [Comparison(BPB, 'full', 'baseline', paired=True, label='full stack vs baseline')] + [
+           Comparison(BPB, a, 'full', paired=True, label=f"ablation — {LABELS[a[3:]]} off vs the full stack") for a in arms if a.startswith('no-')]
+    if any(r.get('blimp') is not None for r in res['runs'] if r['arm'] == 'full'):
+        out.append(Versus(BLIMP_CHANGE, 'full − baseline', 0.0, 'no change', label='BLiMP: full stack − baseline, item by item'))
+    return out
+
+def _rows(res) -> list[dict]:
+    "The engine's rows: every run's, and per seed the full stack's BLiMP minus the baseline's, item by item."
+    return res['runs'] + item_pairs(res['runs'], 'full', 'baseline')
 
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
-    return judge(res['runs'], family(res), family='golf', stages=res['summary'].get('design'))
+    return judge(_rows(res), family(res), family='golf', stages=res['summary'].get('design'))
 
 def budget_text(res:dict) -> str:
     "The training budget of every run, in words: 'N steps' or 'S s of wall clock' (an envelope from before step budgets: its seconds)."
@@ -50,7 +59,7 @@ def findings(res:dict) -> list:
     won = h['verdict'] == 'resolved' and h['effect'] < 0
     out = [('Full stack vs baseline', f"held-out bits per byte after the round trip, {budget_text(res)} per run: full stack {f['bpb']:.4f}, baseline {b['bpb']:.4f} "
             f"(difference {verdict_cells(h)['effect']}, interval {verdict_cells(h)['interval']}; {_p(h)}): " + ('**the full stack wins**.' if won else '**the baseline wins**.' if h['verdict'] == 'resolved' else '**bounded**: no difference larger than the MDE is likely, none measured.'))]
-    for r in V[1:]:
+    for r in (r for r in V[1:] if r['kind'] == 'comparison'):
         t = r['a'][3:]
         out.append((f"Ablation — {LABELS[t]}", f"without it {S[r['a']]['bpb']:.4f} vs {f['bpb']:.4f} with it (mean over each arm's seeds; Δ over the {r['n']} seeds both ran {verdict_cells(r)['effect']}; {_p(r)}): **{ablation_verdict(r)}**."))
     if sm.get('budget') and sm.get('pool'):
@@ -73,7 +82,11 @@ def findings(res:dict) -> list:
                 f"{sm['byte_budget']:,} B: " + ('every run fits.' if sm['all_fit'] else '**some runs exceed it**.') +
                 f" Quantisation gap (bpb after − before): full {f['quant_gap']:+.4f}, baseline {b['quant_gap']:+.4f} (record: +{rec['quant_gap']})."))
     if f.get('blimp') is not None and b.get('blimp') is not None:
-        out.append(('Downstream, quantised artefacts', f"BLiMP {f['blimp']:.1%} (full) vs {b['blimp']:.1%} (baseline), chance 50%; ARC-Easy {f['arc_easy']:.1%} vs {b['arc_easy']:.1%}, chance 25%."))
+        bl = next((r for r in V if r['kind'] == 'versus'), None)
+        ties = f" (pairs tied exactly, counted correct by lm-eval: {f['blimp_ties']:.2%} and {b['blimp_ties']:.2%})" if f.get('blimp_ties') is not None and b.get('blimp_ties') is not None else ''
+        test = (f"; full − baseline item by item {verdict_cells(bl)['effect']} ({bl['test']}, Holm p {fmt_p(bl['p_adj'])}" +
+                ('' if bl['verdict'] == 'resolved' else f"; could detect {verdict_cells(bl)['mde']}") + f"): **{bl['verdict']}**") if bl and bl['p'] is not None else ''
+        out.append(('Downstream, quantised artefacts', f"BLiMP {f['blimp']:.1%} (full) vs {b['blimp']:.1%} (baseline), chance 50%{ties}{test}; ARC-Easy {f['arc_easy']:.1%} vs {b['arc_easy']:.1%}, chance 25%."))
     out.append(('The record', f"{rec['bpb']} bpb (3 seeds {', '.join(str(v) for v in rec['seeds'].values())}; std {rec['std']}) in {rec['byte_budget']:,} B and "
                 f"{rec['budget_s']} s on {rec['hardware']} ({rec['model']}). Here: {f['bpb']:.4f} bpb, {res['preset']} preset, {f['params']:,.0f} parameters, "
                 f"{budget_text(res)} per run on {res['environment'].get('hardware', res['environment'].get('device'))}, vocabulary {res['data']['vocab_size']:,}, "
@@ -121,7 +134,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     V = verdicts(res)
     abl = table(['bpb without', 'Δ vs full', 'p', 'p (Holm)', 'verdict', 'artefact bytes', 'quant gap'],
                 [row(LABELS[r['a'][3:]], [f"{S[r['a']]['bpb']:.4f}", verdict_cells(r)['effect'], fmt_p(r['p']), fmt_p(r['p_adj']), ablation_verdict(r),
-                                          f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:]],
+                                          f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:] if r['kind'] == 'comparison'],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
                 caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired seed by seed over the seeds both arms ran "
                         f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if de else '') + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."

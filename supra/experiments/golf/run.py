@@ -189,7 +189,7 @@ def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list, downstream:bool=Tru
         save_checkpoint(d / 'artefact_ckpt', art, dict(step=r['step'], tokens=r['tokens'], source='artefact round trip'))
         ev = evaluate_checkpoint(d / 'artefact_ckpt', pool, p.eval, p.device, limits=p.scale['limits'])
         m = eval_metrics(ev)
-        row.update({k: m[k] for k in ('blimp', 'blimp_stderr', 'arc_easy', 'arc_easy_stderr')})
+        row.update({k: m[k] for k in ('blimp', 'blimp_stderr', 'blimp_ties', 'blimp_items', 'arc_easy', 'arc_easy_stderr')})   # items packed
     log = RunLog(d); log.poll()                                              # metrics.jsonl's one reader
     row['curve'] = [[int(s), t, l] for s, t, l in zip(log.column('step'), log.column('train_s'), log.column('loss'))]
     write_json(d / 'row.json', row)
@@ -199,7 +199,7 @@ def run_one(p:GolfPlan, pool, arm:str, seed:int, texts:list, downstream:bool=Tru
 
 # %% ../../../nbs/10_experiments/04_golf_run.ipynb #1aacba6b
 METRICS = ('bpb', 'bpb_before', 'quant_gap', 'bpb_disjoint', 'bpb_check', 'artefact_bytes', 'artefact_bytes_check', 'weights_bytes', 'code_bytes',
-           'params', 'steps', 'tokens', 'epochs', 'train_s', 'blimp', 'arc_easy')
+           'params', 'steps', 'tokens', 'epochs', 'train_s', 'blimp', 'blimp_ties', 'arc_easy')
 
 def check_summary(rows:list) -> dict:
     "The two independent checks over every artefact: did every one agree, and by how much at worst."
