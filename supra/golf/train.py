@@ -135,10 +135,8 @@ class GolfHook(StepHook):
         self.model, self.av, self.f, self.momentum, self.qat_from, self.swa_from = model, Averager(model, self.cfg.ema), 0.0, None, None, None
         self.muons = [o for o in opts if isinstance(o, SplitMuon)]    # their param_groups are read each step: a resume replaces them
 
-    def done(self, step:int, train_s:float) -> bool:
-        c = self.cfg
-        if c.max_steps is not None and step >= c.max_steps: return True
-        return step >= c.steps if c.steps is not None else train_s >= c.budget_s
+    def done(self, step:int, train_s:float) -> bool:   # a cap (max_steps, one pass over the pool) is the trainer's length: train_golf's `steps`
+        return step >= self.cfg.steps if self.cfg.steps is not None else train_s >= self.cfg.budget_s
 
     def before_step(self, step:int, train_s:float, f:float) -> float:
         c = self.cfg
