@@ -137,7 +137,12 @@ def test_page_follows_the_run_in_chromium(tmp_path):
             if step == '80': break
         assert step == '80'
         assert page.eval('document.querySelectorAll("#p-loss circle").length') == 2
-        assert abs(page.eval('window.scrollY') - y0) < 2                              # scroll position kept across reloads
+        t0, y = time.monotonic(), None                                               # scroll position kept across reloads: the page restores
+        while time.monotonic() - t0 < 3:                                              # it once loaded, which a busy machine may delay a little
+            y = page.eval('window.scrollY')
+            if abs(y - y0) < 2: break
+            page.pump(0.1)
+        assert abs(y - y0) < 2, (y, y0)
         mark_done(run); write_dashboard(run, refresh_s=refresh)
         page.pump(refresh + 1.5)                                                       # one last reload picks up 'done' ...
         loads = sum(e['method'] == 'Page.loadEventFired' for e in page.events)
