@@ -8,6 +8,7 @@ from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, as
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'topology.ipynb'
 TOPOLOGIES = ('deep-narrow', 'balanced', 'shallow-wide')
+W_SEED = 99                     # the LR walk's seed: never a comparison seed, never a second-stage seed
 RUN_METRICS = ('params', 'lr', 'step_loss', 'train_loss', 'heldout_loss', 'heldout_bpb', 'wikitext_word_ppl', 'wikitext_byte_ppl',
                'arc_easy', 'arc_easy_stderr', 'blimp', 'blimp_stderr', 'samples_s', 'tokens_s', 'train_s', 'spike')
 
@@ -35,10 +36,17 @@ def smoke(tmp_path_factory):
 def test_results_complete_and_finite(smoke):
     res = smoke['results']
     assert res['plan']['preset']['name'] == 'smoke' and res['environment']['device'] == 'cpu'
-    seeds = res['plan']['seeds']
+    seeds, D = res['plan']['seeds'], res['summary']['design']
     assert len(seeds) >= 1
-    runs = {(r['topology'], r['seed']): r for r in res['runs']}
-    assert set(runs) == {(t, s) for t in TOPOLOGIES for s in seeds}
+    runs = {(r['arm'], r['seed']): r for r in res['runs']}
+    # seeds by power: the pilot's for every shape, then the second stage's — a shape takes the most any of its pairs asked for
+    assert D['n1'] == len(seeds) and D['n_max'] == res['plan']['n_max'] and D['target'] == 0.05 and D['family_size'] == 3
+    for t in TOPOLOGIES:
+        assert D['n2'][t] == max(n for k, n in D['need'].items() if t in k.split('|')) and D['n2'][t] in (0, *range(2, D['n_max'] - len(seeds) + 1))
+        extra = [s for s in range(max(seeds) + 1, 100) if s != W_SEED][:D['n2'][t]]
+        assert D['seeds'][t] == list(seeds) + extra
+        assert [r['stage'] for r in res['runs'] if r['arm'] == t] == [1] * len(seeds) + [2] * len(extra)
+    assert set(runs) == {(t, s) for t in TOPOLOGIES for s in D['seeds'][t]}
     for key, r in runs.items():
         for m in RUN_METRICS: assert _finite(r[m]), (key, m, r.get(m))
         assert 0 <= r['arc_easy'] <= 1 and 0 <= r['blimp'] <= 1 and r['wikitext_word_ppl'] > 1 and r['heldout_bpb'] > 0
@@ -52,7 +60,7 @@ def test_results_complete_and_finite(smoke):
     assert [t[x]['n_layer'] for x in TOPOLOGIES] == [4 * t['shallow-wide']['n_layer'], 2 * t['shallow-wide']['n_layer'], t['shallow-wide']['n_layer']]
     assert [4 * t[x]['d_model'] // t['shallow-wide']['d_model'] for x in TOPOLOGIES] == [2, 3, 4]
     W = res['summary']['lr_walk']; base = res['plan']['base_lr']
-    assert W['seed'] not in seeds and W['base_lr'] == base
+    assert W['seed'] == W_SEED and all(W['seed'] not in D['seeds'][t] for t in TOPOLOGIES) and W['base_lr'] == base
     for x in TOPOLOGIES:   # every shape has its own LR walk, and the chosen LR is its lowest held-out loss
         walk = t[x]['runs']; ok = [r for r in walk if r['heldout_loss'] is not None]
         assert 3 <= len(walk) <= res['plan']['max_lr_runs'] and all(r['diverged'] is None or r['heldout_loss'] is None for r in walk)
@@ -63,11 +71,12 @@ def test_results_complete_and_finite(smoke):
         assert t[x]['edge'] == (not ks[0] < k < ks[-1])
     from supra.lab.experiment import ENVELOPE_KEYS
     assert list(res) == list(ENVELOPE_KEYS)
-    S = {s['topology']: s for s in res['summary']['by_topology']}
+    S = {s['arm']: s for s in res['summary']['by_arm']}
     for m in ('wikitext_word_ppl', 'heldout_bpb', 'samples_s', 'arc_easy', 'blimp'):
         for x in TOPOLOGIES:
-            assert S[x]['n_seeds'] == len(seeds) and _finite(S[x][m])
-            assert abs(S[x][m] - sum(runs[(x, sd)][m] for sd in seeds) / len(seeds)) < 1e-9
+            ss = D['seeds'][x]
+            assert S[x]['n_seeds'] == len(ss) and _finite(S[x][m])
+            assert abs(S[x][m] - sum(runs[(x, sd)][m] for sd in ss) / len(ss)) < 1e-9
     assert 'comparisons' not in res['summary']     # measurements only: the tests are the paper's, by the verdict engine
     from supra.experiments.topology.paper import verdicts
     V = [v for v in verdicts(res) if v['kind'] == 'comparison']
@@ -83,10 +92,10 @@ def test_floor_fields_and_heldout_curves(smoke):
     fields = ('blimp_morphology', 'blimp_syntax', 'blimp_semantics', 'blimp_syntax_semantics')
     for r in res['runs']:
         assert all(0 <= r[f] <= 1 for f in fields), r
-        c = res['curves'][r['topology']][str(r['seed'])]['heldout']
+        c = res['curves'][r['arm']][str(r['seed'])]['heldout']
         assert len(c['step']) >= 2 and c['step'][-1] == r['steps'] and c['step'] == sorted(c['step'])   # every 1/8 epoch and at the end
         assert all(_finite(x) and x > 0 for x in c['loss'] + c['bpb'])
-    S = {s['topology']: s for s in res['summary']['by_topology']}
+    S = {s['arm']: s for s in res['summary']['by_arm']}
     assert all(_finite(S[t][f]) for t in TOPOLOGIES for f in fields)
     from supra.experiments.topology.paper import vs_floor
     v = vs_floor(res, 'heldout_bpb')
@@ -104,9 +113,11 @@ def test_paper(smoke):
     for r in res['runs']:
         if r['seed'] == res['plan']['seeds'][0] and r['generation_greedy']:
             assert html.escape(r['generation_greedy'], quote=True) in page
-    shown = f"{next(s for s in res['summary']['by_topology'] if s['topology'] == 'balanced')['wikitext_word_ppl']:,.2f}"   # table numbers are computed from results.json
+    shown = f"{next(s for s in res['summary']['by_arm'] if s['arm'] == 'balanced')['wikitext_word_ppl']:,.2f}"   # table numbers are computed from results.json
     assert shown in page
     assert "The seed's claims" in html.unescape(page) and 'Throughput, Throughput' not in page
+    from supra.experiments.topology.paper import seeds_text
+    assert seeds_text(res) in html.unescape(page) and 'Seeds by power' in page     # the seeds each shape ran, and how they were allocated
     ref = res['summary']['seed_reference']   # the seed's published numbers the paper quotes are recorded in results.json by the run
     assert ref['lr'] == 0.001178 and ref['samples_s']['balanced'] == 282.9
     assert f"{ref['lr']:.3e}" in page and f"×{ref['samples_s']['shallow-wide'] / ref['samples_s']['deep-narrow']:.2f}" in page
@@ -136,7 +147,7 @@ def test_rerun_is_cached(smoke):
     assert again['runs'] == smoke['results']['runs'] and again['summary']['topologies'] == smoke['results']['summary']['topologies']
 
 @pytest.mark.parametrize('param,value,field', [('seeds', 'abc', 'seeds'), ('preset', 'fast', 'preset'), ('base_lr', 0, 'base_lr'), ('seeds', '0,99', 'seeds'),
-                                               ('n_trials', 5, 'parameter'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper')])
+                                               ('n_trials', 5, 'parameter'), ('seed', 1, 'parameter'), ('paper', '/proc/x.html', 'paper'), ('n_max', 1, 'n_max')])
 def test_plan_refuses_a_bad_parameter(tmp_path, param, value, field):
     "In-process: the plan names the parameter, the value and what is allowed."
     from supra.experiments.topology.run import plan

@@ -81,6 +81,8 @@ def verdict_table(results:list, title:str='Comparisons and claims', **kw) -> dic
     cells = [verdict_cells(r) for r in results]
     tests = [r['label'] or f"{r['a']} vs {r['b']}: {r['metric']}" for r in results]
     rows = [row(name, [c[k] for c in cells], fmt='str') for name, k in (('effect', 'effect'), ('interval', 'interval'), ('MDE', 'mde'), ('p', 'p'), ('p (Holm)', 'p_adj'))]
+    if any(r.get('stage_seeds') for r in results):    # seeds allocated in two stages: how many each stage gave the test
+        rows.append(row('seeds: pilot + by power', [f"{r['stage_seeds'][0]} + {r['stage_seeds'][1]}" if r.get('stage_seeds') else '—' for r in results], fmt='str'))
     m = results[0]['family_size'] if results else 0
     cap = (f"The family: the paper's {m} tests, decided together (Holm–Bonferroni at α = 0.01; p (Holm) is the adjusted p); intervals simultaneous "
            f"at 1 − α/{m} and MDEs (the true effect detected with 80% power) at α/{m}, in each metric's unit. 'bounded' is a bound, never a measurement.")

@@ -14,11 +14,11 @@ from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cel
 from ...eval.harness import item_lists
 
 # %% auto #0
-__all__ = ['BLIMP_CHANGE', 'UNITS', 'SPIKE_NATS', 'family', 'verdicts', 'vs_floor', 'informative', 'claims', 'findings',
-           'lr_walk_chart', 'figures', 'paper']
+__all__ = ['BLIMP_CHANGE', 'UNITS', 'SPIKE_NATS', 'family', 'verdicts', 'seeds_text', 'vs_floor', 'informative', 'claims',
+           'findings', 'lr_walk_chart', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/03_topology_paper.ipynb #8a50636c
-def _S(res) -> dict: return {s['topology']: s for s in res['summary']['by_topology']}
+def _S(res) -> dict: return {s['arm']: s for s in res['summary']['by_arm']}
 def _m(res, k, t): return _S(res)[t][k]
 def _best(res, k):
     means = {t: _m(res, k, t) for t in TOPOLOGIES}
@@ -33,16 +33,16 @@ def _metric(k) -> Metric:
 def _claims(res:dict) -> list:
     "The seed's claims: shallow & wide wins on held-out bits/byte (a direction) and on word perplexity (the seed's own factors, on the log scale), depth is a bottleneck, shallow & wide trains faster."
     ref = res['summary'].get('seed_reference', {}); ppl, sc = ref.get('wikitext_word_ppl'), ref.get('samples_s')
-    out = [Claim(f'Shallow & wide wins on held-out bits per byte: vs {LABELS[o].lower()}', _metric('heldout_bpb'), 'shallow-wide', o, sign=-1, by='topology')
+    out = [Claim(f'Shallow & wide wins on held-out bits per byte: vs {LABELS[o].lower()}', _metric('heldout_bpb'), 'shallow-wide', o, sign=-1)
            for o in ('balanced', 'deep-narrow')]
     for o in ('balanced', 'deep-narrow'):
         x = ppl['shallow-wide'] / ppl[o] if ppl else None
         out.append(Claim(f'Shallow & wide wins on WikiText word perplexity: vs {LABELS[o].lower()}' + (f' (the seed: ×{x:.2f})' if x else ''),
-                         _metric('wikitext_word_ppl'), 'shallow-wide', o, value=x, ratio=True, sign=-1, by='topology'))
-    out.append(Claim('Depth is a bottleneck: deep & narrow is worse than balanced (held-out bits/byte)', _metric('heldout_bpb'), 'deep-narrow', 'balanced', sign=1, by='topology'))
+                         _metric('wikitext_word_ppl'), 'shallow-wide', o, value=x, ratio=True, sign=-1))
+    out.append(Claim('Depth is a bottleneck: deep & narrow is worse than balanced (held-out bits/byte)', _metric('heldout_bpb'), 'deep-narrow', 'balanced', sign=1))
     seed_x = f"×{sc['shallow-wide'] / sc['deep-narrow']:.2f} on its GPU" if sc else 'faster'
     out.append(Claim(f'Shallow & wide trains faster than deep & narrow (the seed: {seed_x}; the direction is tested — speed ratios do not transfer across hardware)',
-                     _metric('samples_s'), 'shallow-wide', 'deep-narrow', sign=1, by='topology'))
+                     _metric('samples_s'), 'shallow-wide', 'deep-narrow', sign=1))
     return out
 
 def family(res:dict) -> list:
@@ -52,23 +52,23 @@ def family(res:dict) -> list:
     cl = _claims(res); ng = res['summary'].get('ngram') or {}
     done = {(c.metric.name, frozenset((c.a, c.b))) for c in cl}
     ks = [k for k in TESTED if k in res['runs'][0] and (k != 'arc_easy' or informative(res, k))]
-    pair = lambda k, a, b: (Versus(BLIMP_CHANGE, f'{a} − {b}', 0.0, 'no change', by='topology', label=f"{BLIMP_CHANGE.label}: {LABELS[a].lower()} − {LABELS[b].lower()}")
-                            if k == 'blimp' else Comparison(_metric(k), a, b, by='topology', label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}"))
+    pair = lambda k, a, b: (Versus(BLIMP_CHANGE, f'{a} − {b}', 0.0, 'no change', label=f"{BLIMP_CHANGE.label}: {LABELS[a].lower()} − {LABELS[b].lower()}")
+                            if k == 'blimp' else Comparison(_metric(k), a, b, label=f"{_metric(k).label}: {LABELS[a].lower()} vs {LABELS[b].lower()}"))
     out = cl + [pair(k, a, b) for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] if (k, frozenset((a, b))) not in done]
-    out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', by='topology', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
+    out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
                    label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
     return out
 
 def _rows(res) -> list[dict]:
     "The engine's rows: every run's (per-item BLiMP scores decoded) and, per seed, each pair of shapes' BLiMP difference item by item."
     rows = item_lists(res['runs'])
-    return rows + [r for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] for r in item_pairs(rows, a, b, by='topology')]
+    return rows + [r for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] for r in item_pairs(rows, a, b)]
 
 _MEMO = {}   # the last envelope judged and its verdicts: the page asks for them many times, and BLiMP's bootstraps take seconds
 
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged by the engine (Holm over the family, α = 0.01); judged once per envelope object."
-    if _MEMO.get('res') is not res: _MEMO.update(res=res, V=judge(_rows(res), family(res), family='topology'))
+    if _MEMO.get('res') is not res: _MEMO.update(res=res, V=judge(_rows(res), family(res), family='topology', stages=res['summary'].get('design')))
     return _MEMO['V']
 
 def _comp(res, k, a, b):
@@ -83,6 +83,17 @@ def _comp(res, k, a, b):
     e = r['effect'] if r['effect'] is None or not flip else (1 / r['effect'] if ratio else -r['effect'])
     none = 1.0 if ratio else 0.0
     return dict(r, a=a, b=b, diff=e, resolved=r['effect'] is not None and (r['ci_lo'] > none or r['ci_hi'] < none))
+
+def seeds_text(res:dict) -> str:
+    "The seeds each shape ran — the pilot's, then those the second stage added by power — as the paper states them."
+    D = res['summary']['design']; seeds = D['seeds']
+    per = {tuple(v) for v in seeds.values()}
+    pilot = [s for s in next(iter(seeds.values()))][:D['n1']]
+    add = {t: len(v) - D['n1'] for t, v in seeds.items()}
+    more = ('no more' if not any(add.values()) else
+            ', '.join(f"{LABELS[t].lower()} +{n}" for t, n in add.items()) if len(set(add.values())) > 1 else f"{next(iter(add.values()))} more for every shape")
+    every = f"seeds {', '.join(map(str, next(iter(per))))}" if len(per) == 1 else '; '.join(f"{LABELS[t].lower()} {', '.join(map(str, v))}" for t, v in seeds.items())
+    return f"{every} (a pilot of {', '.join(map(str, pilot))}, then {more} by power)"
 
 def _p(c) -> str:
     if c['p'] is None: return 'no test: one seed'
@@ -108,7 +119,7 @@ def informative(res:dict, k:str) -> bool:
     b = res['summary']['baselines'].get(k, {})
     ref = max(x for x in (b.get('chance'), b.get('majority'), 0.0) if x is not None)
     for t in TOPOLOGIES:
-        rs = [r for r in res['runs'] if r['topology'] == t]
+        rs = [r for r in res['runs'] if r['arm'] == t]
         ses = [r.get(f'{k}_stderr') for r in rs]
         if any(s is None for s in ses): continue
         if np.mean([r[k] for r in rs]) - ref > 2 * math.sqrt(sum(s ** 2 for s in ses)) / len(rs): return True
@@ -130,7 +141,7 @@ SPIKE_NATS = 0.1   # a rise of the training loss above its first step's (≈ ln 
 
 def _spikes(res) -> str:
     "Every run whose training loss rose more than SPIKE_NATS above its first step's — a spike — and every LR-walk run that diverged, named."
-    up = [f"{LABELS[r['topology']].lower()} seed {r['seed']} +{r['spike']:.2f}" for r in res['runs'] if (r.get('spike') or 0) > SPIKE_NATS]
+    up = [f"{LABELS[r['arm']].lower()} seed {r['seed']} +{r['spike']:.2f}" for r in res['runs'] if (r.get('spike') or 0) > SPIKE_NATS]
     walk = [f"{LABELS[t].lower()} at {x['lr']:.2e} " + ('diverged' if x['diverged'] else f"spiked +{x['spike']:.2f}")
             for t in TOPOLOGIES for x in res['summary']['topologies'][t]['runs'] if x['diverged'] or (x['spike'] or 0) > SPIKE_NATS]
     return (f'; comparison runs whose loss rose more than {SPIKE_NATS:g} nats above its start: ' + ', '.join(up) if up else f"; no comparison run's loss rose more than {SPIKE_NATS:g} nats above its starting value") + \
@@ -248,7 +259,9 @@ def paper(res:dict, figs:dict, path) -> Path:
     from supra.lab.arms import verdict_table
     from supra.pages.fmt import fmt_int, fmt_duration
     pl, env, sm = res['plan'], res['environment'], res['summary']; topo, S = sm['topologies'], _S(res)
-    pname, seeds, hw, tc = pl['preset']['name'], pl['seeds'], env.get('hardware', env.get('device')), pl['preset']['train']
+    pname, hw, tc, D = pl['preset']['name'], env.get('hardware', env.get('device')), pl['preset']['train'], sm['design']
+    seeds, n_s = pl['seeds'], min(S[t]['n_seeds'] for t in TOPOLOGIES)     # the pilot's seeds; every shape has at least n_s
+    n_txt = f"{n_s}" if all(S[t]['n_seeds'] == n_s for t in TOPOLOGIES) else f"{n_s}–{max(S[t]['n_seeds'] for t in TOPOLOGIES)}"
     cols = [f"{LABELS[t]} ({_shape(topo[t])})" for t in TOPOLOGIES]
     ng = sm.get('ngram') or {}
     inf = {k: informative(res, k) for k in ('arc_easy', 'blimp')}
@@ -266,18 +279,18 @@ def paper(res:dict, figs:dict, path) -> Path:
         status.append(('Resolved best: ' + ', '.join(dict.fromkeys(won)), 'success') if won else ('No resolved win', 'muted'))
     main = table(cols, rows, title='Topology matrix', baselines=('chance', 'majority') + (('trigram',) if ng else ()), status=status, highlight_col=TOPOLOGIES.index(_best(res, 'wikitext_word_ppl')),
                  label='// Topology_Evaluation_Data', nav='Results', id='results',
-                 caption=f"Mean ± standard deviation over {len(seeds)} seeds ({', '.join(map(str, seeds))}); the best mean per row is highlighted. "
+                 caption=f"Mean ± standard deviation over {n_txt} seeds per shape — {seeds_text(res)}; the best mean per row is highlighted. "
                          "Standard deviations are over seeds (initialisation and data order), not lm-eval's per-run stderr (see the per-run table). "
                          "STATUS lists the metrics on which a topology's lead over *both* others is resolved by the paired test (p < 0.01)."
                          + (f" Trigram: an interpolated Kneser–Ney {ng.get('order', 3)}-gram counted from the same pool, scored by the same lm-eval tasks and held-out documents — the floor of counting." if ng else ''))
     frows = [row(f"BLiMP {f.replace('_', '–')} (↑)", [S[t][k] for t in TOPOLOGIES], [S[t][f'{k}_std'] for t in TOPOLOGIES], fmt='pct', best='max', chance=0.5,
                  **({'trigram': ng[k]} if ng.get(k) is not None else {})) for f, k in zip(BLIMP_FIELDS, FIELDS) if S['balanced'].get(k) is not None]
     fields = table(cols, frows, title='BLiMP by field', baselines=('chance',) + (('trigram',) if ng else ()), label='// BLiMP_Fields', id='blimp-fields',
-                   caption=f"Mean accuracy over the paradigms of each linguistic field (lm-eval's BLiMP paradigms grouped by field), mean ± std over {len(seeds)} seeds.") if frows else None
+                   caption=f"Mean accuracy over the paradigms of each linguistic field (lm-eval's BLiMP paradigms grouped by field), mean ± std over {n_txt} seeds per shape.") if frows else None
     V = verdicts(res)
     comp = verdict_table([r for r in V if r['kind'] != 'claim'], title='Which differences are real?', label='// Noise', nav='Noise', id='noise')
     claim_tab = verdict_table([r for r in V if r['kind'] == 'claim'], title="The seed's claims", label='// Claims', nav='Claims', id='claims')
-    rcols = [f"{LABELS[r['topology']].split(' ')[0]} s{r['seed']}" for r in res['runs']]
+    rcols = [f"{LABELS[r['arm']].split(' ')[0]} s{r['seed']}" for r in res['runs']]
     col = lambda k: [r.get(k) for r in res['runs']]
     per_run = table(rcols, [row('Peak LR', col('lr'), fmt='.2e'), row('Step loss (↓)', col('step_loss'), best='min'), row('Train loss (↓)', col('train_loss'), best='min'),
                             row('Held-out bpb (↓)', col('heldout_bpb'), fmt='num', digits=4, best='min'), row('WikiText word PPL (↓)', col('wikitext_word_ppl'), digits=2, best='min'),
@@ -298,13 +311,16 @@ def paper(res:dict, figs:dict, path) -> Path:
                            f"steps past whichever edge is best until the best has both neighbours measured (at most {W.get('max_runs', '—')} runs per shape). "
                            + (f"At the edge of the walk (out of runs): {', '.join(edge)}. " if edge else 'Every chosen LR has both neighbours measured. ')
                            + "A diverged neighbour shows as —; the comparison runs use the chosen LR for every seed.")
-    gens = [dict(label=f"{LABELS[r['topology']]} (seed {r['seed']})", text=r.get('generation_greedy') or '') for r in res['runs'] if r['seed'] == seeds[0]]
+    gens = [dict(label=f"{LABELS[r['arm']]} (seed {r['seed']})", text=r.get('generation_greedy') or '') for r in res['runs'] if r['seed'] == seeds[0]]
     n_tok = res['data']['n_tokens']
     method = prose('Method', [
         f"Three decoder-only transformers (Llama-style: RMSNorm, RoPE, SwiGLU with hidden 4·d, tied embeddings, no biases, head_dim "
         f"{topo['balanced']['head_dim']}) of the shapes above, vocabulary {res['data']['vocab_size']:,}, context {tc['seq_len']}. Each is trained for "
         f"**one epoch over the same pool of {fmt_int(n_tok)} unique tokens** of `{res['corpus']}` (batch {tc['batch_size']} × {tc['seq_len']} tokens, AdamW, {tc['schedule']} schedule), "
-        f"seeds {', '.join(map(str, seeds))}, on {hw} ({'bf16 autocast' if env.get('device') == 'cuda' else 'fp32'}).",
+        f"{seeds_text(res)}, on {hw} ({'bf16 autocast' if env.get('device') == 'cuda' else 'fp32'}).",
+        f"Seeds by power: every shape ran a pilot of {D['n1']} seeds; then each pair of shapes asked for as many more as 80% power needs to resolve a difference of {D['target']:g} {D['unit']} in held-out bits per byte, given the pilot's spread "
+        f"(`supra.lab.verdict.stage2_for`, at α/{D['family_size']} for the three pairs, at most {D['n_max']} seeds in all; " + ', '.join(f"{' vs '.join(LABELS[x].lower() for x in k.split('|'))} +{n}" for k, n in D['need'].items())
+        + "), and a shape ran the most any of its pairs asked for. A paired test over seeds combines the two stages' own t statistics (inverse-normal, weights fixed before the runs).",
         "Evaluation: lm-eval zero-shot on ARC-Easy and BLiMP, and WikiText word perplexity, each with the limits of the preset ("
         + ', '.join(f"{t} {n}" + (' per paradigm' if t == 'blimp' else '') for t, n in (pl.get('limits') or ())) + "); held-out bits per byte "
         "with a sliding window on documents of the corpus that the pool never contains. During training the same documents' first 32 windows are scored every ⅛ of the epoch "
@@ -323,7 +339,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         label='// Method', nav='Method', id='method')
     scale = (f"**Scale: `{pname}` preset.** Shapes scaled from the seed's 12×128 / 6×192 / 3×256 to "
              f"{' / '.join(_shape(topo[t]).replace(' ', '') for t in TOPOLOGIES)} ({', '.join(fmt_int(topo[t]['params']) for t in TOPOLOGIES)} parameters), "
-             f"{fmt_int(n_tok)} tokens, {len(seeds)} seeds, {hw}. Absolute numbers are not comparable with the seed's; the comparison between shapes is the result."
+             f"{fmt_int(n_tok)} tokens, {n_txt} seeds per shape, {hw}. Absolute numbers are not comparable with the seed's; the comparison between shapes is the result."
              if pname != 'paper' else None)
     secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), main,
             chart(figs['ppl'], 'WikiText word perplexity by topology', 'Bars: mean over seeds; error bars: ± one std.', label='// Visualizations', nav='Charts', id='charts'),
@@ -336,9 +352,9 @@ def paper(res:dict, figs:dict, path) -> Path:
             samples(gens, prompt=pl['preset']['eval']['gen_prompt'], title='Generations', intro='Greedy continuations of each topology (first seed). Model text is shown escaped.', nav='Samples'),
             method, links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with the plan, the machine and every run of the LR walk.', tone='success')]),
             stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Token pool': f'{fmt_int(n_tok)} tokens, 1 epoch',
-                   'Seeds': ', '.join(map(str, seeds)), 'LR walk': f"full length, seed {W.get('seed', '—')}, {sum(len(topo[t]['runs']) for t in TOPOLOGIES)} runs",
+                   'Seeds': seeds_text(res), 'LR walk': f"full length, seed {W.get('seed', '—')}, {sum(len(topo[t]['runs']) for t in TOPOLOGIES)} runs",
                    'Compute: train · LR walk · eval': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'lr_search_s', 'eval_s'))})]
     spec = dict(title='Hidden Topology — Depth vs. Width', kicker='Experiment #4:', banner=scale, sections=secs,
                 lede=(f"Three shapes with a similar parameter budget — deep & narrow, balanced, shallow & wide — trained on the same {fmt_int(n_tok)} unique tokens "
-                      f"of {res['corpus']}, each at its own learning rate chosen at full length on a seed of its own, then compared on {len(seeds)} other seeds, evaluated on WikiText, ARC-Easy, BLiMP and held-out text."))
+                      f"of {res['corpus']}, each at its own learning rate chosen at full length on a seed of its own, then compared on {n_txt} other seeds (as many as power asked for), evaluated on WikiText, ARC-Easy, BLiMP and held-out text."))
     return write_paper(path, spec)

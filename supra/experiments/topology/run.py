@@ -7,16 +7,18 @@ from __future__ import annotations
 import math, time
 from dataclasses import dataclass
 import numpy as np
-from ...core.config import check, check_num, ModelConfig, Preset
+from ...core.config import check, check_num, as_int, ModelConfig, Preset
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import group_summary
+from ...lab.verdict import stage2_for
 from ...train.runlog import RunLog
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'SELECT_SEED', 'LR_STEP',
-           'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs', 'TopologyPlan', 'plan',
-           'lr_walk', 'curve_metrics', 'choose_lrs', 'train_and_evaluate', 'summarize', 'run']
+           'TARGET', 'STAGED', 'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs',
+           'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'choose_lrs', 'train_and_evaluate', 'second_stage',
+           'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -36,15 +38,18 @@ def topology_configs(p:Preset) -> dict[str, ModelConfig]:
             for t, (L, d) in s['shapes'].items()}
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #ceafd83d
-PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', out_dir='outputs/topology', paper='papers/topology.html', base_lr=None)
+PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', out_dir='outputs/topology', paper='papers/topology.html', base_lr=None, n_max=None)
 PLAN_DEFAULTS = {
-    'smoke': dict(seeds=[0, 1], min_seeds=1, base_lr=3e-3, max_lr_runs=4),
-    'cpu':   dict(seeds=[0, 1, 2, 3, 4, 5], min_seeds=3, base_lr=4e-3, max_lr_runs=5, limits={'blimp': 120, 'arc_easy': 500, 'wikitext': 20}, n_tokens=1_000_000),
-    'paper': dict(seeds=[0, 1, 2], min_seeds=3, base_lr=1.2e-3, max_lr_runs=6),   # the seed's own LR, 0.001178, to start from
+    'smoke': dict(seeds=[0, 1], min_seeds=1, n_max=4, base_lr=3e-3, max_lr_runs=4),
+    # cpu: ~80 s a comparison run (train + eval) → LR walk ≤ 3 × 5 runs (~10 min) + 3 shapes × 3–6 seeds (12–24 min) + the floor ≈ 25–37 min
+    'cpu':   dict(seeds=[0, 1, 2], min_seeds=3, n_max=6, base_lr=4e-3, max_lr_runs=5, limits={'blimp': 120, 'arc_easy': 500, 'wikitext': 20}, n_tokens=1_000_000),
+    'paper': dict(seeds=[0, 1, 2], min_seeds=3, n_max=6, base_lr=1.2e-3, max_lr_runs=6),   # the seed's own LR, 0.001178, to start from
 }
 EVAL_TASKS = ('blimp', 'arc_easy', 'wikitext')   # the seed's ARC-Easy and WikiText, plus BLiMP
 SELECT_SEED = 99                 # the seed that only chooses each shape's LR: the comparisons never see it
 LR_STEP = 2.0                    # neighbouring LRs of the walk: ×½ and ×2
+TARGET = 0.05                    # bits/byte: the difference between two shapes' held-out bpb the second stage is powered (80%) to resolve
+STAGED = 'heldout_bpb'           # the question that sets the seeds: each pair of shapes on held-out bits per byte
 
 @dataclass(frozen=True)
 class TopologyPlan(Plan):
@@ -52,9 +57,14 @@ class TopologyPlan(Plan):
     base_lr: float = 4e-3            # the walk's first LR (and its ×½, ×2 neighbours)
     max_lr_runs: int = 5             # full-length runs per shape the LR walk may spend
     limits: tuple = ()               # (task, examples) pairs overriding the preset's evaluation limit
+    n_max: int = 6                   # seeds per shape at most: the pilot's, then the second stage's (allocated by power)
 
     @property
     def models(self) -> dict[str, ModelConfig]: return topology_configs(self.preset)
+    @property
+    def extra_seeds(self) -> tuple:
+        "The seeds a second stage may add, in order: the integers after the pilot's, never SELECT_SEED."
+        return tuple(s for s in range(max(self.seeds) + 1, max(self.seeds) + 2 + self.n_max) if s != SELECT_SEED)[:max(0, self.n_max - len(self.seeds))]
 
 def plan(**params) -> TopologyPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
@@ -62,11 +72,12 @@ def plan(**params) -> TopologyPlan:
     check(SELECT_SEED not in c['seeds'], 'seeds', list(c['seeds']), f'seeds other than {SELECT_SEED}, the seed that only chooses the learning rates')
     base_lr = d['base_lr'] if p['base_lr'] is None else p['base_lr']
     check_num('base_lr', base_lr, lo=0, hi=1, lo_open=True)
+    n_max = max(d['n_max'], len(c['seeds'])) if p['n_max'] is None else as_int('n_max', p['n_max'], lo=len(c['seeds']))
     pre = experiment_preset(c['preset'], c['corpus'], c['device'])
     data = pre.data.replace(n_tokens=50_000_000 if pre.name == 'paper' else d.get('n_tokens', pre.data.n_tokens))
     bpb_docs = pre.eval.bpb_docs or data.val_docs // 2      # the rest of the held-out documents score the LR choice
     pre = pre.replace(data=data, train=pre.train.replace(epochs=1), eval=pre.eval.replace(tasks=EVAL_TASKS, bpb_docs=bpb_docs))
-    return TopologyPlan(**{**c, 'preset': pre}, base_lr=float(base_lr), max_lr_runs=d['max_lr_runs'], limits=tuple(sorted(d.get('limits', {}).items())))
+    return TopologyPlan(**{**c, 'preset': pre}, base_lr=float(base_lr), max_lr_runs=d['max_lr_runs'], limits=tuple(sorted(d.get('limits', {}).items())), n_max=n_max)
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aa37846c
 def lr_walk(score, max_runs:int) -> tuple[int, dict]:
@@ -156,53 +167,68 @@ def choose_lrs(p:TopologyPlan, pool) -> dict:
         say(f"[topology] {t}: LR {out[t]['lr']:.2e} chosen of {len(runs)} full-length runs" + (' — at the edge of the walk: out of runs' if out[t]['edge'] else ''))
     return out
 
-def train_and_evaluate(p:TopologyPlan, pool, chosen:dict) -> list[dict]:
-    "One epoch per (shape, seed) at the shape's chosen LR (cached, resumable), each evaluated (cached) into one row."
+def train_and_evaluate(p:TopologyPlan, pool, chosen:dict, seeds=None, stage:int=1) -> list[dict]:
+    "One epoch per (shape, seed of `seeds`, default the pilot's) at the shape's chosen LR (cached, resumable), each evaluated (cached) into one row."
     from supra.model.transformer import count_params
     from supra.train.hooks import texts_hook
     report_texts, _ = _split_val(p); rows = []
     hook = texts_hook(pool, report_texts, p.train.seq_len, max_windows=32)   # held-out loss and bits/byte during training
+    seeds = {t: p.seeds for t in TOPOLOGIES} if seeds is None else seeds
     for t in TOPOLOGIES:
-        for seed in p.seeds:
+        for seed in seeds[t]:
             r, d, m = _train(p, pool, t, chosen[t]['lr'], seed, hook)
             ev = evaluate_checkpoint(r['checkpoint'], pool, p.eval, p.device, limits=dict(p.limits))
             check(ev['heldout_docs'] == len(report_texts), 'bpb_docs', ev['heldout_docs'], f'{len(report_texts)} report documents')
             em = eval_metrics(ev)
-            rows.append(dict(topology=t, seed=seed, lr=chosen[t]['lr'], params=int(count_params(p.models[t])), loss_tail=r['loss_tail'], **m, **em,
+            rows.append(dict(arm=t, seed=seed, stage=stage, lr=chosen[t]['lr'], params=int(count_params(p.models[t])), loss_tail=r['loss_tail'], **m, **em,
                              **{f'blimp_{f}': em['blimp_fields'].get(f) for f in BLIMP_FIELDS},
                              baselines=task_baselines(ev), checkpoint=rel(r['checkpoint'], p.out_dir), run_dir=rel(d, p.out_dir)))
             say(f"[topology] {t} seed {seed}: held-out bpb {rows[-1]['heldout_bpb']:.4f} · word PPL {rows[-1]['wikitext_word_ppl']:.1f} · {m['samples_s']:.1f} samples/s"
                 + (f" · loss spiked +{m['spike']:.2f} above its start" if m['spike'] > 0 else ''))
     return rows
 
+def second_stage(p:TopologyPlan, rows:list[dict]) -> tuple[dict, dict]:
+    """(seeds each pair of shapes needs, seeds each shape adds) after the pilot: `stage2_for` on the pair's per-seed held-out bpb
+    differences, for 80% power at TARGET bits/byte at α/3 (the three pairs), at most n_max seeds in all; a shape takes the most any of its pairs needs."""
+    by = {(r['arm'], r['seed']): r[STAGED] for r in rows}
+    pairs = [(a, b) for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:]]
+    need = {f'{a}|{b}': stage2_for([by[a, s] - by[b, s] for s in p.seeds], TARGET, p.n_max, len(pairs)) if len(p.seeds) >= 2 else 0 for a, b in pairs}
+    more = {t: max(n for k, n in need.items() if t in k.split('|')) for t in TOPOLOGIES}
+    return need, more
+
 def summarize(rows:list[dict]) -> dict:
     "Per-shape seed summaries of every metric: measurements only — the paper's tests are the verdict engine's, judged from the rows."
-    return dict(by_topology=group_summary(rows, 'topology', [k for k in (*METRICS, *FIELDS) if k in rows[0]]))
+    return dict(by_arm=group_summary(rows, 'arm', [k for k in (*METRICS, *FIELDS) if k in rows[0]]))
 
 def run(p:TopologyPlan) -> dict:
     "The whole experiment: pool → LR walk → comparison runs → evaluation → floor → the results envelope (not yet written)."
     from supra.data.pool import build_pool
     from supra.eval.floors import ngram_floor_eval, floor_metrics
     t0 = time.perf_counter()
-    say(f"[topology] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · seeds {list(p.seeds)} · LR walk from {p.base_lr:g} "
+    say(f"[topology] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · LR walk from {p.base_lr:g} "
         f"on seed {SELECT_SEED}, ≤ {p.max_lr_runs} full-length runs per shape · {p.device}")
     pool = build_pool(p.data)
     chosen = choose_lrs(p, pool)
     runs = train_and_evaluate(p, pool, chosen)
+    need, more = second_stage(p, runs)
+    say(f"[topology] second stage: {', '.join(f'{k} +{v}' for k, v in need.items())} seeds (TARGET {TARGET} bits/byte, at most {p.n_max} per shape)")
+    runs += train_and_evaluate(p, pool, chosen, {t: p.extra_seeds[:more[t]] for t in TOPOLOGIES}, stage=2)
     say(f'[topology] the n-gram floor: a Kneser–Ney {FLOOR_ORDER}-gram counted from the same pool')
     fl = ngram_floor_eval(pool, p.eval, _split_val(p)[0], order=FLOOR_ORDER, limits=dict(p.limits), tasks=tuple(t for t in p.eval.tasks if t != 'wikitext'))
     rows = [{k: v for k, v in r.items() if k not in ('curve', 'baselines', 'blimp_fields')} for r in runs]
     topo = {t: dict(label=LABELS[t], n_layer=c.n_layer, d_model=c.d_model, n_head=c.n_head, head_dim=c.head_dim, vocab=c.vocab_size,
-                    params=next(r['params'] for r in runs if r['topology'] == t), **chosen[t]) for t, c in p.models.items()}
+                    params=next(r['params'] for r in runs if r['arm'] == t), **chosen[t]) for t, c in p.models.items()}
     arc = runs[0]['baselines'].get('arc_easy', {})
     sm = summarize(rows)
     sm.update(topologies=topo, lr_walk=dict(seed=SELECT_SEED, step=LR_STEP, base_lr=p.base_lr, max_runs=p.max_lr_runs),
               baselines=dict(arc_easy=dict(chance=0.25, majority=arc.get('majority')), blimp=dict(chance=0.5, majority=0.5)),
-              seed_reference=SEED_REFERENCE, ngram=floor_metrics(fl))
+              seed_reference=SEED_REFERENCE, ngram=floor_metrics(fl),
+              design=dict(n1=len(p.seeds), n_max=p.n_max, n2=more, need=need, target=TARGET, unit='bits/byte', metric=STAGED, family_size=3, power=0.8,
+                          seeds={t: [r['seed'] for r in rows if r['arm'] == t] for t in TOPOLOGIES}))
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset.name, corpus=p.corpus, environment=environment(p.device),
                     data=dict(corpus=p.corpus, n_tokens=int(pool.n_tokens), vocab_size=p.data.vocab_size, pool_key=pool.key,
                               bytes_per_token=(getattr(pool, 'meta', None) or {}).get('bytes_per_token')),
-                    runs=rows, summary=sm, curves={t: {str(r['seed']): r['curve'] for r in runs if r['topology'] == t} for t in TOPOLOGIES},
+                    runs=rows, summary=sm, curves={t: {str(r['seed']): r['curve'] for r in runs if r['arm'] == t} for t in TOPOLOGIES},
                     compute=dict(train_s=sum(r['train_s'] for r in rows), eval_s=sum(r.get('eval_s') or 0 for r in rows) + fl['eval_s'],
                                  lr_search_s=sum(x['train_s'] or 0 for t in TOPOLOGIES for x in chosen[t]['runs']), wall_s=time.perf_counter() - t0),
                     status=dict(state='complete'))
