@@ -10,6 +10,9 @@ NB = ROOT / 'nbs' / 'epochs.ipynb'
 PAPERMILL = [sys.executable, '-m', 'papermill', '--no-progress-bar']
 pytestmark = pytest.mark.skipif(not os.environ.get('SUPRA_DATA'), reason='needs SUPRA_DATA (the local data sets); ./test.sh sets it')
 
+
+def REP(res): return [s for s in res['summary']['by_arm'] if s['arm'] == 'repeated']   # the repeated arm at each epoch count
+
 def papermill(out_dir, *params, check=True, **kw):
     args = [*PAPERMILL, str(NB), str(out_dir / 'out.ipynb'), '-p', 'preset', 'smoke', '-p', 'out_dir', str(out_dir),
             '-p', 'paper', str(out_dir / 'epochs.html'), *map(str, params)]
@@ -48,7 +51,8 @@ def test_results_json_has_every_metric(smoke):
     v = {x['epochs']: x for x in res['summary']['value_of_repeats']}
     assert v[1]['value'] == pytest.approx(1.0) and v[2]['predicted'] == pytest.approx(0.984, abs=1e-3) and finite(v[2]['value'])
     # the run measures, the paper judges: no test in the summary
-    assert set(res['summary']) == {'by_epochs', 'fresh_by_epochs', 'value_of_repeats', 'baselines', 'ngram', 'model'}
+    assert set(res['summary']) == {'by_arm', 'value_of_repeats', 'baselines', 'ngram', 'model'}
+    assert [(s['arm'], s['epochs']) for s in res['summary']['by_arm']] == [(r['arm'], r['epochs']) for r in res['runs'] if r['seed'] == 0]   # each arm at each epoch count
     # every row: its generalisation gap, and BLiMP per pair — the same pairs in the same order for every checkpoint, their mean the accuracy
     from supra.eval.harness import unpack_items
     items = [unpack_items(r['blimp_items']) for r in res['runs']]
@@ -57,11 +61,12 @@ def test_results_json_has_every_metric(smoke):
         assert sum(i) / len(i) == pytest.approx(r['blimp'], abs=1e-12) and r['gap'] == pytest.approx(r['heldout_loss'] - r['train_loss'])
     assert items[0] == items[len(rep)]                                   # the fresh control's shared first epoch: the repeated run's items
     # held-out loss during training, from the trainer's eval hook, is inside the envelope's curves
-    assert res['curves']['repeated/0']['stable']['heldout'] and all(finite(e['bpb']) for e in res['curves']['repeated/0']['stable']['heldout'])
+    assert set(res['curves']) == {'repeated', 'fresh'} and set(res['curves']['repeated']) == {str(s) for s in res['plan']['seeds']}   # {arm: {seed: branches}}
+    assert res['curves']['repeated']['0']['stable']['heldout'] and all(finite(e['bpb']) for e in res['curves']['repeated']['0']['stable']['heldout'])
     assert set(res['summary']['baselines']) >= {'blimp', 'arc_easy', 'boolq'}
     assert res['summary']['baselines']['boolq']['majority'] >= 0.5
     assert res['status'] == {'state': 'complete'}
-    assert res['curves']['repeated/0']['stable']['loss'] and res['curves']['repeated/0']['epochs2']['tokens']
+    assert res['curves']['repeated']['0']['stable']['loss'] and res['curves']['repeated']['0']['epochs2']['tokens']
     assert res['environment']['hardware'] and res['environment']['torch']
 
 def test_paper_is_self_contained_and_states_its_scale(smoke):
@@ -72,7 +77,7 @@ def test_paper_is_self_contained_and_states_its_scale(smoke):
     assert 'src="http' not in html and "src='http" not in html and '<script src' not in html
     assert f"{res['summary']['model']['n_params']:,}" in html and res['environment']['hardware'] in html
     # a number of the table comes from results.json
-    assert f"{res['summary']['by_epochs'][0]['heldout_loss']:.3f}" in html
+    assert f"{REP(res)[0]['heldout_loss']:.3f}" in html
     import html as h
     g = res['runs'][0]['generation_greedy']
     assert h.escape(g, quote=False).strip()[:20] in html
@@ -160,11 +165,11 @@ def test_smoke_paper_renders_in_chromium_offline(smoke):
         rows = page.eval('[...document.querySelectorAll("table")].map(t => t.rows.length)')
         assert rows and max(rows) >= 1 + 9 + 1, rows            # header, the metric rows, the status row
         cols = page.eval('document.querySelector("table").rows[0].cells.length')
-        assert cols == 1 + len(res['summary']['by_epochs']) + 3, cols        # metric, one per epoch count, chance, majority, trigram
+        assert cols == 1 + len(REP(res)) + 3, cols        # metric, one per epoch count, chance, majority, trigram
         imgs = page.eval('[...document.images].map(i => [i.complete, i.naturalWidth, i.getBoundingClientRect().width])')
         assert len(imgs) >= 3 and all(c and w > 100 and bw > 100 for c, w, bw in imgs), imgs
         text = page.eval('document.body.innerText')
-        assert 'wikipedia-en' in text and f"{res['summary']['by_epochs'][-1]['heldout_loss']:.3f}" in text
+        assert 'wikipedia-en' in text and f"{REP(res)[-1]['heldout_loss']:.3f}" in text
     assert foreign_requests(page.requests) == [], page.requests
 
 def test_fresh_control_sharing_its_first_epoch_changes_no_weight(smoke, tmp_path):

@@ -191,9 +191,15 @@ def rel(path, base) -> str:
 ENVELOPE_KEYS = ('experiment', 'title', 'plan', 'preset', 'corpus', 'environment', 'data', 'runs', 'summary', 'curves', 'compute', 'status')
 
 def envelope(**kw) -> dict:
-    "The results envelope: exactly ENVELOPE_KEYS, in that order."
+    "The results envelope: exactly ENVELOPE_KEYS, in that order; `summary.by_arm` and `curves` in their one shape."
     missing, extra = [k for k in ENVELOPE_KEYS if k not in kw], sorted(set(kw) - set(ENVELOPE_KEYS))
     check(not missing and not extra, 'results', dict(missing=missing, extra=extra), f'exactly the keys {list(ENVELOPE_KEYS)}')
+    by = (kw['summary'] or {}).get('by_arm') if isinstance(kw['summary'], dict) else None
+    check(isinstance(by, list) and all(isinstance(s, dict) and 'arm' in s and 'n_seeds' in s for s in by), 'summary.by_arm', type(by).__name__,
+          "a list of per-arm seed summaries: supra.lab.stats.group_summary(rows, 'arm', …)")
+    arms, cv = {s['arm'] for s in by}, kw['curves']
+    check(isinstance(cv, dict) and set(cv) <= arms and all(isinstance(v, dict) and all(isinstance(s, str) and s.lstrip('-').isdigit() for s in v) for v in cv.values()),
+          'curves', list(cv)[:4] if isinstance(cv, dict) else type(cv).__name__, f"{{arm: {{seed: curve}}}}, arms from summary.by_arm {sorted(map(str, arms))}, seeds as strings")
     return {k: kw[k] for k in ENVELOPE_KEYS}
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #31ca4d77

@@ -28,15 +28,15 @@ def summary(xs, conf:float=0.95) -> dict:
     return dict(mean=m, std=sd, stderr=se, n=n, ci_lo=m - h, ci_hi=m + h)
 
 # %% ../../nbs/07_lab/00_stats.ipynb #30bc9f20
-def _groups(rows, by):
-    return list(dict.fromkeys(r[by] for r in rows))
-
-def group_summary(rows:list[dict], by:str, metrics) -> list[dict]:
-    "Per value of `by` (in first-seen order): n seeds and, per metric, mean/std/stderr over seeds and the mean lm-eval stderr."
+def group_summary(rows:list[dict], by:str|tuple, metrics) -> list[dict]:
+    """Per value of `by` — a field, or a tuple of fields — in first-seen order: the group's fields, n seeds and, per metric,
+    mean/std/stderr over seeds and the mean lm-eval stderr."""
+    keys = (by,) if isinstance(by, str) else tuple(by)
+    key = lambda r: tuple(r[k] for k in keys)
     out = []
-    for g in _groups(rows, by):
-        rs = [r for r in rows if r[by] == g]
-        s = {by: g, 'n_seeds': len(rs), 'seeds': [r.get('seed') for r in rs]}
+    for g in dict.fromkeys(key(r) for r in rows):
+        rs = [r for r in rows if key(r) == g]
+        s = {**dict(zip(keys, g)), 'n_seeds': len(rs), 'seeds': [r.get('seed') for r in rs]}
         for m in metrics:
             q = summary([r.get(m) for r in rs])
             s[m], s[f'{m}_std'], s[f'{m}_se'], s[f'{m}_ci'] = q['mean'], q['std'], q['stderr'], (q['ci_lo'], q['ci_hi'])

@@ -12,7 +12,8 @@ from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cel
 
 # %% auto #0
 __all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'family', 'verdicts', 'claim_of_drop', 'statuses',
-           'informative', 'headline', 'gap_finding', 'drop_finding', 'findings', 'value_series', 'figures', 'paper']
+           'levels', 'informative', 'headline', 'gap_finding', 'drop_finding', 'findings', 'value_series', 'figures',
+           'paper']
 
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #c6178e11
 BPB, LOSS, TRAIN = Metric('heldout_bpb', 'bits/byte', label='held-out bits/byte'), Metric('heldout_loss', 'nats/token', label='held-out loss'), Metric('train_loss', 'nats/token', label='train loss')
@@ -29,7 +30,7 @@ def _cells(res) -> list[dict]:
     return item_lists([dict(r, cell=_rep(r['epochs']) if r['arm'] == 'repeated' else _fresh(r['epochs'])) for r in res['runs']])
 
 def _best(res, metric, arm='repeated', lowest=True):
-    S = {s['epochs']: s.get(metric) for s in (res['summary']['by_epochs'] if arm == 'repeated' else res['summary'].get('fresh_by_epochs') or [])}
+    S = {s['epochs']: s.get(metric) for s in levels(res, arm)}
     S = {k: v for k, v in S.items() if v is not None and math.isfinite(v)}
     return (min if lowest else max)(S, key=S.get) if S else None
 
@@ -79,8 +80,8 @@ def statuses(res:dict) -> dict:
     'bounded vs best' is no parity: the difference is below what the run could detect."""
     best = _best(res, 'heldout_loss')
     if best is None: return {}
-    tr = {s['epochs']: s['train_loss'] for s in res['summary']['by_epochs']}
-    ks = [s['epochs'] for s in res['summary']['by_epochs'] if s['epochs'] != best]
+    tr = {s['epochs']: s['train_loss'] for s in levels(res, 'repeated')}
+    ks = [s['epochs'] for s in levels(res, 'repeated') if s['epochs'] != best]
     R = dict(zip(ks, judge(_cells(res), [Comparison(LOSS, _rep(k), _rep(best), by='cell') for k in ks], family='status')))
     out = {best: ('best held-out', 'success')}
     for k, r in R.items():
@@ -91,6 +92,9 @@ def statuses(res:dict) -> dict:
 
 # %% ../../../nbs/10_experiments/01_epochs_paper.ipynb #69ec2862
 def _pct(v): return 'n/a' if v is None else f'{100 * v:.2f}%'
+def levels(res:dict, arm:str) -> list[dict]:
+    "The seed summaries of `arm` ('repeated' or 'fresh') at each epoch count, in order: its entries of `summary.by_arm`."
+    return sorted((s for s in res['summary']['by_arm'] if s['arm'] == arm), key=lambda s: s['epochs'])
 def _ep(k): return f"{k} epoch{'s' * (k != 1)}"
 
 def informative(S:list, name:str, base:dict) -> bool:
@@ -121,7 +125,7 @@ def _num(r) -> str:
 
 def headline(res:dict, V:list | None = None) -> tuple[str, str]:
     "The first finding — the papers' index shows it: the question, answered in one sentence with its verdict."
-    sm, d = res['summary'], res['data']; S = sm['by_epochs']; V = verdicts(res) if V is None else V
+    sm, d = res['summary'], res['data']; S = levels(res, 'repeated'); V = verdicts(res) if V is None else V
     b1 = next(s for s in S if s['epochs'] == 1) if any(s['epochs'] == 1 for s in S) else S[0]
     one = next((r for r in V if r['label'].endswith('vs 1 epoch: held-out bits/byte')), None)
     q = 'Is one epoch all you need?'
@@ -140,7 +144,7 @@ def headline(res:dict, V:list | None = None) -> tuple[str, str]:
 
 def gap_finding(res:dict, V:list) -> tuple[str, str] | None:
     "Repetition's share of the generalisation gap: the repeated run's gap against the fresh control's own, by the engine."
-    S, F = res['summary']['by_epochs'], res['summary'].get('fresh_by_epochs') or []
+    S, F = levels(res, 'repeated'), levels(res, 'fresh')
     R = [r for r in V if r['label'].startswith("repetition's share of the gap")]
     if not R or not F or S[0].get('gap') is None: return None
     g = {s['epochs']: s['gap'] for s in S}; f = {s['epochs']: s['gap'] for s in F}
@@ -156,7 +160,7 @@ def drop_finding(res:dict, V:list) -> tuple[str, str] | None:
     if r is None: return None
     hi, lo, val = SEED_DROP; lab = f"Seed claim — {r['label']}"
     if r['verdict'] == 'not testable here': return lab, f"**not testable here**: {r['reason']}."
-    c, S = verdict_cells(r), {s['epochs']: s for s in res['summary']['by_epochs']}
+    c, S = verdict_cells(r), {s['epochs']: s for s in levels(res, 'repeated')}
     claimed = 100 * val
     seen = ('a drop of the seed’s size would have been detected' if r['mde'] is not None and r['mde'] <= abs(claimed) else
             'a drop of the seed’s size could go unseen at this scale')
@@ -168,7 +172,7 @@ def drop_finding(res:dict, V:list) -> tuple[str, str] | None:
 
 def findings(res:dict) -> list[tuple[str, str]]:
     "Key findings of the epochs experiment, each (label, sentence), from the envelope; the first answers the question."
-    sm = res['summary']; S, base = sm['by_epochs'], sm['baselines']
+    sm = res['summary']; S, base = levels(res, 'repeated'), sm['baselines']
     first, last = S[0], S[-1]
     h = {s['epochs']: s['heldout_loss'] for s in S if s['heldout_loss'] is not None}
     best = min(h, key=h.get); bs = next(s for s in S if s['epochs'] == best)
@@ -207,7 +211,7 @@ def findings(res:dict) -> list[tuple[str, str]]:
         out.append(('BLiMP', f"Best after {_ep(k)}: {_pct(fields['blimp'])}, {verdict_cells(bc)['effect']} from chance (interval {verdict_cells(bc)['interval']}; {bc['test']}: "
                     f"the items every seed shares keep their error, and the best of {res['plan']['epochs']} counts was picked) — {_word(bc)}, Holm p {verdict_cells(bc)['p_adj']}"
                     + (f"; by field: {ftxt}" if ftxt else '') + (f"; pairs tied exactly (scored correct): {_pct(fields.get('blimp_ties'))}" if fields.get('blimp_ties') is not None else '') + '.'))
-    F = sm.get('fresh_by_epochs') or []
+    F = levels(res, 'fresh')
     if F and F[-1].get('blimp') is not None:
         out.append(('BLiMP vs unique tokens', 'fresh-data control: ' + ', '.join(f"{_pct(s['blimp'])} at {s['epochs']}× the pool" for s in F) + '.'))
     for t, name in (('arc_easy', 'ARC-Easy'), ('boolq', 'BoolQ')):
@@ -237,7 +241,7 @@ def value_series(vr:list) -> dict:
 def figures(res:dict, fig_dir) -> dict:
     "The epochs paper's figures (SVG + PNG) from the envelope."
     from supra.pages.figures import line_chart, twin_axis_chart, curves_chart
-    fig_dir = Path(fig_dir); sm = res['summary']; S, base, F = sm['by_epochs'], sm['baselines'], sm.get('fresh_by_epochs') or []
+    fig_dir = Path(fig_dir); sm = res['summary']; S, base, F = levels(res, 'repeated'), sm['baselines'], levels(res, 'fresh')
     x = [s['epochs'] for s in S]
     g = lambda m, SS=S: [s[m] for s in SS]
     err = lambda m, SS=S: [s[f'{m}_std'] if s.get(f'{m}_std') is not None else s.get(f'{m}_stderr') for s in SS]
@@ -268,7 +272,7 @@ def figures(res:dict, fig_dir) -> dict:
                                                                                [(R[k]['ci_hi'] - R[k]['ci_lo']) / 2 if k in R else nan for k in x])}
         figs['gap'] = line_chart(x, gs, fig_dir / 'gap', title="The generalisation gap: repeated pool vs the fresh control", xlabel='epochs (fresh control: pools of fresh tokens)',
                                  ylabel='held-out − train loss (nats/token)', baselines={'no gap': 0.0})
-    seed = str(res['plan']['seeds'][0]); c = res['curves'].get(f'repeated/{seed}', {})
+    seed = str(res['plan']['seeds'][0]); c = res['curves'].get('repeated', {}).get(seed, {})
     order = lambda b: -1 if b == 'stable' else int(b.removeprefix('epochs') or 0)
     curves = {('stable' if b == 'stable' else f"cooldown → {b.removeprefix('epochs')} ep"): (v['tokens'], v['loss']) for b, v in sorted(c.items(), key=lambda kv: order(kv[0])) if v['tokens']}
     ev = [e for e in c.get('stable', {}).get('heldout', []) if e.get('heldout_loss') is not None]
@@ -297,7 +301,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     from supra.pages.paper import findings as findings_, row, table, chart, samples, prose, stats, links, write_paper
     from supra.pages.fmt import fmt_duration
     from supra.lab.arms import verdict_table
-    sm = res['summary']; S, base, m = sm['by_epochs'], sm['baselines'], sm['model']
+    sm = res['summary']; S, base, m = levels(res, 'repeated'), sm['baselines'], sm['model']
     pl, d, env = res['plan'], res['data'], res['environment']; ev = pl['preset']['eval']
     seeds, nseeds, out_dir = pl['seeds'], len(pl['seeds']), Path(pl['out_dir'])
     cols = [f"{s['epochs']} ep" for s in S]
@@ -331,7 +335,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                                 caption='Mean accuracy over the paradigms of each linguistic field (lm-eval BLiMP paradigms grouped by their field), repeated pool, mean over seeds.'))
     vr = sm.get('value_of_repeats') or []
     if vr:
-        F = {s['epochs']: s for s in sm.get('fresh_by_epochs') or []}
+        F = {s['epochs']: s for s in levels(res, 'fresh')}
         vrows = [row('Measured value of a repeated token', [_value_txt(v) for v in vr], fmt='str'),
                  row(f'Predicted (R_D* = {MUENNIGHOFF_RD})', [f"{v['predicted']:.2f}" for v in vr], fmt='str'),
                  row('Fresh control: held-out bits/byte at k pools (↓)', [F[v['epochs']]['heldout_bpb'] if v['epochs'] in F else None for v in vr], fmt='.4f', best='min'),

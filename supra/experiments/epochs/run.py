@@ -242,9 +242,7 @@ def _curves(run_dir:Path, n:int=400) -> dict:
 def summarize(rows:list[dict], fresh_pools:int, pool_tokens:int) -> dict:
     """The measurements of the summary, from the per-run rows alone: seed summaries of both arms and the value of a repeated token.
     No test: the paper's family is judged by the verdict engine from the rows."""
-    rep = [r for r in rows if r['arm'] == 'repeated']
-    return dict(by_epochs=group_summary(rep, 'epochs', METRICS + tuple(f'blimp_{f}' for f in BLIMP_FIELDS)),
-                fresh_by_epochs=group_summary([r for r in rows if r['arm'] == 'fresh'], 'epochs', ('heldout_bpb', 'heldout_loss', 'gap', 'blimp', 'blimp_ties', 'train_loss')),
+    return dict(by_arm=group_summary(rows, ('arm', 'epochs'), METRICS + tuple(f'blimp_{f}' for f in BLIMP_FIELDS)),   # each arm at each epoch count
                 value_of_repeats=value_of_repeats(rows, pool_tokens) if fresh_pools else [])
 
 def run(p:EpochsPlan, dashboard:bool=True) -> dict:
@@ -269,7 +267,7 @@ def run(p:EpochsPlan, dashboard:bool=True) -> dict:
     say('[epochs] the n-gram floor: a Kneser–Ney trigram counted from the same pool')
     fl = ngram_floor_eval(pool, p.eval, val_texts(p.data)[:p.eval.bpb_docs], order=3, limits=dict(p.limits), tasks=tuple(t for t in p.eval.tasks if t != 'wikitext'))
     floor = floor_metrics(fl)
-    curves = {f"{r['arm']}/{r['seed']}": _curves(Path(r['run_dir'])) for r in {(r['arm'], r['seed']): r for r in runs}.values()}
+    curves = {a: {str(r['seed']): _curves(Path(r['run_dir'])) for r in {(r['arm'], r['seed']): r for r in runs}.values() if r['arm'] == a} for a in dict.fromkeys(r['arm'] for r in runs)}
     pm = dict(pool.meta) if getattr(pool, 'meta', None) else {}
     data = dict(corpus=p.corpus, n_tokens=int(pool.n_tokens), vocab_size=p.data.vocab_size, pool_key=pool.key,
                 fresh_n_tokens=None if fresh is None else int(fresh.n_tokens), fresh_pool_key=None if fresh is None else fresh.key,

@@ -103,7 +103,7 @@ def figures(res:dict, fig_dir) -> dict:
                               title='Held-out bits per byte after the artefact round trip (↓)', ylabel='bits per byte', highlight=names.index('full'), value_fmt='.3f'))
     by_step = (res['summary'].get('budget') or {}).get('kind') == 'steps'     # curve rows: [step, seconds, loss] (older envelopes: [seconds, loss])
     xy = lambda v: ([x[0] if by_step else x[-2] for x in v], [x[-1] for x in v])
-    cur = {f"{LABELS[k.split('|')[0]]} · seed {k.split('|')[1]}": xy(v) for k, v in res['curves'].items() if k.split('|')[0] in ('baseline', 'full')}
+    cur = {f"{LABELS[a]} · seed {s}": xy(v) for a in ('baseline', 'full') for s, v in res['curves'].get(a, {}).items()}
     figs['curves'] = curves_chart(cur, fig_dir / 'curves', title='Training loss against ' + ('the step' if by_step else 'training time'),
                                   xlabel='step' if by_step else 'training seconds', ylabel='train loss (nats/token)', smooth=0.8)
     return figs

@@ -235,7 +235,8 @@ def run(p:GolfPlan) -> dict:
     say(f"[golf] second stage: {', '.join(f'{k} +{v}' for k, v in need.items())} seeds (TARGET {TARGET} bits/byte, at most {p.n_max} per arm)")
     rows += [dict(run_one(p, pool, a, s, texts, downstream=False), stage=2) for a, _ in arms(p) for s in p.stage2_seeds[:more.get(a, 0)]]
     for r in rows: r['fits'] = r['artefact_bytes'] <= p.byte_budget   # the plan's budget, not the one a cached row was run under
-    curves = {f"{r['arm']}|{r['seed']}": r.pop('curve') for r in rows}
+    curves = {}
+    for r in rows: curves.setdefault(r['arm'], {})[str(r['seed'])] = r.pop('curve')     # {arm: {seed: curve}}, the contract's one shape
     keys = [k for k in METRICS if any(k in r for r in rows)]
     tok_max = max(r['tokens'] for r in rows)
     budget = dict(kind=p.budget, steps=p.steps, budget_s=p.budget_s, tokens_per_step=p.tokens_per_step,
