@@ -1018,6 +1018,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'supra.lab.verdict.difference': ('07_lab/verdict.html#difference', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.fmt_p': ('07_lab/verdict.html#fmt_p', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.holm': ('07_lab/verdict.html#holm', 'supra/lab/verdict.py'),
+                                   'supra.lab.verdict.holm_levels': ('07_lab/verdict.html#holm_levels', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.item_pairs': ('07_lab/verdict.html#item_pairs', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.judge': ('07_lab/verdict.html#judge', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.predicted_power': ('07_lab/verdict.html#predicted_power', 'supra/lab/verdict.py'),

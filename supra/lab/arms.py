@@ -84,7 +84,8 @@ def verdict_table(results:list, title:str='Comparisons and claims', **kw) -> dic
     if any(r.get('stage_seeds') for r in results):    # seeds allocated in two stages: how many each stage gave the test
         rows.append(row('seeds: pilot + by power', [f"{r['stage_seeds'][0]} + {r['stage_seeds'][1]}" if r.get('stage_seeds') else '—' for r in results], fmt='str'))
     m = results[0]['family_size'] if results else 0
-    cap = (f"The family: the paper's {m} tests, decided together (Holm–Bonferroni at α = 0.01; p (Holm) is the adjusted p); intervals simultaneous "
-           f"at 1 − α/{m} and MDEs (the true effect detected with 80% power) at α/{m}, in each metric's unit. 'bounded' is a bound, never a measurement.")
+    cap = (f"The family: the paper's {m} tests, decided together (Holm–Bonferroni at α = 0.01; p (Holm) is the adjusted p); each interval at the level Holm "
+           f"tests it (between α/{m} and α: it excludes no effect exactly when the test is resolved) and MDEs (the true effect detected with 80% power) at α/{m}, "
+           "in each metric's unit. 'bounded' is a bound, never a measurement.")
     return table(tests, rows, status=[(c['verdict'], c['tone']) for c in cells], transpose=True, column_header='Test',
                  **{'title': title, 'caption': cap, 'id': 'verdicts', 'nav': 'Verdicts', **kw})

@@ -13,8 +13,8 @@ from ..eval.harness import item_lists
 
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim', 'holm',
-           'judge', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule', 'stage2_seeds',
-           'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'fmt_p', 'verdict_cells']
+           'holm_levels', 'judge', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule',
+           'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -174,6 +174,16 @@ def holm(ps) -> list:
         run = max(run, min(1.0, (m - rank) * ps[i])); out[i] = run
     return out
 
+def holm_levels(ps, alpha:float=ALPHA) -> list:
+    """The level at which Holm's step-down tests each p (None stays None): α·p/p̃, p̃ its adjusted p before the cap at 1 — so p is
+    below its level exactly when Holm rejects it; between α/m (the smallest p) and α. An interval at this level agrees with the verdict."""
+    idx = [i for i, p in enumerate(ps) if p is not None]; m = len(idx); out = list(ps)
+    run = 0.0
+    for rank, i in enumerate(sorted(idx, key=lambda i: ps[i])):
+        run = max(run, (m - rank) * ps[i])
+        out[i] = alpha / (m - rank) if run == 0 else alpha * ps[i] / run
+    return out
+
 # %% ../../nbs/07_lab/03_verdict.ipynb #03c46273
 def _q(df, p): return float(st.norm.ppf(p)) if df is None or not math.isfinite(df) else float(st.t.ppf(p, df))
 
@@ -196,7 +206,7 @@ def _claim_verdict(lo, hi, claimed, sign:int=0) -> tuple[str, str]:
 
 def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages:dict|None=None) -> list[dict]:
     """Every test of a paper's family on `rows`: the raw test the design calls for, Holm's adjusted p over the family, the
-    simultaneous interval and the MDE at α/m in the metric's unit, and one verdict with its tone. `stages` (dict(n1, n_max)): the seeds
+    interval at the level Holm tests it (`holm_levels`; a best-of-k pick's divided by k) and the MDE at α/m in the metric's unit, and one verdict with its tone. `stages` (dict(n1, n_max)): the seeds
     were allocated in two stages (rows carry `stage`), and a paired test's p is the combination test's (`two_stage`)."""
     raw = []
     for t in tests:
@@ -204,9 +214,9 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
         if isinstance(t, Versus): raw.append(versus(rows, t.metric.name, t.arm, t.value, t.by, t.select, t.value_se)); continue
         log = isinstance(t, Claim) and t.ratio
         raw.append(two_stage(rows, t.metric.name, t.a, t.b, stages, t.by, log) if stages and t.paired else difference(rows, t.metric.name, t.a, t.b, t.by, t.paired, log=log))
-    m = max(1, sum(r['p'] is not None for r in raw)); adj = holm([r['p'] for r in raw]); a_m = alpha / m
+    m = max(1, sum(r['p'] is not None for r in raw)); adj, lv = holm([r['p'] for r in raw]), holm_levels([r['p'] for r in raw], alpha); a_m = alpha / m
     out = []
-    for t, r, pa in zip(tests, raw, adj):
+    for t, r, pa, a_i in zip(tests, raw, adj, lv):
         M_ = t.metric; ratio = isinstance(t, Claim) and t.ratio
         res = dict(family=family, family_size=m, kind=type(t).__name__.lower(), metric=M_.name, unit='×' if ratio else M_.unit,
                    label=getattr(t, 'label', '') or getattr(t, 'claim', ''), test=r['test'], n=r['n'], p=r['p'], p_adj=pa,
@@ -216,9 +226,10 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
         elif r['p'] is None or r['se'] is None:
             res.update(verdict='not testable here', reason=f"fewer than two {'paired ' if getattr(t, 'paired', False) else ''}seeds with a value")
         else:
-            h = _q(r['df'], 1 - a_m / 2) * r['se']; mde = (_q(r['df'], 1 - a_m / 2) + _q(r['df'], power)) * r['se']
+            a_i /= getattr(t, 'select', 1)                          # a best-of-k pick: its p was multiplied by k, its interval widens to match
+            h = _q(r['df'], 1 - a_i / 2) * r['se']; mde = (_q(r['df'], 1 - a_m / 2) + _q(r['df'], power)) * r['se']
             lo, hi, e = r['effect'] - h, r['effect'] + h, r['effect']
-            if r.get('interval'): lo, hi = r['interval'](a_m)        # a two-stage test: its own test inverted at the family's level
+            if r.get('interval'): lo, hi = r['interval'](a_i)        # a two-stage test: its own test inverted at its Holm level
             if isinstance(t, Claim):
                 claimed = None if t.value is None else (math.log(t.value) if ratio else t.value)
                 v, why = _claim_verdict(lo, hi, claimed, t.sign)

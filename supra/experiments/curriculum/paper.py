@@ -146,7 +146,7 @@ def claim_chart(res:dict, arm:str, path):
 
 def speedup_chart(res:dict, path):
     """Per arm, every seed's speed-up to the baseline's bpb (dots; wall-clock and tokens), their geometric mean (bars; hatched: an upper
-    bound, the target never reached), the verdict engine's simultaneous interval where the paper tests the claim, and the seed's factor."""
+    bound, the target never reached), the verdict engine's interval (at the level Holm tests the claim) where the paper tests it, and the seed's factor."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
     from supra.pages.figures import theme_rc, save_figure
@@ -167,7 +167,7 @@ def speedup_chart(res:dict, path):
                 ax.scatter([at] * len(pts), pts, s=12, color=PALETTE['text'], zorder=3, label='one seed' if i == 0 and j == 0 else None)
                 if x == 'tokens' and a in V:
                     r = V[a]; ax.errorbar([at], [r['effect']], yerr=[[r['effect'] - r['ci_lo']], [r['ci_hi'] - r['effect']]], fmt='none', ecolor=SERIES_COLORS[3],
-                                          capsize=4, lw=1.6, zorder=4, label='engine: simultaneous interval' if a == next(iter(V)) else None)
+                                          capsize=4, lw=1.6, zorder=4, label='engine: interval at its Holm level' if a == next(iter(V)) else None)
         for i, a in enumerate(arms):
             if a in F: ax.scatter([i], [F[a]], marker='D', s=60, color=SERIES_COLORS[3], zorder=5, label="seed's factor" if a == next(k for k in arms if k in F) else None)
         ax.axhline(1.0, color=PALETTE['muted'], lw=1)
@@ -221,7 +221,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                                                          row('LR scale', [s['lr_scale'] for s in st], digits=3)],
                       title='The curriculum', row_header='Sequence length', label='// Stages', id='stages',
                       caption=f"{pl['tokens_per_step']:,} tokens per step in every stage; stage k reads its own slice of the pool once (supra.experiments.curriculum.run.SliceStages).")
-    charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean (hatched: an upper bound); the red interval: the verdict engine's simultaneous interval for a tested claim; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
+    charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean (hatched: an upper bound); the red interval: the verdict engine's interval for a tested claim, at the level Holm tests it; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
     for a in sm['speedups']:
         charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb.'))
     t = sm['tokenizers']

@@ -330,7 +330,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"Learning rate: each shape's own, chosen at full length on seed {W.get('seed', '—')} — a seed the comparisons never see — by a walk on a ×{step:g} grid that stops when the lowest "
         f"held-out loss has both neighbours measured (the LR walk table); a run whose loss diverges is listed and never chosen, and every run whose loss rose more than {SPIKE_NATS:g} nats above its first step's is named in the findings.",
         f"Statistics: every test on this page — each pair of shapes on each ranked metric (paired over seeds: a seed fixes the data order, shared by the three shapes; BLiMP item by item, a bootstrap over the {res['runs'][0].get('blimp_n') or 0:,} pairs every model scores and the seeds), each shape against the trigram, "
-        "and the seed's claims — is one family judged by the verdict engine (`supra.lab.verdict`): Holm's adjustment over the family at α = 0.01, intervals at the family's level, "
+        "and the seed's claims — is one family judged by the verdict engine (`supra.lab.verdict`): Holm's adjustment over the family at α = 0.01, each interval at the level Holm tests it (so it excludes no difference exactly when the test is resolved), "
         "and the minimum detectable effect (80% power) wherever a difference is not resolved."],
         [('Step loss vs train loss', 'step loss is the last step\'s batch loss; train loss is the mean over every step of the run, so it includes the early, high losses.'),
          ('Parameter budgets', 'the shapes keep the seed\'s ratios, so the deep-narrow model has fewer parameters than the other two (as in the seed); a loss gap that favours wider models is partly a size gap.'),
