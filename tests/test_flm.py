@@ -1,4 +1,4 @@
-"""flm end to end: `nbs/flm.ipynb` under papermill at the smoke preset (both arms, two seeds: results.json, paper, dashboards),
+"""flm end to end: `nbs/flm.ipynb` under papermill at the smoke preset (both arms, a pilot of two seeds and a second stage by power: results.json, paper, dashboards),
 bad parameters stopping its first cell, the train/test vocabulary split, an flm checkpoint loading in a fresh process,
 and the live dashboard in headless Chromium."""
 import json, math, os, subprocess, sys
@@ -28,9 +28,12 @@ def test_results(smoke):
     from supra.lab.experiment import ENVELOPE_KEYS
     from supra.experiments.flm.run import PROBES, CONTROL
     from supra.experiments.flm.paper import targets, verdicts
+    from supra.lab.verdict import stage2_for
     assert list(res) == list(ENVELOPE_KEYS) and res['corpus'] == 'flm-programmatic' and res['preset'] == 'smoke'
-    runs = {(r['arm'], r['seed']) for r in res['runs']}
-    assert runs == {(a, s) for a in ('geometry', 'no_geometry') for s in res['plan']['seeds']}
+    runs, D = {(r['arm'], r['seed']) for r in res['runs']}, res['summary']['design']
+    assert runs == {(a, s) for a in ('geometry', 'no_geometry') for s in D['seeds'][a]} and D['seeds']['geometry'] == D['seeds']['no_geometry']
+    assert D['seeds']['geometry'] == [*res['plan']['seeds'], *range(2, 2 + D['n2']['geometry'])] and len(D['seeds']['geometry']) <= D['n_max'] == 4
+    assert [r['stage'] for r in res['runs'] if r['arm'] == 'geometry'] == [1] * D['n1'] + [2] * D['n2']['geometry']
     for r in res['runs']:
         for k in PROBES + CONTROL: assert _finite(r[k]), (r['arm'], k)
         assert 1 <= r['erank90'] <= r['erank95'] and 0 <= r['test_token_acc'] <= 1
@@ -41,6 +44,10 @@ def test_results(smoke):
     V = [v for v in verdicts(res) if v['kind'] == 'comparison']
     assert {v['metric'] for v in V} == {'analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc',
                                         'analogy_train', 'cluster_gap_train', 'dir_consistency_train', 'word_order_sim_train', 'train_token_acc'}
+    X = {(r['arm'], r['seed']): r for r in res['runs']}
+    for k, n in D['need'].items():      # the second stage recomputes from the pilot's rows, and every paired test combines the two stages
+        assert n == stage2_for([X['geometry', s][k] - X['no_geometry', s][k] for s in res['plan']['seeds']], D['target'], D['n_max'], D['family_size'])
+    assert D['family_size'] == len(V) == 10 and all(v['stage_seeds'] == (D['n1'], D['n2']['geometry']) for v in V)
     assert 'comparisons' not in res['summary'] and 'targets' not in res['summary']   # the paper judges; the run stores measurements
 
 def test_geometry_losses_only_in_the_geometry_arm(smoke):
@@ -66,7 +73,7 @@ def test_bad_parameter_stops_first_cell(tmp_path):
 
 @pytest.mark.parametrize('bad,field', [(dict(seeds='abc'), 'seeds'), (dict(corpus='wikipedia-en'), 'corpus'), (dict(geometry='maybe'), 'geometry'),
                                        (dict(preset='cpu', seeds='0'), 'seeds'), (dict(paper='x.pdf'), 'paper'), (dict(preset='fast'), 'preset'),
-                                       (dict(epoch=3), 'parameter')])
+                                       (dict(epoch=3), 'parameter'), (dict(seeds=[0, 1, 2], n_max=2), 'n_max')])
 def test_plan_refuses(tmp_path, bad, field):
     from supra.experiments.flm.run import plan
     assert_plan_refuses(plan, field, **{'preset': 'smoke', 'out_dir': str(tmp_path / 'out'), 'paper': None, **bad})

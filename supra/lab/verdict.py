@@ -14,7 +14,8 @@ from ..eval.harness import item_lists
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim', 'holm',
            'holm_levels', 'judge', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule',
-           'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'fmt_p', 'verdict_cells']
+           'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p',
+           'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -263,7 +264,8 @@ def seeds_for(sd:float, effect:float, alpha:float=ALPHA, power:float=0.8, n_max:
 def stage_z(d) -> np.ndarray:
     "The normal score of the one-sample t statistic of per-seed differences `d` (last axis: seeds): exactly N(0,1) under no effect."
     d = np.asarray(d, float); n = d.shape[-1]; s = d.std(axis=-1, ddof=1); m = d.mean(axis=-1)
-    with np.errstate(divide='ignore', invalid='ignore'): t = np.where(s > 0, m / (s / math.sqrt(n)), np.sign(m) * np.inf)
+    with np.errstate(divide='ignore', invalid='ignore'): t = np.where(s > 0, m / (s / math.sqrt(n)), np.sign(m) * np.inf)   # no spread: ±∞, or 0 for all-zero
+    t = np.where((s == 0) & (m == 0), 0.0, t)
     return st.norm.ppf(np.clip(st.t.cdf(t, n - 1), 1e-300, 1 - 1e-16))
 
 def weights(n1:int, n_max:int) -> tuple[float, float]:
@@ -351,6 +353,7 @@ def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float
     span = float(np.ptp(allv)) or max(abs(float(allv.mean())), 1.0) * 1e-6
     c = brentq(zc, allv.min() - span, allv.max() + span)                    # the shift the data fit best: z = 0, p = 1
     g = lambda x: combined_p(stage_z(d1 - x), stage_z(d2 - x), w) - level
+    if not g(c) > 0: return c, c     # a stage without spread rejects every other shift: a point, as a one-stage t with se 0 gives
     def edge(sign):
         k = span
         while g(c + sign * k) > 0: k *= 2
@@ -370,6 +373,19 @@ def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False)
     return dict(out, p=combined_p(stage_z(d[1]), z2, w), stage_seeds=(len(d[1]), len(d[2])),
                 interval=None if z2 is None else (lambda level: combined_interval(d[1], d[2], w, level)),
                 test=f"paired t over seeds, two stages ({len(d[1])} + {len(d[2])} seeds, inverse-normal combination p)" if z2 is not None else out['test'])
+
+# %% ../../nbs/07_lab/03_verdict.ipynb #526ece38
+def stage2_plan(rows, tests:dict, seeds, n_max:int, family_size:int|None=None, by:str='arm', alpha:float=ALPHA, power:float=0.8) -> tuple[dict, dict]:
+    """After a pilot on `seeds`: (seeds each test asks for, seeds each arm adds). `tests`: {key: (metric, a, b, target)}, each paired
+    comparison the budget is planned on with the effect (the metric's units) it should detect; `stage2_for` on its per-seed differences
+    at α/family_size (default: the number of tests), at most n_max seeds in all; an arm runs the most any of its tests asks for."""
+    need, more = {}, {}
+    for key, (metric, a, b, target) in tests.items():
+        A, B = _by_seed(rows, by, a, metric), _by_seed(rows, by, b, metric)
+        d = [A[s] - B[s] for s in seeds if s in A and s in B]
+        need[key] = stage2_for(d, target, n_max, family_size or len(tests), alpha, power) if len(d) >= 2 else 0
+        for arm in (a, b): more[arm] = max(more.get(arm, 0), need[key])
+    return need, more
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #935ba1b5
 def fmt_p(p) -> str:

@@ -59,7 +59,9 @@ def headline(res:dict, experiment:str):
     "The headline finding: `res['headline']` when the envelope carries one, else the first finding of the experiment's paper module."
     if isinstance(res.get('headline'), str) and res['headline'].strip(): return inline(res['headline'])
     mod = _module(experiment, 'paper')
-    fs = mod.findings(res) if mod is not None else None
+    try: fs = mod.findings(res) if mod is not None else None
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:      # results older than the paper code: say so, build the rest
+        return inline(f"Its results.json is in a shape this code cannot read ({type(e).__name__}: {e}): regenerate the write-up.")
     return inline(_text(fs[0]) if fs else 'See the write-up for its findings.')
 
 def question(res:dict, experiment:str, title:str) -> str:

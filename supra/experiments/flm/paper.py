@@ -11,8 +11,8 @@ from ...flm.probes import TARGETS
 from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p
 
 # %% auto #0
-__all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'collapsed', 'targets', 'informative',
-           'findings', 'figures', 'paper']
+__all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'seeds_text', 'collapsed', 'targets',
+           'informative', 'findings', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/09_flm_paper.ipynb #47ab115a
 LABELS = dict(analogy='Analogy', analogy_base='Analogy without the offset (cos b, b′)', cluster_gap='Clustering gap', dir_consistency='Direction consistency', word_order_sim='Word-order similarity',
@@ -41,8 +41,14 @@ def family(res:dict) -> list:
     return out
 
 def verdicts(res:dict) -> list[dict]:
-    "Every test of the family, judged (Holm over the family, α = 0.01)."
-    return judge(res['runs'], family(res), family='flm')
+    "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
+    return judge(res['runs'], family(res), family='flm', stages=res['summary'].get('design'))
+
+def seeds_text(res:dict) -> str:
+    "The seeds each arm ran — the pilot's, then those the second stage added by power — as the paper states them."
+    D = res['summary']['design']
+    ran = sorted({s for v in D['seeds'].values() for s in v}); n2 = max(D['n2'].values(), default=0)
+    return f"seeds {', '.join(map(str, ran))} (a pilot of {D['n1']}, then {n2} more for each arm by power)" if n2 else f"seeds {', '.join(map(str, ran))}"
 
 def collapsed(res:dict, arm) -> float | None:
     "The arm's mean effective rank (90%) when it is at or below COLLAPSED_RANK (a collapsed representation), else None."
@@ -147,7 +153,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     status = [('representation collapsed: no target counts', 'warning') if collapsed(res, a) is not None else
               (f"{sum(v['status'] == 'met' for v in T[a].values())} / {len(TARGETS)} seed targets met", 'success' if all(v['status'] == 'met' for v in T[a].values()) else 'muted') for a in arms]
     main = table([ARMS[a] for a in arms], rows, title='Probes on test vocabulary (final step)', status=status, label='// Probe_Data', nav='Results', id='results',
-                 caption=f"Mean ± std over seeds {', '.join(map(str, pl['seeds']))}; every probe reads sentences whose content words never occur in training data.")
+                 caption=f"Mean ± std over {seeds_text(res)}; every probe reads sentences whose content words never occur in training data.")
     trows = [row(LABELS[k], [f"{T[a][k]['status']} ({_f(T[a][k]['value'])}; Holm p {fmt_p(T[a][k]['p_adj'])})" for a in arms], fmt='str',
                  note=f"want {op} {t}") for k, (op, t) in TARGETS.items()]
     ttab = table([ARMS[a] for a in arms], trows, title="The seed's targets", label='// Targets', nav='Targets', id='targets',
@@ -160,7 +166,12 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"geometry every 5 steps warmed up over {pl['geo_warmup']:,} steps; WordNet losses {'on' if d['wordnet'] else 'off (WordNet not installed or not asked for)'}.",
         f"Data: {d['triples']:,} programmatic (sentence, paraphrase, parse) triples from {d['train_words']} training words; probes on {d['test_words']} test words that no training "
         "sentence, paraphrase, parse, geometry item or tokenizer merge ever saw.",
-        "The ablation trains the same data, heads and seeds with the geometry losses off; InfoNCE on paraphrase pairs stays on in both arms."],
+        "The ablation trains the same data, heads and seeds with the geometry losses off; InfoNCE on paraphrase pairs stays on in both arms.",
+        *([f"Seeds: {seeds_text(res)}. After the pilot, `supra.lab.verdict.stage2_plan` asked, for each of the {D['family_size']} on − off comparisons (every compared probe and its "
+           f"positive control), how many more seeds 80% power at a difference of {D['target']:g} on the probe's own scale needs given the pilot's spread, at α/{D['family_size']} "
+           f"and at most {D['n_max']} seeds in all (" + ', '.join(f"{LABELS[k].lower()} +{v}" for k, v in D['need'].items()) + "); both arms ran the most any asked for. "
+           "A paired test combines the two stages' own t statistics (inverse-normal, weights fixed before the runs), so choosing the count from the pilot costs no false positives."]
+          if (D := res['summary']['design'])['need'] else [])],
         [('Scale', "the seed trains ~110M parameters for 600K steps on ~978K real paraphrase pairs; a small preset answers whether the losses move the probes at all, not the seed's absolute numbers."),
          ('Programmatic data', 'the paraphrases and parses are rewrites of one grammar, not MRPC/QQP/NLI; analogy and direction items share templates, so they measure slot-filling geometry.')],
         label='// Method', nav='Method', id='method')
@@ -169,7 +180,7 @@ def paper(res:dict, figs:dict, path) -> Path:
             chart(figs['recon'], 'Reconstruction loss', 'Per step, every run; faint: raw, solid: EMA (0.8).')]
     if comp: secs.append(comp)
     secs += [method, links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with the plan and the machine.', tone='success')]),
-             stats({'Hardware': hw, 'Preset': res['preset'], 'Seeds': ', '.join(map(str, pl['seeds'])), 'Compute: train · wall': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'wall_s'))})]
+             stats({'Hardware': hw, 'Preset': res['preset'], 'Seeds': seeds_text(res), 'Compute: train · wall': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'wall_s'))})]
     banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — a small version of the seed's model; the on/off comparison is the result, not the absolute values."
     spec = dict(title='Concept Bottleneck — Geometry on Unseen Vocabulary', kicker='Experiment:', banner=banner, sections=secs,
                 lede=f"The flm seed's 32 × 16 concept bottleneck with its six geometry losses, trained with and without them on programmatic data, probed on vocabulary it never saw.")

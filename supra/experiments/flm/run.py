@@ -8,32 +8,37 @@ import json, time
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np
-from ...core.config import Config, ConfigError, check, check_choice, as_ints, resolve_device, TrainConfig
+from ...core.config import Config, ConfigError, check, check_choice, as_int, as_ints, resolve_device, TrainConfig
 from ...core.cache import code_fingerprint
 from ...lab.experiment import Plan, plan_preamble, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...lab.stats import group_summary
+from ...lab.verdict import stage2_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'CORPUS', 'ARMS', 'PARAMS', 'PLAN_DEFAULTS', 'GEOMETRY', 'PROBES', 'CONTROL',
-           'LOWER_BETTER', 'FLM_CODE', 'FLMPlan', 'plan', 'configs', 'setup_table', 'train_one', 'run']
+           'LOWER_BETTER', 'COMPARED', 'TARGET', 'FLM_CODE', 'control_of', 'FLMPlan', 'plan', 'configs', 'setup_table',
+           'train_one', 'second_stage', 'run']
 
 # %% ../../../nbs/10_experiments/08_flm_run.ipynb #121566a8
 NAME, TITLE = 'flm', 'Concept bottleneck: geometry losses on unseen vocabulary'
 QUESTION = 'Do programmatic geometry losses give a 32-slot concept bottleneck analogies, clusters and directions on words it never saw?'
 CORPUS = 'flm-programmatic'
 ARMS = {'geometry': 'Geometry losses on', 'no_geometry': 'Geometry losses off'}
-PARAMS = dict(preset='auto', corpus=CORPUS, seeds=None, device='auto', out_dir='outputs/flm', paper='papers/flm.html', geometry='both', wordnet='auto')
+PARAMS = dict(preset='auto', corpus=CORPUS, seeds=None, device='auto', out_dir='outputs/flm', paper='papers/flm.html', geometry='both', wordnet='auto', n_max=None)
 PLAN_DEFAULTS = {   # per preset (as every experiment's): model preset, data, schedule; the seed: 600K steps, batch 32, cosine 2e-4 → 1e-5, warmup 2K, geometry warm-up 5K
-    'smoke': dict(model='smoke', n_pairs=600, n_test=16, steps=24, batch=8, lr=3e-3, eval_every=12, geo_warmup=12, warmup=3, seeds=(0, 1), min_seeds=1, wordnet=False),
-    # cpu: 640 steps — 1,200 measured ≈ 12 min per run on the 2 cores (6 runs would overrun the hour); probes every 80 steps.
-    # The seed trains ~940× longer: at this budget no test sentence is reconstructed, which the paper states.
-    'cpu':   dict(model='cpu', n_pairs=20000, n_test=256, steps=640, batch=32, lr=1e-3, eval_every=80, geo_warmup=128, warmup=32, seeds=(0, 1, 2), min_seeds=3, wordnet='auto'),
-    'paper': dict(model='paper', n_pairs=200000, n_test=512, steps=600000, batch=32, lr=2e-4, eval_every=500, geo_warmup=5000, warmup=2000, seeds=(0, 1, 2), min_seeds=3, wordnet='auto'),
+    'smoke': dict(model='smoke', n_pairs=600, n_test=16, steps=24, batch=8, lr=3e-3, eval_every=12, geo_warmup=12, warmup=3, seeds=(0, 1), min_seeds=1, n_max=4, wordnet=False),
+    # cpu: 640 steps ≈ 4.8 min (geometry on) and 3.9 min (off) per run on the 2 cores; probes every 80 steps. A pilot of 2 seeds per arm,
+    # then 2–3 more by power (n_max 5): 8–10 runs, 35–44 min. The seed trains ~940× longer: at this budget no test sentence is reconstructed, which the paper states.
+    'cpu':   dict(model='cpu', n_pairs=20000, n_test=256, steps=640, batch=32, lr=1e-3, eval_every=80, geo_warmup=128, warmup=32, seeds=(0, 1), min_seeds=2, n_max=5, wordnet='auto'),
+    'paper': dict(model='paper', n_pairs=200000, n_test=512, steps=600000, batch=32, lr=2e-4, eval_every=500, geo_warmup=5000, warmup=2000, seeds=(0, 1, 2), min_seeds=3, n_max=6, wordnet='auto'),
 }
 GEOMETRY = ('analogy', 'analogy_base', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'erank90', 'erank95')
 PROBES = GEOMETRY + ('test_token_acc', 'test_exact_match')                                  # on test vocabulary: the question
 CONTROL = tuple(f'{k}_train' for k in GEOMETRY) + ('train_token_acc', 'train_exact_match')   # the same on training vocabulary: the positive control
 LOWER_BETTER = {'word_order_sim'}
+COMPARED = ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc')   # the probes the paper tests geometry on vs off on
+TARGET = 0.05   # the on − off difference, on each compared probe's own scale (a cosine, or a fraction of tokens), the second stage is powered (80%) to resolve
+def control_of(k) -> str: return 'train_token_acc' if k == 'test_token_acc' else f'{k}_train'   # a probe's twin on training vocabulary
 
 @dataclass(frozen=True)
 class FLMPlan(Plan):
@@ -43,6 +48,12 @@ class FLMPlan(Plan):
     arms: tuple = ('geometry', 'no_geometry'); wordnet: bool = False
     model: str = 'smoke'; n_pairs: int = 1000; n_test: int = 32; steps: int = 40; batch: int = 16; lr: float = 3e-3
     eval_every: int = 20; geo_warmup: int = 20; warmup: int = 4
+    n_max: int = 4                   # seeds per arm at most: the pilot's, then the second stage's (allocated by power)
+
+    @property
+    def extra_seeds(self) -> tuple:
+        "The seeds a second stage may add, in order: the integers after the pilot's."
+        return tuple(range(max(self.seeds) + 1, max(self.seeds) + 1 + max(0, self.n_max - len(self.seeds))))
 
 def plan(**params) -> FLMPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
@@ -56,7 +67,8 @@ def plan(**params) -> FLMPlan:
         wn = wordnet_root() is not None
         if not wn: say(f'[flm] {MISSING}')
     arms = {'both': ('geometry', 'no_geometry'), 'on': ('geometry',), 'off': ('no_geometry',)}[p['geometry']]
-    return FLMPlan(**c, arms=arms, wordnet=bool(wn), **{k: v for k, v in d.items() if k not in ('seeds', 'min_seeds', 'wordnet')})
+    n_max = max(d['n_max'], len(c['seeds'])) if p['n_max'] is None else as_int('n_max', p['n_max'], lo=len(c['seeds']))
+    return FLMPlan(**c, arms=arms, wordnet=bool(wn), n_max=n_max, **{k: v for k, v in d.items() if k not in ('seeds', 'min_seeds', 'wordnet', 'n_max')})
 
 # %% ../../../nbs/10_experiments/08_flm_run.ipynb #04b8d22c
 FLM_CODE = ('flm.model', 'flm.loader', 'flm.probes', 'flm.data', 'flm.losses', 'flm.wordnet')
@@ -78,8 +90,8 @@ def setup_table(p:FLMPlan, mcfg, data) -> dict:
             'Sampling': '50% Paraphrase, 50% Parse', 'Geometry': f'No gate — warmup 0→1 over {p.geo_warmup:,} steps from step 0. Every 5 steps.',
             'Losses': 'EN recon + head CE + InfoNCE + geo×(WO=2.0 + HRepul=1.0 + BRepul=0.3 + Analogy=2.0 + DirCon=1.5 + Cluster=1.5 + NLI=1.0' + (' + WN×3' if p.wordnet else '') + ')'}
 
-def train_one(p:FLMPlan, data, wn_items, arm:str, seed:int) -> dict:
-    "Train (or resume, or reuse) one (arm, seed) run; its final probes, trajectories and curves."
+def train_one(p:FLMPlan, data, wn_items, arm:str, seed:int, stage:int=1) -> dict:
+    "Train (or resume, or reuse) one (arm, seed) run of the design's `stage`; its final probes, trajectories and curves."
     from supra.train.trainer import train
     from supra.flm.loader import FLMSteps, FLMPool
     from supra.flm.probes import probe_hook, em_ema
@@ -107,27 +119,38 @@ def train_one(p:FLMPlan, data, wn_items, arm:str, seed:int) -> dict:
     ts, recon = log.series('recon_loss'); _, em = log.series('exact_match')
     steps = ev['analogy'][0].astype(int).tolist()
     final = {k: (float(v[-1]) if len(v) else None) for k, (_, v) in ev.items()}
-    out = dict(arm=arm, seed=seed, steps=r['step'], params=FLM(mcfg).n_params(), loss=r['loss'], em_ema=float(em_ema(em)[-1]),
+    out = dict(arm=arm, seed=seed, stage=stage, steps=r['step'], params=FLM(mcfg).n_params(), loss=r['loss'], em_ema=float(em_ema(em)[-1]),
                recon_loss=float(recon[-1]), train_s=r['train_s'], wall_s=time.perf_counter() - t0, run_dir=rel(d, p.out_dir),
                dashboard=rel(d / 'flm_dashboard.html', p.out_dir), **final)
     curve = dict(step=steps, **{k: v.tolist() for k, (_, v) in ev.items()}, train_step=ts.astype(int).tolist(), recon_loss=recon.tolist())
     return dict(row=out, curve=curve)
 
 # %% ../../../nbs/10_experiments/08_flm_run.ipynb #39ae2973
+def second_stage(p:FLMPlan, rows:list[dict]) -> tuple[dict, dict]:
+    """(seeds each comparison asks for, seeds each arm adds) after the pilot: `stage2_plan` on geometry on − off for every compared probe
+    and its positive control, 80% power at TARGET at α over those comparisons, at most n_max seeds in all; none with one arm."""
+    if set(p.arms) != set(ARMS): return {}, {}
+    return stage2_plan(rows, {k: (k, 'geometry', 'no_geometry', TARGET) for k in (*COMPARED, *map(control_of, COMPARED))}, p.seeds, p.n_max)
+
 def run(p:FLMPlan) -> dict:
-    "The whole experiment: data → runs (arms × seeds) → probes → the results envelope (not yet written)."
+    "The whole experiment: data → the pilot's runs (arms × seeds) → the second stage's → the results envelope (not yet written)."
     from supra.flm.data import FLMData, FLMDataConfig, split_vocab
     from supra.flm.wordnet import wordnet_items
     t0 = time.perf_counter()
-    say(f'[flm] plan: preset {p.preset} · seeds {list(p.seeds)} · arms {list(p.arms)} · {p.steps} steps · WordNet {"on" if p.wordnet else "off"} · {p.device}')
+    say(f'[flm] plan: preset {p.preset} · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · arms {list(p.arms)} · {p.steps} steps · WordNet {"on" if p.wordnet else "off"} · {p.device}')
     data = FLMData(FLMDataConfig(n_pairs=p.n_pairs, n_test=p.n_test))
     wn = wordnet_items() if p.wordnet else None
     res = [train_one(p, data, wn, arm, s) for arm in p.arms for s in p.seeds]
+    need, more = second_stage(p, [r['row'] for r in res])
+    if need: say(f"[flm] second stage: +{max(need.values())} seeds per arm (the most of {', '.join(f'{k} +{v}' for k, v in need.items())}; TARGET {TARGET}, at most {p.n_max})")
+    res += [train_one(p, data, wn, arm, s, stage=2) for arm in p.arms for s in p.extra_seeds[:more.get(arm, 0)]]
     rows = [r['row'] for r in res]
+    design = dict(n1=len(p.seeds), n_max=p.n_max, n2=more, need=need, target=TARGET, unit='score', family_size=len(need), power=0.8,
+                  seeds={a: [r['seed'] for r in rows if r['arm'] == a] for a in p.arms})
     tr, te = split_vocab()
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset, corpus=CORPUS, environment=environment(p.device),
                     data=dict(corpus=CORPUS, triples=len(data.src), test_sentences=len(data.test_src), vocab_size=data.vocab_size,
                               train_words=len(tr), test_words=len(te), data_key=data.key, wordnet=bool(wn),
                               wordnet_items={k: len(v) for k, v in (wn or {}).items()}),
-                    runs=rows, summary=dict(by_arm=group_summary(rows, 'arm', list(PROBES + CONTROL) + ['em_ema', 'recon_loss']), model=dict(preset=p.model, n_params=rows[0]['params'])), curves={a: {str(r['row']['seed']): r['curve'] for r in res if r['row']['arm'] == a} for a in p.arms},
+                    runs=rows, summary=dict(by_arm=group_summary(rows, 'arm', list(PROBES + CONTROL) + ['em_ema', 'recon_loss']), model=dict(preset=p.model, n_params=rows[0]['params']), design=design), curves={a: {str(r['row']['seed']): r['curve'] for r in res if r['row']['arm'] == a} for a in p.arms},
                     compute=dict(train_s=sum(r['train_s'] for r in rows), wall_s=time.perf_counter() - t0), status=dict(state='complete'))

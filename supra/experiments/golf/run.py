@@ -213,13 +213,8 @@ def check_summary(rows:list) -> dict:
 def second_stage(p:GolfPlan, rows:list) -> tuple[dict, dict]:
     """(seeds each comparison adds, seeds each arm adds) after the pilot: `stage2_for` on each comparison's per-seed bpb differences,
     for 80% power at TARGET bits/byte at α/family, at most n_max seeds in all; an arm takes the most any of its comparisons needs."""
-    from supra.lab.verdict import stage2_for
-    by, C = {(r['arm'], r['seed']): r['bpb'] for r in rows}, comparisons(p)
-    need = {f'{a}|{b}': stage2_for([by[a, s] - by[b, s] for s in p.seeds], TARGET, p.n_max, len(C)) if len(p.seeds) >= 2 else 0 for a, b in C}
-    per_arm = {}
-    for (a, b), k in zip(C, need.values()):
-        for arm in (a, b): per_arm[arm] = max(per_arm.get(arm, 0), k)
-    return need, per_arm
+    from supra.lab.verdict import stage2_plan
+    return stage2_plan(rows, {f'{a}|{b}': ('bpb', a, b, TARGET) for a, b in comparisons(p)}, p.seeds, p.n_max)
 
 def run(p:GolfPlan) -> dict:
     "Pool → the pilot → the second stage → the results envelope (not yet written): measurements only; the paper runs the tests."

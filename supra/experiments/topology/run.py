@@ -11,7 +11,7 @@ from ...core.config import check, check_num, as_int, ModelConfig, Preset
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_for
+from ...lab.verdict import stage2_plan
 from ...train.runlog import RunLog
 
 # %% auto #0
@@ -190,11 +190,8 @@ def train_and_evaluate(p:TopologyPlan, pool, chosen:dict, seeds=None, stage:int=
 def second_stage(p:TopologyPlan, rows:list[dict]) -> tuple[dict, dict]:
     """(seeds each pair of shapes needs, seeds each shape adds) after the pilot: `stage2_for` on the pair's per-seed held-out bpb
     differences, for 80% power at TARGET bits/byte at α/3 (the three pairs), at most n_max seeds in all; a shape takes the most any of its pairs needs."""
-    by = {(r['arm'], r['seed']): r[STAGED] for r in rows}
     pairs = [(a, b) for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:]]
-    need = {f'{a}|{b}': stage2_for([by[a, s] - by[b, s] for s in p.seeds], TARGET, p.n_max, len(pairs)) if len(p.seeds) >= 2 else 0 for a, b in pairs}
-    more = {t: max(n for k, n in need.items() if t in k.split('|')) for t in TOPOLOGIES}
-    return need, more
+    return stage2_plan(rows, {f'{a}|{b}': (STAGED, a, b, TARGET) for a, b in pairs}, p.seeds, p.n_max)
 
 def summarize(rows:list[dict]) -> dict:
     "Per-shape seed summaries of every metric: measurements only — the paper's tests are the verdict engine's, judged from the rows."
