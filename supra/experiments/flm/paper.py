@@ -46,9 +46,10 @@ def verdicts(res:dict) -> list[dict]:
 
 def seeds_text(res:dict) -> str:
     "The seeds each arm ran — the pilot's, then those the second stage added by power — as the paper states them."
-    D = res['summary']['design']
+    D = res['summary'].get('design')
+    if D is None: return ', '.join(map(str, res['plan']['seeds']))   # results from before seeds by power (one stage): the plan's seeds
     ran = sorted({s for v in D['seeds'].values() for s in v}); n2 = max(D['n2'].values(), default=0)
-    return f"seeds {', '.join(map(str, ran))} (a pilot of {D['n1']}, then {n2} more for each arm by power)" if n2 else f"seeds {', '.join(map(str, ran))}"
+    return ', '.join(map(str, ran)) + (f" (a pilot of {D['n1']}, then {n2} more for each arm by power)" if n2 else '')
 
 def collapsed(res:dict, arm) -> float | None:
     "The arm's mean effective rank (90%) when it is at or below COLLAPSED_RANK (a collapsed representation), else None."
@@ -153,7 +154,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     status = [('representation collapsed: no target counts', 'warning') if collapsed(res, a) is not None else
               (f"{sum(v['status'] == 'met' for v in T[a].values())} / {len(TARGETS)} seed targets met", 'success' if all(v['status'] == 'met' for v in T[a].values()) else 'muted') for a in arms]
     main = table([ARMS[a] for a in arms], rows, title='Probes on test vocabulary (final step)', status=status, label='// Probe_Data', nav='Results', id='results',
-                 caption=f"Mean ± std over {seeds_text(res)}; every probe reads sentences whose content words never occur in training data.")
+                 caption=f"Mean ± std over seeds {seeds_text(res)}; every probe reads sentences whose content words never occur in training data.")
     trows = [row(LABELS[k], [f"{T[a][k]['status']} ({_f(T[a][k]['value'])}; Holm p {fmt_p(T[a][k]['p_adj'])})" for a in arms], fmt='str',
                  note=f"want {op} {t}") for k, (op, t) in TARGETS.items()]
     ttab = table([ARMS[a] for a in arms], trows, title="The seed's targets", label='// Targets', nav='Targets', id='targets',
@@ -171,7 +172,7 @@ def paper(res:dict, figs:dict, path) -> Path:
            f"positive control), how many more seeds 80% power at a difference of {D['target']:g} on the probe's own scale needs given the pilot's spread, at α/{D['family_size']} "
            f"and at most {D['n_max']} seeds in all (" + ', '.join(f"{LABELS[k].lower()} +{v}" for k, v in D['need'].items()) + "); both arms ran the most any asked for. "
            "A paired test combines the two stages' own t statistics (inverse-normal, weights fixed before the runs), so choosing the count from the pilot costs no false positives."]
-          if (D := res['summary']['design'])['need'] else [])],
+          if (D := res['summary'].get('design')) and D['need'] else [])],
         [('Scale', "the seed trains ~110M parameters for 600K steps on ~978K real paraphrase pairs; a small preset answers whether the losses move the probes at all, not the seed's absolute numbers."),
          ('Programmatic data', 'the paraphrases and parses are rewrites of one grammar, not MRPC/QQP/NLI; analogy and direction items share templates, so they measure slot-filling geometry.')],
         label='// Method', nav='Method', id='method')
