@@ -4,7 +4,7 @@
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #5c575937
 from __future__ import annotations
-import math
+import copy, functools, math
 from dataclasses import dataclass
 import numpy as np
 from scipy import stats as st
@@ -13,9 +13,9 @@ from ..eval.harness import item_lists
 
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim', 'holm',
-           'holm_levels', 'judge', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power', 'stage2_rule',
-           'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p',
-           'verdict_cells']
+           'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power',
+           'stage2_rule', 'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan',
+           'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -252,6 +252,16 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
         res['tone'] = VERDICTS[res['verdict']]
         out.append(res)
     return out
+
+# %% ../../nbs/07_lab/03_verdict.ipynb #6e9b280a
+def judged_once(verdicts):
+    "`verdicts(res)` judged once per envelope object (the last one), each caller given its own copy of the result."
+    last = {}
+    @functools.wraps(verdicts)
+    def once(res):
+        if last.get('res') is not res: last.clear(); last.update(res=res, out=verdicts(res))
+        return copy.deepcopy(last['out'])
+    return once
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #ddd5b86e
 def seeds_for(sd:float, effect:float, alpha:float=ALPHA, power:float=0.8, n_max:int=256) -> int | None:

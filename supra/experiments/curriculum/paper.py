@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells
+from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once
 
 # %% auto #0
 __all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'design_finding', 'findings', 'claim_chart',
@@ -50,6 +50,7 @@ def family(res:dict) -> list:
             if a not in ('factorised', 'gqa')]      # those two are the 'no cost' claims above: one test each, not two
     return out
 
+@judged_once
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01)."
     return judge(_rows(res), family(res), family='curriculum', stages=res['summary'].get('design'))

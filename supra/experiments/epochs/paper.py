@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from ...eval.harness import BLIMP_FIELDS, item_lists
 from .run import MUENNIGHOFF_RD
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs, judged_once
 
 # %% auto #0
 __all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'family', 'verdicts', 'claim_of_drop', 'statuses',
@@ -67,8 +67,9 @@ def _rows(res) -> list[dict]:
     rows, (hi, lo, _) = _cells(res), SEED_DROP
     return rows + item_pairs(rows, _rep(hi), _rep(lo), by='cell')
 
+@judged_once
 def verdicts(res:dict) -> list[dict]:
-    "Every test of the family, judged (see supra.lab.verdict.judge)."
+    "Every test of the family, judged (see supra.lab.verdict.judge), once per envelope."
     return judge(_rows(res), family(res), family='epochs')
 
 def claim_of_drop(V:list) -> dict | None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from .run import ARMS, PROBES, CONTROL, LOWER_BETTER
 from ...flm.probes import TARGETS
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, judged_once
 
 # %% auto #0
 __all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'seeds_text', 'collapsed', 'targets',
@@ -40,6 +40,7 @@ def family(res:dict) -> list:
     out += [Versus(_M(k), a, t, f'the target {op} {t}', label=f"{LABELS[k]} — {ARMS[a].lower()} vs the seed's target ({op} {t})") for a in arms for k, (op, t) in TARGETS.items()]
     return out
 
+@judged_once
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
     return judge(res['runs'], family(res), family='flm', stages=res['summary'].get('design'))

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs, judged_once
 from .run import LABELS, SCALE
 
 # %% auto #0
@@ -33,6 +33,7 @@ def _rows(res) -> list[dict]:
     "The engine's rows: every run's, and per seed the full stack's BLiMP minus the baseline's, item by item."
     return res['runs'] + item_pairs(res['runs'], 'full', 'baseline')
 
+@judged_once
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
     return judge(_rows(res), family(res), family='golf', stages=res['summary'].get('design'))

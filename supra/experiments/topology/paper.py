@@ -10,7 +10,7 @@ import numpy as np
 from ...eval.harness import BLIMP_FIELDS
 from .run import TOPOLOGIES, LABELS, METRICS, TESTED, FIELDS
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs, judged_once
 from ...eval.harness import item_lists
 
 # %% auto #0
@@ -64,12 +64,10 @@ def _rows(res) -> list[dict]:
     rows = item_lists(res['runs'])
     return rows + [r for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] for r in item_pairs(rows, a, b)]
 
-_MEMO = {}   # the last envelope judged and its verdicts: the page asks for them many times, and BLiMP's bootstraps take seconds
-
+@judged_once
 def verdicts(res:dict) -> list[dict]:
-    "Every test of the family, judged by the engine (Holm over the family, α = 0.01); judged once per envelope object."
-    if _MEMO.get('res') is not res: _MEMO.update(res=res, V=judge(_rows(res), family(res), family='topology', stages=res['summary'].get('design')))
-    return _MEMO['V']
+    "Every test of the family, judged by the engine (Holm over the family, α = 0.01), once per envelope."
+    return judge(_rows(res), family(res), family='topology', stages=res['summary'].get('design'))
 
 def _comp(res, k, a, b):
     """The engine's test of shapes `a` and `b` on `k` — a comparison, or the claim that tests that pair — oriented a against b; `resolved`:
