@@ -123,20 +123,26 @@ def test_wide_table_fits_the_seed_width_and_badges_only_real_winners(tmp_path):
 
 
 def test_index_renders_in_chromium_offline(tmp_path):
+    "The index from a results envelope: its title (the question of a write-up without a QUESTION) and its scale line, hostile strings included, as text."
     from supra.pages.index import write_index
+    from supra.lab.experiment import envelope
+    from supra.lab.stats import group_summary
     papers, outputs = tmp_path / 'papers', tmp_path / 'outputs'
-    _matrix_paper(papers); (papers / 'matrix.html').rename(papers / 'golf.html')
-    (outputs / 'golf').mkdir(parents=True)
-    (outputs / 'golf' / 'results.json').write_text(json.dumps(dict(experiment='golf', question='How small? ' + XSS[0], headline=XSS[1], preset='cpu')))
+    _matrix_paper(papers)
+    runs = [dict(arm='a', seed=0, heldout_bpb=2.0)]
+    res = envelope(experiment='matrix', title='How small? ' + XSS[0], plan={}, preset='cpu', corpus='wikipedia-en', environment=dict(hardware=XSS[1]),
+                   data={}, runs=runs, summary=dict(by_arm=group_summary(runs, 'arm', ['heldout_bpb'])), curves={}, compute={}, status={})
+    (outputs / 'matrix').mkdir(parents=True)
+    (outputs / 'matrix' / 'results.json').write_text(json.dumps(res))
     idx = write_index(papers, outputs)
     with Page(width=1000) as page:
         page.goto(idx.as_uri())
-        cards = page.eval('[...document.querySelectorAll("article.paper-card")].map(a => [a.querySelector("h3").textContent, a.querySelector(".headline").textContent])')
-        assert cards == [['How small? ' + XSS[0], XSS[1]]]
+        cards = page.eval('[...document.querySelectorAll("article.paper-card")].map(a => [a.querySelector("h3").textContent, a.querySelector(".scale").textContent, a.querySelector(".headline").textContent])')
+        assert cards == [['How small? ' + XSS[0], 'cpu preset · corpus wikipedia-en · 1 seed · ' + XSS[1], 'See the write-up for its findings.']]
         assert page.eval('typeof window.__pwned') == 'undefined'
         hrefs = page.eval('[...document.querySelectorAll("article a")].map(a => a.getAttribute("href"))')
-        assert hrefs == ['golf.html', 'golf.html', '../outputs/golf/results.json']
-        page.goto((papers / 'golf.html').as_uri())
+        assert hrefs == ['matrix.html', 'matrix.html', '../outputs/matrix/results.json']
+        page.goto((papers / 'matrix.html').as_uri())
         assert page.eval('document.querySelector(".logo-area a").getAttribute("href")') == 'index.html'
     assert foreign_requests(page.requests) == [], page.requests
 

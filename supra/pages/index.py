@@ -6,47 +6,34 @@
 from __future__ import annotations
 import datetime, html, importlib, importlib.util, json, math, os, re
 from pathlib import Path
-from .fmt import fmt_duration, fmt_int, fmt_pct, fmt_si, is_missing
+from .fmt import fmt_duration, fmt_si, is_missing
 from .html import inline, publishable, render
 from ..core.config import atomic_write
 
 # %% auto #0
-__all__ = ['QUESTIONS', 'scale', 'headline', 'question', 'paper_entries', 'write_index']
+__all__ = ['scale', 'headline', 'question', 'paper_entries', 'write_index']
 
 # %% ../../nbs/05_pages/05_index.ipynb #f4c7f86d
-def _dig(d, *paths, default=None):
-    "The value at the first dotted path present in nested dict `d` (e.g. 'plan.preset.name'), else `default`."
-    for p in paths:
-        v = d
-        for k in p.split('.'):
-            v = v.get(k) if isinstance(v, dict) else None
-            if v is None: break
-        if v is not None: return v
-    return default
+def _params(res) -> str | None:
+    ps = sorted({r['params'] for r in res['runs'] if r.get('params')}) or [n for n in [(res['summary'].get('model') or {}).get('n_params')] if n]
+    if not ps: return None
+    return f'{fmt_si(ps[0])} parameters' if len(ps) == 1 else f'{fmt_si(ps[0])}–{fmt_si(ps[-1])} parameters'
 
-def _params(res):
-    n = _dig(res, 'summary.model.n_params', 'model.n_params')
-    if n is not None: return f'{fmt_si(n)} parameters'
-    ps = [t['params'] for t in (_dig(res, 'summary.topologies', 'topologies') or {}).values() if isinstance(t, dict) and 'params' in t]
-    if ps: return f'{fmt_si(min(ps))}–{fmt_si(max(ps))} parameters'
-    return None
+def _seeds(res) -> str | None:
+    per_arm = sorted({len({r['seed'] for r in res['runs'] if r['arm'] == a}) for a in {r['arm'] for r in res['runs']}})
+    if not per_arm: return None
+    lo, hi = per_arm[0], per_arm[-1]
+    return f'{lo} seed{"s" * (lo != 1)}' if lo == hi else f'{lo}–{hi} seeds per arm'
 
 def scale(res:dict) -> str:
-    "One line of the run's scale: preset, parameters, tokens and corpus, seeds, hardware, wall time, date."
-    preset = _dig(res, 'preset.name', 'plan.preset.name') if isinstance(res.get('preset'), dict) or 'plan' in res else None
-    preset = preset or (res.get('preset') if isinstance(res.get('preset'), str) else None)
-    tokens, corpus = _dig(res, 'data.n_tokens', 'pool.n_tokens'), _dig(res, 'corpus', 'data.corpus', 'pool.corpus', 'plan.corpus')
-    seeds = _dig(res, 'seeds', 'plan.seeds', default=[])
-    seeds = seeds if isinstance(seeds, list) else [seeds]
-    parts = [f'{preset} preset' if preset else None, _params(res),
-             (f'{fmt_si(tokens)}-token pool' if tokens else 'corpus') + (f' of {corpus}' if corpus else '') if tokens or corpus else None,
-             f'{len(seeds)} seed{"s" * (len(seeds) != 1)}' if seeds else None, _dig(res, 'environment.hardware'),
-             f'{fmt_duration(wall)} end to end' if not is_missing(wall := _dig(res, 'compute.wall_s', 'wall_s')) else None,
-             f"run {str(_dig(res, 'environment.date'))[:10]}" if _dig(res, 'environment.date') else None]
+    "One line of the run's scale: preset, parameters, tokens and corpus, the seeds run, hardware, wall time, date."
+    tokens, env, wall = res['data'].get('n_tokens'), res['environment'], res['compute'].get('wall_s')
+    parts = [f"{res['preset']} preset", _params(res), (f'{fmt_si(tokens)}-token pool of ' if tokens else 'corpus ') + res['corpus'], _seeds(res),
+             env.get('hardware'), f'{fmt_duration(wall)} end to end' if not is_missing(wall) else None,
+             f"run {str(env['date'])[:10]}" if env.get('date') else None]
     return ' · '.join(p for p in parts if p)
 
 # %% ../../nbs/05_pages/05_index.ipynb #d2cbf558
-QUESTIONS = {'topology': 'Deep and narrow or shallow and wide: which shape learns most from the same data and budget?'}
 def _module(experiment:str, part:str):
     "supra.experiments.<experiment>.<part> ('run': its QUESTION; 'paper': its findings), or None for a write-up with no experiment package."
     if importlib.util.find_spec(f'supra.experiments.{experiment}') is None: return None
@@ -56,8 +43,7 @@ def _text(f) -> str:
     return f if isinstance(f, str) else ': '.join(map(str, f[:2]))
 
 def headline(res:dict, experiment:str):
-    "The headline finding: `res['headline']` when the envelope carries one, else the first finding of the experiment's paper module."
-    if isinstance(res.get('headline'), str) and res['headline'].strip(): return inline(res['headline'])
+    "The headline finding: the first finding of the experiment's paper module."
     mod = _module(experiment, 'paper')
     try: fs = mod.findings(res) if mod is not None else None
     except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:      # results older than the paper code: say so, build the rest
@@ -65,8 +51,8 @@ def headline(res:dict, experiment:str):
     return inline(_text(fs[0]) if fs else 'See the write-up for its findings.')
 
 def question(res:dict, experiment:str, title:str) -> str:
-    "The question a write-up asks: the envelope's, the experiment module's QUESTION, QUESTIONS, else the title."
-    return res.get('question') or getattr(_module(experiment, 'run'), 'QUESTION', None) or QUESTIONS.get(experiment) or title
+    "The question a write-up asks: its experiment module's QUESTION, else the paper's title."
+    return getattr(_module(experiment, 'run'), 'QUESTION', None) or title
 
 # %% ../../nbs/05_pages/05_index.ipynb #c80bf6b7
 def _from_html(path) -> dict:
@@ -94,7 +80,8 @@ def paper_entries(papers_dir='papers', outputs_dir='outputs') -> list[dict]:
         rj, res = results.get(name, (None, {}))
         e = dict(id=name, href=page.name, kicker=meta['kicker'] or f'Write-up: {name}', title=res.get('title') or meta['title'])
         e['question'] = question(res, name, e['title'])
-        e['scale'] = scale(res) if res else 'results.json not published'
+        try: e['scale'] = scale(res) if res else 'results.json not published'
+        except (KeyError, TypeError) as x: e['scale'] = f'results.json not in the envelope’s shape ({type(x).__name__}: {x})'
         e['headline'] = headline(res, name) if res else inline('See the write-up for its findings.')
         e['results'] = Path(os.path.relpath(rj.resolve(), papers_dir.resolve())).as_posix() if rj is not None and publishable(rj) else None
         out.append(e)

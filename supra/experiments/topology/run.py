@@ -15,13 +15,14 @@ from ...lab.verdict import stage2_plan
 from ...train.runlog import RunLog
 
 # %% auto #0
-__all__ = ['NAME', 'TITLE', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'SELECT_SEED', 'LR_STEP',
-           'TARGET', 'STAGED', 'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE', 'topology_configs',
-           'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'choose_lrs', 'train_and_evaluate', 'second_stage',
-           'summarize', 'run']
+__all__ = ['NAME', 'TITLE', 'QUESTION', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'SELECT_SEED',
+           'LR_STEP', 'TARGET', 'STAGED', 'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE',
+           'topology_configs', 'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'choose_lrs', 'train_and_evaluate',
+           'second_stage', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
+QUESTION = 'Deep and narrow or shallow and wide: which shape learns most from the same data and budget?'
 TOPOLOGIES = ('deep-narrow', 'balanced', 'shallow-wide')
 LABELS = {'deep-narrow': 'Deep & narrow', 'balanced': 'Balanced', 'shallow-wide': 'Shallow & wide'}
 SHAPES = {   # (n_layer, d_model) per preset; layers 4:2:1, widths 2:3:4; head_dim fixed per preset
