@@ -77,7 +77,7 @@ PAPER = r'''# The __NAME__ experiment: findings, figures, paper
 #| export
 from __future__ import annotations
 from pathlib import Path
-from supra.lab.verdict import Metric, Comparison, judge
+from supra.lab.verdict import Metric, Comparison, judge, judged_once
 from supra.lab.arms import metric_table, verdict_table
 from supra.pages.figures import curves_chart
 from supra.pages.paper import findings as findings_, chart, prose, stats, write_paper
@@ -95,11 +95,16 @@ def family(res:dict) -> list:
     arms = [s['arm'] for s in res['summary']['by_arm']]
     return [Comparison(BPB, a, arms[0], label=f'{a} vs {arms[0]}') for a in arms[1:]]
 
+@judged_once
+def verdicts(res:dict) -> list:
+    "Every test of the family, decided by the verdict engine (Holm over the family), once per envelope."
+    return judge(res['runs'], family(res), family=NAME)
+
 def findings(res:dict) -> list:
     "(label, sentence) per test, each with its verdict; the first is the index's headline."
     return [(r['label'], f"{r['verdict']}{' — ' + r['direction'] if r['direction'] else ''}: held-out bits/byte {BPB.show(r['effect'] / BPB.scale, 4, True) if r['effect'] is not None else 'n/a'}"
              + (f" (interval {r['ci_lo']:+.4f} … {r['ci_hi']:+.4f}; could detect {r['mde']:.4f})" if r['mde'] is not None else f" ({r['reason']})"))
-            for r in judge(res['runs'], family(res), family=NAME)] or [('Arms', 'one arm: nothing to compare')]
+            for r in verdicts(res)] or [('Arms', 'one arm: nothing to compare')]
 ---
 #| export
 def figures(res:dict, fig_dir) -> dict:
@@ -111,7 +116,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     "The self-contained HTML paper."
     env, pl = res['environment'], res['plan']
     secs = [findings_(findings(res), title='What the runs show'), metric_table(res, METRICS),
-            verdict_table(judge(res['runs'], family(res), family=NAME)),
+            verdict_table(verdicts(res)),
             chart(figs['curves'], 'Training curves', 'Loss per step against tokens seen, every arm and seed.'),
             prose('Method', paragraphs=[f"Each arm trains one epoch of a {res['data']['n_tokens']:,}-token pool of {res['corpus']} from each seed "
                                         f"({', '.join(map(str, pl['seeds']))}); held-out bits/byte on documents never in the pool."], id='method'),
