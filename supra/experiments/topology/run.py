@@ -7,7 +7,8 @@ from __future__ import annotations
 import math, time
 from dataclasses import dataclass
 import numpy as np
-from ...core.config import check, check_num, as_int, ModelConfig, Preset
+from ...core.config import check, check_num, as_int, ModelConfig, Preset, stable_hash, cache_dir
+from ...core.cache import code_fingerprint, read_json, write_json
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import group_summary
@@ -17,8 +18,8 @@ from ...train.runlog import RunLog
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'SELECT_SEED',
            'LR_STEP', 'TARGET', 'STAGED', 'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE',
-           'topology_configs', 'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'choose_lrs', 'train_and_evaluate',
-           'second_stage', 'summarize', 'run']
+           'topology_configs', 'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'walk_score', 'choose_lrs',
+           'train_and_evaluate', 'second_stage', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -142,11 +143,22 @@ def _train(p:TopologyPlan, pool, t:str, lr:float, seed:int, hook=None):
     r = train(pool, mcfg, tcfg, d, quiet=True, eval_hook=hook)
     return r, d, curve_metrics(d, tcfg.batch_size, tcfg.seq_len)
 
+def walk_score(p:TopologyPlan, pool, ckpt, texts) -> dict:
+    "Held-out loss and bits/byte of a walk run's checkpoint on the tuning documents; cached by its weights, the documents, the settings and the code."
+    from supra.model.checkpoint import read_meta, load_checkpoint
+    from supra.eval.heldout import heldout_bpb
+    key = stable_hash(dict(weights=read_meta(ckpt)['model_sha256'], pool=pool.key, texts=stable_hash(list(texts)), context=p.eval.bpb_context,
+                           stride=p.eval.bpb_stride, code=code_fingerprint('eval.heldout', 'model.transformer', 'model.checkpoint')))
+    f = cache_dir('evals') / f'walk-{key}.json'
+    if not f.exists():
+        model, _ = load_checkpoint(ckpt, p.device); model.eval()
+        h = heldout_bpb(model, pool.tokenizer, texts, p.eval.bpb_context, p.eval.bpb_stride)
+        write_json(f, dict(loss=h['loss'], bpb=h['bpb']))
+    return read_json(f)
+
 def choose_lrs(p:TopologyPlan, pool) -> dict:
     "Per shape: the LR walk on SELECT_SEED at full length; {shape: dict(lr, heldout_loss, edge, runs=[dict(lr, heldout_loss, bpb, diverged, spike, train_s)])}."
     from supra.train.trainer import TrainingDiverged
-    from supra.model.checkpoint import load_checkpoint
-    from supra.eval.heldout import heldout_bpb
     _, texts = _split_val(p); out = {}
     for t in TOPOLOGIES:
         runs = {}
@@ -155,8 +167,7 @@ def choose_lrs(p:TopologyPlan, pool) -> dict:
             try: r, _, m = _train(p, pool, t, lr, SELECT_SEED)
             except TrainingDiverged as e:
                 runs[k] = dict(lr=lr, heldout_loss=None, bpb=None, diverged=str(e)[:300], spike=None, train_s=None); return math.inf
-            model, _ = load_checkpoint(r['checkpoint'], p.device); model.eval()
-            h = heldout_bpb(model, pool.tokenizer, texts, p.eval.bpb_context, p.eval.bpb_stride)
+            h = walk_score(p, pool, r['checkpoint'], texts)
             runs[k] = dict(lr=lr, heldout_loss=h['loss'], bpb=h['bpb'], diverged=None, spike=m['spike'], train_s=m['train_s'])
             say(f"[topology] LR walk {t}: lr {lr:.2e} → held-out loss {h['loss']:.4f}" + (f" (loss spiked +{m['spike']:.2f} above its start)" if m['spike'] > 0 else ''))
             return h['loss']
