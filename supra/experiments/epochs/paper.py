@@ -384,5 +384,5 @@ def paper(res:dict, figs:dict, path) -> Path:
     spec = dict(title="Is One Epoch Really All You Need for SLMs?", kicker="Experiment #3:",
                 lede=f"{res['preset']} preset · {res['corpus']} · {nseeds} seed{'s' * (nseeds > 1)} · {env['hardware']}. Multi-epoch training on a stationary pool of {d['n_tokens']:,} {res['corpus']} tokens: a {m['n_params']:,}-parameter model, "
                      f"every epoch count from 1 to {pl['epochs']} a fully annealed run, beside a fresh-data control that prices a repeated token, evaluated against held-out text and lm-eval benchmarks with their baselines.",
-                sections=secs, footer='Supra — regenerated from results.json by nbs/epochs.ipynb (supra.experiments.epochs.run). Every number on this page was computed by the run.')
+                sections=secs)
     return write_paper(path, spec)
