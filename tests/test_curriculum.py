@@ -4,6 +4,7 @@ uninterrupted result; FP8 refused here with its reason; a bad parameter stopping
 import html, json, math, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pytest, torch
+from supra.train.runlog import RunLog
 from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,11 +110,13 @@ def test_curriculum_run_resumes_after_sigkill(tmp_path):
     assert at['loader']['kind'] == 'stages' and at['loader'].get('slices') and 0 < at['step'] < 150, at['loader']
     res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = lambda d: [json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()]
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s', 'eval_s')} for r in rs]
-    a, b = rows(tmp_path / 'ref'), rows(run)
-    assert strip(a) == strip(b)                    # every train, eval and stage row, once, bitwise
-    assert [r['at_step'] for r in b if r.get('event') == 'stage'] == [0, 45, 90]
+    def logged(d):                                 # (train rows, eval rows, events) as the one reader sees them, timings left out
+        log = RunLog(d); log.poll(); assert log.bad == 0
+        strip = lambda r: {k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s', 'eval_s')}
+        return [strip(r) for b in log.branches.values() for r in b['rows']], [(s, strip(ev), br) for s, ev, br in log.evals], [strip(e) for e in log.events]
+    a, b = logged(tmp_path / 'ref'), logged(run)
+    assert a == b and len(a[0]) == 150 and a[1]    # every train, eval and stage row, once, bitwise
+    assert [e['at_step'] for e in b[2] if e.get('event') == 'stage'] == [0, 45, 90]
     m1, _ = load_checkpoint(tmp_path / 'ref' / 'final'); m2, _ = load_checkpoint(run / 'final')
     assert all(torch.equal(x, y) for x, y in zip(m1.state_dict().values(), m2.state_dict().values()))
 

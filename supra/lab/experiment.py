@@ -4,8 +4,9 @@
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #e756c7f5
 from __future__ import annotations
-import json, math, os, platform, subprocess, sys, tempfile, threading, time, types
+import itertools, json, math, os, platform, subprocess, sys, tempfile, threading, time, types
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 from datetime import datetime, timezone
 from ..core.config import (Config, ConfigError, check, check_choice, as_ints, preset as _preset, resolve_device, resolve_preset,
@@ -87,6 +88,15 @@ class Plan(Config):
     def train(self): return self.preset.train
     @property
     def eval(self): return self.preset.eval
+
+    reserved_seeds: ClassVar[tuple] = ()   # seeds no comparison may see (topology's LR-selection seed): a second stage skips them
+
+    @property
+    def extra_seeds(self) -> tuple:
+        """The seeds a second stage may add, in order: the integers after the pilot's, skipping `reserved_seeds`, until the plan
+        has `n_max` seeds in all (the field of a plan whose design has a second stage)."""
+        after = (s for s in itertools.count(max(self.seeds) + 1) if s not in self.reserved_seeds)
+        return tuple(itertools.islice(after, max(0, self.n_max - len(self.seeds))))
 
 def plan_preamble(params:dict, defaults:dict, scales:dict, corpora=CORPORA) -> tuple[dict, dict, dict]:
     """What every experiment's `plan(**params)` does first: refuse an unknown parameter name, fill the defaults, validate the

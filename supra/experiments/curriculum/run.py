@@ -6,6 +6,7 @@
 from __future__ import annotations
 import dataclasses, json, math, time
 from dataclasses import dataclass
+from typing import ClassVar
 from pathlib import Path
 import numpy as np
 from ...core.config import check, ModelConfig
@@ -102,11 +103,7 @@ class CurriculumPlan(Plan):
     arms: tuple = ()
     fp8_reason: str = ''
     n_max: int = 6                 # seeds of the staged arms at most (pilot + second stage)
-
-    @property
-    def extra_seeds(self) -> tuple:
-        "The seeds a second stage may add, in order: the next integers after the pilot's."
-        return tuple(range(max(self.seeds) + 1, max(self.seeds) + 1 + max(0, self.n_max - len(self.seeds))))
+    reserved_seeds: ClassVar[tuple] = (SELECT_SEED,)
 
     @property
     def max_len(self) -> int: return max(self.seq_lens)

@@ -50,11 +50,6 @@ class FLMPlan(Plan):
     eval_every: int = 20; geo_warmup: int = 20; warmup: int = 4
     n_max: int = 4                   # seeds per arm at most: the pilot's, then the second stage's (allocated by power)
 
-    @property
-    def extra_seeds(self) -> tuple:
-        "The seeds a second stage may add, in order: the integers after the pilot's."
-        return tuple(range(max(self.seeds) + 1, max(self.seeds) + 1 + max(0, self.n_max - len(self.seeds))))
-
 def plan(**params) -> FLMPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
     from supra.flm.wordnet import wordnet_root, MISSING

@@ -87,8 +87,6 @@ class GolfPlan(Plan):
     def budget(self) -> str: return 'steps' if self.steps is not None else 'wall_clock'
     @property
     def tokens_per_step(self) -> int: return self.train.batch_size * self.train.seq_len
-    @property
-    def stage2_seeds(self) -> tuple: return tuple(range(max(self.seeds) + 1, max(self.seeds) + 1 + max(0, self.n_max - len(self.seeds))))
 
 def _names(field, v, default) -> tuple:
     if v is None: return tuple(default)
@@ -228,7 +226,7 @@ def run(p:GolfPlan) -> dict:
     rows = [dict(run_one(p, pool, a, s, texts), stage=1) for a, seeds in arms(p) for s in seeds]
     need, more = second_stage(p, rows)
     say(f"[golf] second stage: {', '.join(f'{k} +{v}' for k, v in need.items())} seeds (TARGET {TARGET} bits/byte, at most {p.n_max} per arm)")
-    rows += [dict(run_one(p, pool, a, s, texts, downstream=False), stage=2) for a, _ in arms(p) for s in p.stage2_seeds[:more.get(a, 0)]]
+    rows += [dict(run_one(p, pool, a, s, texts, downstream=False), stage=2) for a, _ in arms(p) for s in p.extra_seeds[:more.get(a, 0)]]
     for r in rows: r['fits'] = r['artefact_bytes'] <= p.byte_budget   # the plan's budget, not the one a cached row was run under
     curves = {}
     for r in rows: curves.setdefault(r['arm'], {})[str(r['seed'])] = r.pop('curve')     # {arm: {seed: curve}}, the contract's one shape

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import math, time
 from dataclasses import dataclass
+from typing import ClassVar
 import numpy as np
 from ...core.config import check, check_num, as_int, ModelConfig, Preset, stable_hash, cache_dir
 from ...core.cache import code_fingerprint, read_json, write_json
@@ -60,13 +61,10 @@ class TopologyPlan(Plan):
     max_lr_runs: int = 5             # full-length runs per shape the LR walk may spend
     limits: tuple = ()               # (task, examples) pairs overriding the preset's evaluation limit
     n_max: int = 6                   # seeds per shape at most: the pilot's, then the second stage's (allocated by power)
+    reserved_seeds: ClassVar[tuple] = (SELECT_SEED,)
 
     @property
     def models(self) -> dict[str, ModelConfig]: return topology_configs(self.preset)
-    @property
-    def extra_seeds(self) -> tuple:
-        "The seeds a second stage may add, in order: the integers after the pilot's, never SELECT_SEED."
-        return tuple(s for s in range(max(self.seeds) + 1, max(self.seeds) + 2 + self.n_max) if s != SELECT_SEED)[:max(0, self.n_max - len(self.seeds))]
 
 def plan(**params) -> TopologyPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
