@@ -43,12 +43,11 @@ def family(res:dict) -> list:
 @judged_once
 def verdicts(res:dict) -> list[dict]:
     "Every test of the family, judged (Holm over the family, α = 0.01); with seeds in two stages, each paired test combines them."
-    return judge(res['runs'], family(res), family='flm', stages=res['summary'].get('design'))
+    return judge(res['runs'], family(res), family='flm', stages=res['summary']['design'])
 
 def seeds_text(res:dict) -> str:
     "The seeds each arm ran — the pilot's, then those the second stage added by power — as the paper states them."
-    D = res['summary'].get('design')
-    if D is None: return ', '.join(map(str, res['plan']['seeds']))   # results from before seeds by power (one stage): the plan's seeds
+    D = res['summary']['design']
     ran = sorted({s for v in D['seeds'].values() for s in v}); n2 = max(D['n2'].values(), default=0)
     return ', '.join(map(str, ran)) + (f" (a pilot of {D['n1']}, then {n2} more for each arm by power)" if n2 else '')
 
@@ -173,7 +172,7 @@ def paper(res:dict, figs:dict, path) -> Path:
            f"positive control), how many more seeds 80% power at a difference of {D['target']:g} on the probe's own scale needs given the pilot's spread, at α/{D['family_size']} "
            f"and at most {D['n_max']} seeds in all (" + ', '.join(f"{LABELS[k].lower()} +{v}" for k, v in D['need'].items()) + "); both arms ran the most any asked for. "
            "A paired test combines the two stages' own t statistics (inverse-normal, weights fixed before the runs), so choosing the count from the pilot costs no false positives."]
-          if (D := res['summary'].get('design')) and D['need'] else [])],
+          if (D := res['summary']['design'])['need'] else [])],
         [('Scale', "the seed trains ~110M parameters for 600K steps on ~978K real paraphrase pairs; a small preset answers whether the losses move the probes at all, not the seed's absolute numbers."),
          ('Programmatic data', 'the paraphrases and parses are rewrites of one grammar, not MRPC/QQP/NLI; analogy and direction items share templates, so they measure slot-filling geometry.')],
         label='// Method', nav='Method', id='method')
