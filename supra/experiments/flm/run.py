@@ -27,8 +27,8 @@ ARMS = {'geometry': 'Geometry losses on', 'no_geometry': 'Geometry losses off'}
 PARAMS = dict(preset='auto', corpus=CORPUS, seeds=None, device='auto', out_dir='outputs/flm', paper='papers/flm.html', geometry='both', wordnet='auto', n_max=None)
 PLAN_DEFAULTS = {   # per preset (as every experiment's): model preset, data, schedule; the seed: 600K steps, batch 32, cosine 2e-4 → 1e-5, warmup 2K, geometry warm-up 5K
     'smoke': dict(model='smoke', n_pairs=600, n_test=16, steps=24, batch=8, lr=3e-3, eval_every=12, geo_warmup=12, warmup=3, seeds=(0, 1), min_seeds=1, n_max=4, wordnet=False),
-    # cpu: 640 steps per run, probes every 80 — alone on 2 cores ≈ 4.8 min (geometry on) and 3.9 min (off) on an AVX-512 EPYC, ≈ 7 and
-    # 5.5 min on an AVX2 one (Zen 3). A pilot of 2 seeds per arm, then up to 2 more by power (n_max 4): at most 8 runs, ≤ 35 / ≤ 50 min;
+    # cpu: 640 steps per run, probes every 80 — alone on 2 cores ≈ 4.8 min (geometry on) and 3.9 min (off) on an AVX-512 EPYC, 6.3–6.6 and
+    # 5.0–5.3 min on an AVX2 one (Zen 3). A pilot of 2 seeds per arm, then up to 2 more by power (n_max 4): at most 8 runs, ≤ 35 / 47 min;
     # a fifth seed would take the AVX2 machine past the hour. The seed trains ~940× longer: at this budget no test sentence is reconstructed, which the paper states.
     'cpu':   dict(model='cpu', n_pairs=20000, n_test=256, steps=640, batch=32, lr=1e-3, eval_every=80, geo_warmup=128, warmup=32, seeds=(0, 1), min_seeds=2, n_max=4, wordnet='auto'),
     'paper': dict(model='paper', n_pairs=200000, n_test=512, steps=600000, batch=32, lr=2e-4, eval_every=500, geo_warmup=5000, warmup=2000, seeds=(0, 1, 2), min_seeds=3, n_max=6, wordnet='auto'),
