@@ -62,7 +62,9 @@ def test_results_complete_and_consistent(smoke):
     from supra.experiments.curriculum.paper import verdicts
     V = {r['label'].split(':')[0]: r for r in verdicts(res)}
     assert V['FP8']['verdict'] == 'not testable here' and 'CUDA' in V['FP8']['reason']
-    assert V['Sequence-length curriculum']['n'] == len(seeds) + d['n2'] and 'two stages' in V['Sequence-length curriculum']['test']
+    from supra.lab.verdict import staged
+    two = staged(len(seeds), d['n_max'])                                 # the smoke preset's pilot of 2: one fixed design of 4
+    assert V['Sequence-length curriculum']['n'] == len(seeds) + d['n2'] and ('two stages' in V['Sequence-length curriculum']['test']) == two
     assert sum(r['p'] is not None for r in V.values()) == d['family_size']   # the family the power rule assumed
     t = sm['tokenizers']
     assert t['bpe']['chars'] == t['superbpe']['chars'] and _finite(t['superbpe']['chars_per_token'])   # the same held-out text
@@ -72,7 +74,7 @@ def test_results_complete_and_consistent(smoke):
 def test_paper(smoke):
     page, res = html.unescape(smoke['page']), smoke['results']
     for s in ("The seed's claims", 'Do the factors multiply?', 'not testable here', 'Each arm against the baseline', 'Every arm at equal tokens', 'The curriculum', 'CUDA',
-              "checked at its batch", 'Seeds, allocated by power', 'two stages'):
+              "checked at its batch", 'Seeds, one fixed design', 'one fixed design of 4 seeds'):
         assert s in page, s
     assert smoke['page'].count('data:image/svg+xml;base64,') == len(res['summary']['speedups']) + 1
     assert '<script' not in smoke['page'] and 'smoke' in page

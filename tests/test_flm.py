@@ -1,4 +1,4 @@
-"""flm end to end: `nbs/flm.ipynb` under papermill at the smoke preset (both arms, a pilot of two seeds and a second stage by power: results.json, paper, dashboards),
+"""flm end to end: `nbs/flm.ipynb` under papermill at the smoke preset (both arms, a pilot of two seeds and the two more of a fixed design of four: results.json, paper, dashboards),
 bad parameters stopping its first cell, the train/test vocabulary split, an flm checkpoint loading in a fresh process,
 and the live dashboard in headless Chromium."""
 import json, math, os, subprocess, sys
@@ -29,7 +29,8 @@ def test_results(smoke):
     from supra.lab.experiment import ENVELOPE_KEYS
     from supra.experiments.flm.run import PROBES, CONTROL
     from supra.experiments.flm.paper import targets, verdicts
-    from supra.lab.verdict import stage2_for
+    from scipy import stats
+    from supra.lab.verdict import stage2_for, staged
     assert list(res) == list(ENVELOPE_KEYS) and res['corpus'] == 'flm-programmatic' and res['preset'] == 'smoke'
     runs, D = {(r['arm'], r['seed']) for r in res['runs']}, res['summary']['design']
     assert runs == {(a, s) for a in ('geometry', 'no_geometry') for s in D['seeds'][a]} and D['seeds']['geometry'] == D['seeds']['no_geometry']
@@ -46,9 +47,12 @@ def test_results(smoke):
     assert {v['metric'] for v in V} == {'analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc',
                                         'analogy_train', 'cluster_gap_train', 'dir_consistency_train', 'word_order_sim_train', 'train_token_acc'}
     X = {(r['arm'], r['seed']): r for r in res['runs']}
-    for k, n in D['need'].items():      # the second stage recomputes from the pilot's rows, and every paired test combines the two stages
-        assert n == stage2_for([X['geometry', s][k] - X['no_geometry', s][k] for s in res['plan']['seeds']], D['target'], D['n_max'], D['family_size'])
-    assert D['family_size'] == len(V) == 10 and all(v['stage_seeds'] == (D['n1'], D['n2']['geometry']) for v in V)
+    for k, n in D['need'].items():      # a pilot of 2 cannot size a second stage: the rest of the budget, whatever the pilot showed
+        assert n == stage2_for([X['geometry', s][k] - X['no_geometry', s][k] for s in res['plan']['seeds']], D['target'], D['n_max'], D['family_size']) == 2
+    assert not staged(D['n1'], D['n_max']) and D['family_size'] == len(V) == 10
+    for v in V:                         # one fixed design of 4: each test is the plain paired t over all four seeds
+        assert v['stage_seeds'] is None and v['n'] == 4
+        assert abs(v['p'] - stats.ttest_rel([X['geometry', s][v['metric']] for s in range(4)], [X['no_geometry', s][v['metric']] for s in range(4)]).pvalue) < 1e-12
     assert 'comparisons' not in res['summary'] and 'targets' not in res['summary']   # the paper judges; the run stores measurements
 
 def test_geometry_losses_only_in_the_geometry_arm(smoke):

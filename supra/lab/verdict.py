@@ -9,13 +9,14 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats as st
 from .stats import ALPHA
+from ..core.config import check
 from ..eval.harness import item_lists
 
 # %% auto #0
-__all__ = ['BPB', 'ACC', 'VERDICTS', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim', 'holm',
-           'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p', 'predicted_power',
-           'stage2_rule', 'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan',
-           'fmt_p', 'verdict_cells']
+__all__ = ['BPB', 'ACC', 'VERDICTS', 'MIN_PILOT', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim',
+           'holm', 'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p',
+           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'fixed_design', 'stage2_for',
+           'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -303,11 +304,20 @@ def predicted_power(n1:int, n2:int, effect:float, sd:float, n_max:int, alpha:flo
     rej = 1 - _z_cdf((zc - w[0] * x) / w[1], n2, k2) + _z_cdf((-zc - w[0] * x) / w[1], n2, k2)
     return float(np.clip(np.sum(f1 * rej) * dx, 0, 1))
 
+MIN_PILOT = 3      # seeds a pilot needs before a second stage pays: each stage's t then has ≥ 2 degrees of freedom
+
+def staged(n1:int, n_max:int) -> bool:
+    """Whether a plan's seeds run in two stages: only when the pilot has ≥ MIN_PILOT seeds and the budget leaves room for a second
+    stage whose size the pilot can choose (≥ 3 more: 2 or more). Otherwise the seeds are one fixed design of n_max, tested as one."""
+    return n1 >= MIN_PILOT and n_max - n1 >= 3
+
 def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> list[tuple[int, float]]:
     """The plan's rule for stage 2, fixed before any data: [(n2, largest pilot sd for which n2 seeds reach `power` at `target`)].
-    At least 2 seeds whenever the budget allows any, so that stopping never depends on the data; at most n_max − n1."""
+    At least 2 seeds whenever the budget allows any, so that stopping never depends on the data; at most n_max − n1. A design that is
+    not `staged` adds the rest of the budget whatever the pilot shows (one fixed design); a pilot of one seed adds none."""
     room = n_max - n1
-    if room < 2: return []
+    if n1 < 2 or room < 1: return []
+    if not staged(n1, n_max): return [(room, math.inf)]
     out = []
     for n2 in range(2, room + 1):
         lo, hi = 1e-6 * abs(target), 100 * abs(target)
@@ -330,6 +340,7 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
     """`n_sims` experiments of the two-stage procedure, each a family of `family` comparisons (the first with true `effect`,
     the others none) decided with Holm at `alpha`: the family-wise false-positive rate, the first comparison's rejection rate,
     and the power predicted for it (the mean over experiments of `predicted_power` at the stage sizes each chose, at α/family)."""
+    check(staged(n1, n_max), 'n1', n1, f'a pilot of at least {MIN_PILOT} seeds with room for 3 more in n_max={n_max}: simulate studies the two-stage design')
     rng = np.random.default_rng(seed); w = weights(n1, n_max); a_f = alpha / family
     rule = stage2_rule(n1, target, n_max, a_f, power)
     mu = np.zeros(family); mu[0] = effect
@@ -349,9 +360,18 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
                 predicted=float(np.mean([pred[k] for k in n2[:, 0]])) if effect else 0.0,
                 seeds=float(n1 + n2[:, 0].mean()), mc_se=math.sqrt(alpha * (1 - alpha) / n_sims))
 
+# %% ../../nbs/07_lab/03_verdict.ipynb #7c97be6a
+def fixed_design(n1:int, n_max:int) -> str:
+    "Why a plan that is not `staged` ran its seeds as one fixed design — the sentence every paper prints for one."
+    why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom' if n1 < MIN_PILOT else \
+          f'at most {n_max} seeds leave a second stage no size to choose'
+    return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} for a second stage sized by power to pay "
+            f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
+
 # %% ../../nbs/07_lab/03_verdict.ipynb #9b139448
 def stage2_for(d1, target:float, n_max:int, family_size:int=1, alpha:float=ALPHA, power:float=0.8) -> int:
-    "Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size; 0 or ≥ 2."
+    """Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size:
+    0 or ≥ 2 in a `staged` design; the rest of the budget, whatever `d1` shows, in a fixed one."""
     return int(stage2_seeds(float(np.std(np.asarray(d1, float), ddof=1)), stage2_rule(len(d1), target, n_max, alpha / family_size, power)))
 
 def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float, float]:
@@ -372,13 +392,14 @@ def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float
 
 def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False) -> dict:
     """A paired test of a two-stage design: effect and se over every seed both arms have; p from the inverse-normal combination of the
-    stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max) as planned). Stage 1 alone (at full α) while stage 2 has < 2 seeds."""
+    stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max) as planned). Stage 1 alone (at full α) while stage 2 has < 2 seeds;
+    a design that is not `staged` chose its seeds before any data, so its test is the paired t over all of them."""
     out = difference(rows, metric, a, b, by, paired=True, log=log)
     st_of = {r.get('seed'): r.get('stage', 1) for r in rows if r.get(by) == a}
     A, B = _by_seed(rows, by, a, metric), _by_seed(rows, by, b, metric)
     f = (lambda x: math.log(x)) if log else (lambda x: x)
     d = {k: [f(A[s]) - f(B[s]) for s in out['seeds'] if st_of.get(s, 1) == k] for k in (1, 2)}
-    if len(d[1]) < 2: return out
+    if len(d[1]) < 2 or not staged(stages['n1'], stages['n_max']): return out
     z2, w = (stage_z(d[2]) if len(d[2]) >= 2 else None), weights(stages['n1'], stages['n_max'])
     return dict(out, p=combined_p(stage_z(d[1]), z2, w), stage_seeds=(len(d[1]), len(d[2])),
                 interval=None if z2 is None else (lambda level: combined_interval(d[1], d[2], w, level)),

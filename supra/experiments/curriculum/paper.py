@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once
+from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once, staged, fixed_design
 
 # %% auto #0
 __all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'design_finding', 'findings', 'claim_chart',
@@ -90,8 +90,9 @@ def design_finding(res:dict) -> tuple[str, str] | None:
     if not d: return None
     why = (f"the pilot's {d['n1']} seeds per arm, then {d['n2']} more for {' and '.join(d['staged'])} — the number the pilot's spread of log speed-ups needs for 80% power "
            f"at ×{d['target']:g} (α/{d['family_size']}), at most {d['n_max']} in all (`supra.lab.verdict.stage2_for`, a rule fixed before the run); the staged tests "
-           "combine the two stages' own t statistics, so choosing the count from the pilot costs no false positives")
-    return ('Seeds, allocated by power', why + '; seeds per arm: ' + '; '.join(f"{res['summary']['labels'][a]} {len(s)}" for a, s in d['seeds'].items()) + '.')
+           "combine the two stages' own t statistics, so choosing the count from the pilot costs no false positives") if staged(d['n1'], d['n_max']) else \
+          f"{' and '.join(d['staged'])}: {fixed_design(d['n1'], d['n_max'])} seeds; the other arms ran the first {d['n1']}"
+    return ('Seeds, allocated by power' if staged(d['n1'], d['n_max']) else 'Seeds, one fixed design', why + '; seeds per arm: ' + '; '.join(f"{res['summary']['labels'][a]} {len(s)}" for a, s in d['seeds'].items()) + '.')
 
 def findings(res:dict) -> list:
     "The key findings, computed from the envelope: the seed's claims as the engine decides them first (the headline), then how the run was set up."
@@ -236,7 +237,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"(SuperBPE {t['superbpe']['chars_per_token']:.3f}, BPE {t['bpe']['chars_per_token']:.3f} characters per token), in windows of the full context. "
         "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts.",
         f"FP8: {sm['fp8']['reason']}." if not sm['fp8']['available'] else 'FP8: measured on this GPU (supra.model.fp8).'],
-        [('Seeds', f"a pilot of {sm['design']['n1']} seeds for every arm, then {sm['design']['n2']} more for {' and '.join(sm['design']['staged'])}, as many as 80% power at ×{sm['design']['target']:g} needs given the pilot's spread (at most {sm['design']['n_max']}); the staged tests combine the two stages (inverse-normal combination), the others use the pilot's seeds."),
+        [('Seeds', design_finding(res)[1] if not staged(sm['design']['n1'], sm['design']['n_max']) else f"a pilot of {sm['design']['n1']} seeds for every arm, then {sm['design']['n2']} more for {' and '.join(sm['design']['staged'])}, as many as 80% power at ×{sm['design']['target']:g} needs given the pilot's spread (at most {sm['design']['n_max']}); the staged tests combine the two stages (inverse-normal combination), the others use the pilot's seeds."),
          ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned."),
          ('Equal tokens', 'every arm sees the same number of training tokens; for SuperBPE that is more text, which is the claim.'),
          ('Scale', 'a small model on a small pool: speed-ups at this scale need not transfer to the seed\'s 197M model on a GPU.')],

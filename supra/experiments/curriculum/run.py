@@ -273,7 +273,7 @@ def log_speedups(curves:dict, arm:str='curriculum') -> list[float] | None:
 def second_stage(p:CurriculumPlan, curves:dict) -> int:
     "Seeds to add for the staged arms after the pilot: stage2_for on the pilot's log speed-ups; the whole budget when the pilot is inconclusive."
     d1, room = log_speedups(curves), p.n_max - len(p.seeds)
-    if room < 2 or len(p.seeds) < 2: return 0
+    if room < 1 or len(p.seeds) < 2: return 0
     return room if d1 is None else stage2_for(d1, TARGET, p.n_max, FAMILY)
 
 # %% ../../../nbs/10_experiments/06_curriculum_run.ipynb #736d14ae

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from .run import ARMS, PROBES, CONTROL, LOWER_BETTER
 from ...flm.probes import TARGETS
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, judged_once
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, judged_once, staged, fixed_design
 
 # %% auto #0
 __all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'seeds_text', 'collapsed', 'targets',
@@ -49,6 +49,7 @@ def seeds_text(res:dict) -> str:
     "The seeds each arm ran — the pilot's, then those the second stage added by power — as the paper states them."
     D = res['summary']['design']
     ran = sorted({s for v in D['seeds'].values() for s in v}); n2 = max(D['n2'].values(), default=0)
+    if n2 and not staged(D['n1'], D['n_max']): return ', '.join(map(str, ran)) + f" ({len(ran)} per arm, one fixed design)"
     return ', '.join(map(str, ran)) + (f" (a pilot of {D['n1']}, then {n2} more for each arm by power)" if n2 else '')
 
 def collapsed(res:dict, arm) -> float | None:
@@ -172,7 +173,8 @@ def paper(res:dict, figs:dict, path) -> Path:
            f"positive control), how many more seeds 80% power at a difference of {D['target']:g} on the probe's own scale needs given the pilot's spread, at α/{D['family_size']} "
            f"and at most {D['n_max']} seeds in all (" + ', '.join(f"{LABELS[k].lower()} +{v}" for k, v in D['need'].items()) + "); both arms ran the most any asked for. "
            "A paired test combines the two stages' own t statistics (inverse-normal, weights fixed before the runs), so choosing the count from the pilot costs no false positives."]
-          if (D := res['summary']['design'])['need'] else [])],
+          if (D := res['summary']['design'])['need'] and staged(D['n1'], D['n_max']) else
+          [f"Seeds {', '.join(map(str, sorted({s for v in D['seeds'].values() for s in v})))}: {fixed_design(D['n1'], D['n_max'])} seeds."] if D['need'] else [])],
         [('Scale', "the seed trains ~110M parameters for 600K steps on ~978K real paraphrase pairs; a small preset answers whether the losses move the probes at all, not the seed's absolute numbers."),
          ('Programmatic data', 'the paraphrases and parses are rewrites of one grammar, not MRPC/QQP/NLI; analogy and direction items share templates, so they measure slot-filling geometry.')],
         label='// Method', nav='Method', id='method')

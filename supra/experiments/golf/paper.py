@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs, judged_once
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged, fixed_design
 from .run import LABELS, SCALE
 
 # %% auto #0
@@ -117,6 +117,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     S, sm, pl, env = _S(res), res['summary'], res['plan'], res['environment']; rec = sm['record']
     hw = env.get('hardware', env.get('device')); names = list(S)
     de, seeds = sm.get('design'), sm.get('seeds') or {a: pl['seeds'] for a in S}
+    two = bool(de) and staged(de['n1'], de['n_max'])     # seeds in two stages, or one fixed design
     seeds_of = lambda a: f"{col(a)}: {len(seeds[a])} seeds"
     sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']]))
     bu, po, ck, bt = sm['budget'], sm['pool'], sm['checks'], budget_text(res)
@@ -138,7 +139,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                                           f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:] if r['kind'] == 'comparison'],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
                 caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired seed by seed over the seeds both arms ran "
-                        f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if de else '') + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
+                        f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if two else ", and the design's other seeds the full stack ran too" if de else '') + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
                         + (f" Not ablated at this preset: {', '.join(LABELS[t] for t in sm['not_ablated'])} (see Method)." if sm['not_ablated'] else ''))
     vt = verdict_table(V, title='Every test, decided', id='verdicts', nav='Verdicts', label='// Verdicts')
     cols = ['bytes (Supra)', f"bytes ({ck['size']['tool']}, level {ck['size']['level']})", 'Δ bytes', 'Δ bytes (zstandard module)', 'round trip', f'bpb, stride {stride} (headline)',
@@ -167,7 +168,9 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"before the run), at most {de['n_max']} in all: " + '; '.join(f"{col(a)} vs {col(b)} +{k}" for a, b, k in ((*c.split('|'), k) for c, k in de['need'].items())) +
         f" (an arm runs the most any of its comparisons needs: " + ', '.join(f"{col(a)} {len(v)}" for a, v in seeds.items()) + "). Every arm runs the same seed numbers, so each "
         "comparison is paired seed by seed (same initialisation, same data order); its test combines the two stages' own t statistics (inverse-normal, weights fixed "
-        "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only (descriptive, not tested)") if de else \
+        "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only (descriptive, not tested)") if two else \
+        (f"{fixed_design(de['n1'], de['n_max'])}, every arm on the same seeds {', '.join(map(str, seeds['full']))}, so each comparison is paired seed by seed (same "
+        f"initialisation, same data order). BLiMP and ARC-Easy are measured on the first {de['n1']} seeds only (descriptive, not tested)") if de else \
         ("three seeds per arm — every arm, ablations included, on the same seeds "
         f"{', '.join(map(str, pl['seeds']))}, so each ablation is compared with the full stack seed by seed (same initialisation, same data order) by a paired test; "
         "three is what the preset's time budget holds (the arithmetic is in `SCALE`), fixed before the runs rather than allocated in stages") if len(pl['seeds']) >= 3 else \
@@ -192,7 +195,7 @@ def paper(res:dict, figs:dict, path) -> Path:
          ('Seeds', why_seeds + '.'),
          ('Ablations', f"each of {', '.join(LABELS[t] for t in sm['ablated'])} switched off in turn" + (
           f"; not ablated at this preset: {', '.join(LABELS[t] for t in nab)} — the preset's time budget holds {len(res['runs'])} runs of {bt} "
-          f"({2 + len(sm['ablated'])} arms" + (", seeds allocated by power" if de else f" × {len(pl['seeds'])} seeds") + "), so only the techniques the record names as its key innovations, its optimiser and one titled architecture piece are ablated; "
+          f"({2 + len(sm['ablated'])} arms" + (", seeds allocated by power" if two else f" × {de['n_max']} seeds" if de else f" × {len(pl['seeds'])} seeds") + "), so only the techniques the record names as its key innovations, its optimiser and one titled architecture piece are ablated; "
           "those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
          ('Checks', f"every artefact's size re-computed with plain zstd ({ck['size']['tool']}) and its bits per byte by an independent scorer (`supra.golf.check`); see Checks.")],
         label='// Method', nav='Method', id='method')
@@ -200,7 +203,7 @@ def paper(res:dict, figs:dict, path) -> Path:
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
             chart(figs['curves'], 'Loss against the step' if bu['kind'] == 'steps' else 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, chk, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if de else ', '.join(map(str, pl['seeds']))), 'Budget': f"{bt} per run",
+            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if two else f"{de['n_max']} per arm" if de else ', '.join(map(str, pl['seeds']))), 'Budget': f"{bt} per run",
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
     banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
     return write_paper(path, dict(title='Parameter Golf', kicker='Experiment:', banner=banner, sections=secs,

@@ -10,7 +10,7 @@ import numpy as np
 from ...eval.harness import BLIMP_FIELDS
 from .run import TOPOLOGIES, LABELS, METRICS, TESTED, FIELDS
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs, judged_once
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged, fixed_design
 from ...eval.harness import item_lists
 
 # %% auto #0
@@ -91,6 +91,7 @@ def seeds_text(res:dict) -> str:
     more = ('no more' if not any(add.values()) else
             ', '.join(f"{LABELS[t].lower()} +{n}" for t, n in add.items()) if len(set(add.values())) > 1 else f"{next(iter(add.values()))} more for every shape")
     every = f"seeds {', '.join(map(str, next(iter(per))))}" if len(per) == 1 else '; '.join(f"{LABELS[t].lower()} {', '.join(map(str, v))}" for t, v in seeds.items())
+    if not staged(D['n1'], D['n_max']): return f"{every} (one fixed design)"
     return f"{every} (a pilot of {', '.join(map(str, pilot))}, then {more} by power)"
 
 def _p(c) -> str:
@@ -318,7 +319,8 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"{seeds_text(res)}, on {hw} ({'bf16 autocast' if env.get('device') == 'cuda' else 'fp32'}).",
         f"Seeds by power: every shape ran a pilot of {D['n1']} seeds; then each pair of shapes asked for as many more as 80% power needs to resolve a difference of {D['target']:g} {D['unit']} in held-out bits per byte, given the pilot's spread "
         f"(`supra.lab.verdict.stage2_for`, at α/{D['family_size']} for the three pairs, at most {D['n_max']} seeds in all; " + ', '.join(f"{' vs '.join(LABELS[x].lower() for x in k.split('|'))} +{n}" for k, n in D['need'].items())
-        + "), and a shape ran the most any of its pairs asked for. A paired test over seeds combines the two stages' own t statistics (inverse-normal, weights fixed before the runs).",
+        + "), and a shape ran the most any of its pairs asked for. A paired test over seeds combines the two stages' own t statistics (inverse-normal, weights fixed before the runs)."
+        if staged(D['n1'], D['n_max']) else f"Seeds: {fixed_design(D['n1'], D['n_max'])} seeds.",
         "Evaluation: lm-eval zero-shot on ARC-Easy and BLiMP, and WikiText word perplexity, each with the limits of the preset ("
         + ', '.join(f"{t} {n}" + (' per paradigm' if t == 'blimp' else '') for t, n in (pl.get('limits') or ())) + "); held-out bits per byte "
         "with a sliding window on documents of the corpus that the pool never contains. During training the same documents' first 32 windows are scored every ⅛ of the epoch "
