@@ -1028,6 +1028,7 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                    'supra.lab.verdict.judge': ('07_lab/verdict.html#judge', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.judged_once': ('07_lab/verdict.html#judged_once', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.predicted_power': ('07_lab/verdict.html#predicted_power', 'supra/lab/verdict.py'),
+                                   'supra.lab.verdict.seed_plan': ('07_lab/verdict.html#seed_plan', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.seeds_for': ('07_lab/verdict.html#seeds_for', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.simulate': ('07_lab/verdict.html#simulate', 'supra/lab/verdict.py'),
                                    'supra.lab.verdict.stage2_for': ('07_lab/verdict.html#stage2_for', 'supra/lab/verdict.py'),

@@ -15,8 +15,8 @@ from ..eval.harness import item_lists
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'MIN_PILOT', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim',
            'holm', 'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p',
-           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'fixed_design', 'stage2_for',
-           'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
+           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'fixed_design', 'seed_plan',
+           'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -367,6 +367,10 @@ def fixed_design(n1:int, n_max:int) -> str:
           f'at most {n_max} seeds leave a second stage no size to choose'
     return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} for a second stage sized by power to pay "
             f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
+
+def seed_plan(n1:int, n_max:int) -> str:
+    "A plan's seeds in a phrase, as a notebook or a run's log prints it before any compute."
+    return f"a pilot of {n1}, then up to {n_max} by power" if staged(n1, n_max) else f"{n_max if n1 >= 2 else n1} per arm, one fixed design"
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #9b139448
 def stage2_for(d1, target:float, n_max:int, family_size:int=1, alpha:float=ALPHA, power:float=0.8) -> int:

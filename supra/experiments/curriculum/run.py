@@ -13,7 +13,7 @@ from ...core.config import check, ModelConfig
 from ...train.loader import Stage, StageLoader, EpochSteps
 from ...lab.experiment import (Plan, plan_preamble, experiment_preset, run_dir, rel, envelope, environment, say, TerminalProgress)
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_for
+from ...lab.verdict import stage2_for, seed_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'ARMS', 'LABELS', 'ARM_SPECS', 'SEED_REFERENCE', 'SCALE', 'LR_GRID', 'SELECT_SEED',
@@ -297,7 +297,7 @@ def run(p:CurriculumPlan) -> dict:
     from supra.data.pool import build_pool
     from supra.data.tokenizers import encoding_stats
     t0 = time.perf_counter()
-    say(f"[curriculum] plan: preset {p.preset.name} · {p.corpus} · pilot seeds {list(p.seeds)} (up to {p.n_max} for {', '.join(STAGED)}) · arms {', '.join(p.arms)} · {p.device}")
+    say(f"[curriculum] plan: preset {p.preset.name} · {p.corpus} · seeds {list(p.seeds)} ({seed_plan(len(p.seeds), p.n_max)} for {', '.join(STAGED)}) · arms {', '.join(p.arms)} · {p.device}")
     if p.fp8_reason: say(f"[curriculum] FP8 not measured: {p.fp8_reason}")
     pools = {k: build_pool(p.data.replace(tokenizer=k)) for k in ('bpe', 'superbpe')}
     texts = heldout_texts(p)

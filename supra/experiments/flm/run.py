@@ -12,7 +12,7 @@ from ...core.config import Config, ConfigError, check, check_choice, as_int, as_
 from ...core.cache import code_fingerprint
 from ...lab.experiment import Plan, plan_preamble, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_plan
+from ...lab.verdict import stage2_plan, seed_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'CORPUS', 'ARMS', 'PARAMS', 'PLAN_DEFAULTS', 'GEOMETRY', 'PROBES', 'CONTROL',
@@ -28,7 +28,7 @@ PARAMS = dict(preset='auto', corpus=CORPUS, seeds=None, device='auto', out_dir='
 PLAN_DEFAULTS = {   # per preset (as every experiment's): model preset, data, schedule; the seed: 600K steps, batch 32, cosine 2e-4 → 1e-5, warmup 2K, geometry warm-up 5K
     'smoke': dict(model='smoke', n_pairs=600, n_test=16, steps=24, batch=8, lr=3e-3, eval_every=12, geo_warmup=12, warmup=3, seeds=(0, 1), min_seeds=1, n_max=4, wordnet=False),
     # cpu: 640 steps per run, probes every 80 — alone on 2 cores ≈ 4.8 min (geometry on) and 3.9 min (off) on an AVX-512 EPYC, 6.3–6.6 and
-    # 5.0–5.3 min on an AVX2 one (Zen 3). A pilot of 2 seeds per arm, then up to 2 more by power (n_max 4): at most 8 runs, ≤ 35 / 47 min;
+    # 5.0–5.3 min on an AVX2 one (Zen 3). 4 seeds per arm (n_max 4) as one fixed design — a pilot of 2 cannot size a second stage: 8 runs, ≈ 35 / 47 min;
     # a fifth seed would take the AVX2 machine past the hour. The seed trains ~940× longer: at this budget no test sentence is reconstructed, which the paper states.
     'cpu':   dict(model='cpu', n_pairs=20000, n_test=256, steps=640, batch=32, lr=1e-3, eval_every=80, geo_warmup=128, warmup=32, seeds=(0, 1), min_seeds=2, n_max=4, wordnet='auto'),
     'paper': dict(model='paper', n_pairs=200000, n_test=512, steps=600000, batch=32, lr=2e-4, eval_every=500, geo_warmup=5000, warmup=2000, seeds=(0, 1, 2), min_seeds=3, n_max=6, wordnet='auto'),
@@ -49,7 +49,7 @@ class FLMPlan(Plan):
     arms: tuple = ('geometry', 'no_geometry'); wordnet: bool = False
     model: str = 'smoke'; n_pairs: int = 1000; n_test: int = 32; steps: int = 40; batch: int = 16; lr: float = 3e-3
     eval_every: int = 20; geo_warmup: int = 20; warmup: int = 4
-    n_max: int = 4                   # seeds per arm at most: the pilot's, then the second stage's (allocated by power)
+    n_max: int = 4                   # seeds per arm at most: the pilot's, then the second stage's (by power, or the rest: `staged`)
 
 def plan(**params) -> FLMPlan:
     "Validate the notebook's parameters into a plan; a bad value (or unknown name) raises ConfigError naming it."
@@ -133,7 +133,7 @@ def run(p:FLMPlan) -> dict:
     from supra.flm.data import FLMData, FLMDataConfig, split_vocab
     from supra.flm.wordnet import wordnet_items
     t0 = time.perf_counter()
-    say(f'[flm] plan: preset {p.preset} · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · arms {list(p.arms)} · {p.steps} steps · WordNet {"on" if p.wordnet else "off"} · {p.device}')
+    say(f'[flm] plan: preset {p.preset} · seeds {list(p.seeds)} ({seed_plan(len(p.seeds), p.n_max)}) · arms {list(p.arms)} · {p.steps} steps · WordNet {"on" if p.wordnet else "off"} · {p.device}')
     data = FLMData(FLMDataConfig(n_pairs=p.n_pairs, n_test=p.n_test))
     wn = wordnet_items() if p.wordnet else None
     res = [train_one(p, data, wn, arm, s) for arm in p.arms for s in p.seeds]

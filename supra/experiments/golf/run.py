@@ -14,6 +14,7 @@ from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_c
 from ...eval.harness import eval_metrics
 from ...core.cache import write_json, read_json
 from ...lab.stats import group_summary
+from ...lab.verdict import stage2_plan, seed_plan
 from ...train.runlog import RunLog
 
 # %% auto #0
@@ -42,18 +43,19 @@ CPU_ABLATE = ('muon', 'ema_swa', 'qat', 've')
 # baseline's 2.33), so 0.95 keeps the record's horizon as a fraction of the run (20 steps).
 # The cpu byte budget holds both arms' artefacts (≈1.34 MB baseline, ≈1.37 MB full stack at 4×128, vocabulary 4,096).
 #
-# Seeds by power: every arm runs a pilot of 3 seeds; then each comparison (full vs baseline, each ablation vs full) gets as many more
-# seeds as 80% power at TARGET needs given the pilot's spread (supra.lab.verdict.stage2_for, at α/family), at most n_max in all —
-# an arm takes the most any of its comparisons needs; the tests combine the two stages (supra.lab.verdict.two_stage).
+# Seeds: the runner plans through the verdict engine — a pilot, then `stage2_plan` for each comparison (full vs baseline, each ablation
+# vs full) at 80% power at TARGET, at α/family, at most n_max in all; an arm takes the most any of its comparisons needs. With a pilot of
+# ≥ 3 and room for ≥ 3 more (`supra.lab.verdict.staged`) the count follows the pilot's spread and the tests combine the two stages; the
+# cpu preset's 3 + at most 2 leaves the pilot nothing to choose, so its 5 seeds per arm are one fixed design, each test the paired t.
 #
 # The cpu budget, timed alone on the 2-core AMD EPYC (AVX-512): 0.20 s a step for the full stack, 0.18 for the baseline at batch
-# 16 × 128 (train_golf, 25 steps each); the previous cpu run spent ≈ 20 s a run scoring (sliding bpb before and after the round trip,
-# the two disjoint-window checks, zstd) and ≈ 40 s on BLiMP 100/task + ARC-Easy 800 per artefact. Hence, alone:
-#   pilot       = 6 arms × 3 seeds × (250 × 0.2 + 20) s                              ≈ 1,260 s
-#   downstream  = baseline and full on the pilot's seeds: 6 × 40 s                      ≈   240 s
-#   stage 2     = 6 arms × 2–3 seeds × 70 s (n_max = 6)                               ≈   840–1,260 s
+# 16 × 128 (train_golf, 25 steps each); a run spends ≈ 20 s more scoring (sliding bpb before and after the round trip, the two
+# disjoint-window checks, zstd) and ≈ 40 s on BLiMP 100/task + ARC-Easy 800 per artefact. Hence, alone:
+#   runs        = 6 arms × 5 seeds × (250 × 0.2 + 20) s                              ≈ 2,100 s
+#   downstream  = baseline and full on the first 3 seeds: 6 × 40 s                    ≈   240 s
 #   pool        = 0.6 M tokens tokenised once (+ the tokenizer, if not cached)         ≈    60 s
-#   total       ≈ 40–47 min, inside the 60-min budget. Batch 16 (was 32) and 250 steps (was 300) buy the second stage.
+#   total       ≈ 40 min there. The previous cpu run (3 pilot seeds, then 2–3 more by power under n_max 6: 34 runs) took 46.8 min on
+#   that machine; an AVX2 one (Zen 3) trains ≈ 1.3× slower (flm, measured), which puts 34 runs past the hour and 30 at ≈ 54 min.
 CPU_STEPS = 250
 TARGET = 0.1        # bits/byte: the smallest effect of a technique the second stage is powered (80%) to resolve at this scale
 SCALE = {
@@ -62,7 +64,7 @@ SCALE = {
                   min_seeds=1, n_max=4, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
     'cpu':   dict(n_layer=4, d_model=128, n_head=4, n_kv_head=2, seq_len=128, batch=16, steps=CPU_STEPS, budget_s=None, byte_budget=1_500_000,
                   bigram=1024, bigram_dim=64, ve_dim=64, ve_layers=(2, 3), momentum_warmup=100, ema=0.95, swa_every=10, seeds=(0, 1, 2), ablate=CPU_ABLATE,
-                  min_seeds=3, n_max=6, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
+                  min_seeds=3, n_max=5, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
     'paper': dict(n_layer=11, d_model=512, n_head=8, n_kv_head=4, seq_len=2048, batch=384, steps=None, budget_s=600.0, byte_budget=16_000_000,
                   bigram=2048, bigram_dim=128, ve_dim=128, ve_layers=(9, 10), momentum_warmup=1500, ema=0.997, swa_every=50, seeds=(1337, 42, 7), ablate=TECHNIQUES,
                   min_seeds=3, n_max=6, limits={}, tasks=('blimp', 'arc_easy'), accum=8),
@@ -79,7 +81,7 @@ class GolfPlan(Plan):
     budget_s: float | None = None    # the wall-clock budget of every run, in seconds of step time (None: a step budget)
     techniques: tuple = TECHNIQUES   # switched on in the full stack
     ablate: tuple = TECHNIQUES       # each switched off in turn
-    n_max: int = 6                   # seeds per arm at most: the pilot's, then the second stage's (allocated by power)
+    n_max: int = 6                   # seeds per arm at most: the pilot's, then the second stage's (by power, or the rest: `staged`)
 
     @property
     def scale(self) -> dict: return SCALE[self.preset.name]
@@ -211,7 +213,6 @@ def check_summary(rows:list) -> dict:
 def second_stage(p:GolfPlan, rows:list) -> tuple[dict, dict]:
     """(seeds each comparison adds, seeds each arm adds) after the pilot: `stage2_for` on each comparison's per-seed bpb differences,
     for 80% power at TARGET bits/byte at α/family, at most n_max seeds in all; an arm takes the most any of its comparisons needs."""
-    from supra.lab.verdict import stage2_plan
     return stage2_plan(rows, {f'{a}|{b}': ('bpb', a, b, TARGET) for a, b in comparisons(p)}, p.seeds, p.n_max)
 
 def run(p:GolfPlan) -> dict:
@@ -219,7 +220,7 @@ def run(p:GolfPlan) -> dict:
     from supra.data.pool import build_pool
     from supra.data.corpus import val_texts
     t0 = time.perf_counter()
-    say(f"[golf] plan: preset {p.preset.name} · {p.corpus} · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · " + (f"{p.steps} steps" if p.steps else f"{p.budget_s:g}s") +
+    say(f"[golf] plan: preset {p.preset.name} · {p.corpus} · seeds {list(p.seeds)} ({seed_plan(len(p.seeds), p.n_max)}) · " + (f"{p.steps} steps" if p.steps else f"{p.budget_s:g}s") +
         f" per run · {p.byte_budget:,} B · ablate {list(p.ablate)}")
     pool = build_pool(p.data)
     texts = val_texts(p.data)[:p.eval.bpb_docs or None]

@@ -13,7 +13,7 @@ from ...core.cache import code_fingerprint, read_json, write_json
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_plan
+from ...lab.verdict import stage2_plan, seed_plan
 from ...train.runlog import RunLog
 
 # %% auto #0
@@ -60,7 +60,7 @@ class TopologyPlan(Plan):
     base_lr: float = 4e-3            # the walk's first LR (and its ×½, ×2 neighbours)
     max_lr_runs: int = 5             # full-length runs per shape the LR walk may spend
     limits: tuple = ()               # (task, examples) pairs overriding the preset's evaluation limit
-    n_max: int = 6                   # seeds per shape at most: the pilot's, then the second stage's (allocated by power)
+    n_max: int = 6                   # seeds per shape at most: the pilot's, then the second stage's (by power, or the rest: `staged`)
     reserved_seeds: ClassVar[tuple] = (SELECT_SEED,)
 
     @property
@@ -212,7 +212,7 @@ def run(p:TopologyPlan) -> dict:
     from supra.data.pool import build_pool
     from supra.eval.floors import ngram_floor_eval, floor_metrics
     t0 = time.perf_counter()
-    say(f"[topology] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · pilot seeds {list(p.seeds)} (up to {p.n_max} by power) · LR walk from {p.base_lr:g} "
+    say(f"[topology] plan: preset {p.preset.name} · {p.corpus} · {p.data.n_tokens:,}-token pool · seeds {list(p.seeds)} ({seed_plan(len(p.seeds), p.n_max)}) · LR walk from {p.base_lr:g} "
         f"on seed {SELECT_SEED}, ≤ {p.max_lr_runs} full-length runs per shape · {p.device}")
     pool = build_pool(p.data)
     chosen = choose_lrs(p, pool)
