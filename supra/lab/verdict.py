@@ -363,9 +363,9 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
 # %% ../../nbs/07_lab/03_verdict.ipynb #7c97be6a
 def fixed_design(n1:int, n_max:int) -> str:
     "Why a plan that is not `staged` ran its seeds as one fixed design — the sentence every paper prints for one."
-    why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom' if n1 < MIN_PILOT else \
-          f'at most {n_max} seeds leave a second stage no size to choose'
-    return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} for a second stage sized by power to pay "
+    why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom for a second stage sized by power to pay' if n1 < MIN_PILOT else \
+          f'with at most {n_max} seeds, a second stage after a pilot of {n1} would add {n_max - n1} whatever the pilot showed'
+    return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} "
             f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
 
 def seed_plan(n1:int, n_max:int) -> str:

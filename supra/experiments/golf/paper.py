@@ -116,8 +116,8 @@ def paper(res:dict, figs:dict, path) -> Path:
     from supra.pages.fmt import fmt_duration
     S, sm, pl, env = _S(res), res['summary'], res['plan'], res['environment']; rec = sm['record']
     hw = env.get('hardware', env.get('device')); names = list(S)
-    de, seeds = sm.get('design'), sm.get('seeds') or {a: pl['seeds'] for a in S}
-    two = bool(de) and staged(de['n1'], de['n_max'])     # seeds in two stages, or one fixed design
+    de, seeds = sm['design'], sm['seeds']
+    two = staged(de['n1'], de['n_max'])     # seeds in two stages, or one fixed design
     seeds_of = lambda a: f"{col(a)}: {len(seeds[a])} seeds"
     sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']]))
     bu, po, ck, bt = sm['budget'], sm['pool'], sm['checks'], budget_text(res)
@@ -131,7 +131,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                  ('Training seconds (measured, not the budget)' if bu['kind'] == 'steps' else 'Training seconds', 'train_s', 'num', None, 0, {}),
                  ('BLiMP, quantised (↑)', 'blimp', 'pct', 'max', 2, dict(chance=0.5)), ('ARC-Easy, quantised (↑)', 'arc_easy', 'pct', 'max', 2, dict(chance=0.25))]
                  if k in S['full']], title='Baseline vs full stack', baselines=('chance',), label='// Results', nav='Results', id='results',
-                 caption=f"Mean ± std over each arm's seeds ({seeds_of('baseline')} and {seeds_of('full')}" + (f"; BLiMP and ARC-Easy on the pilot's seeds {', '.join(map(str, de['downstream_seeds']))}" if de else '') +
+                 caption=f"Mean ± std over each arm's seeds ({seeds_of('baseline')} and {seeds_of('full')}" + "; BLiMP and ARC-Easy on " + ("the pilot's seeds " if two else 'seeds ') + ', '.join(map(str, de['downstream_seeds'])) + ('' if two else ' only') +
                          f"); {bt} of training each; scored only after quantise → zstd-22 → reload.")
     V = verdicts(res)
     abl = table(['bpb without', 'Δ vs full', 'p', 'p (Holm)', 'verdict', 'artefact bytes', 'quant gap'],
@@ -139,7 +139,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                                           f"{S[r['a']]['artefact_bytes']:,.0f}", f"{S[r['a']]['quant_gap']:+.4f}"], fmt='str') for r in V[1:] if r['kind'] == 'comparison'],
                 title='Ablation: each technique off in turn', row_header='Technique switched off', label='// Ablation', nav='Ablation', id='ablation',
                 caption=f"Δ = bpb without − bpb of the full stack (positive: the technique helps), paired seed by seed over the seeds both arms ran "
-                        f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if two else ", and the design's other seeds the full stack ran too" if de else '') + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
+                        f"(every ablation ran the full stack's pilot seeds {', '.join(map(str, pl['seeds']))}" + (", and its second-stage seeds the full stack ran too" if two else ", and the design's other seeds the full stack ran too") + f"); decided by the verdict engine with the headline test as one family (Holm at α = {ALPHA})."
                         + (f" Not ablated at this preset: {', '.join(LABELS[t] for t in sm['not_ablated'])} (see Method)." if sm['not_ablated'] else ''))
     vt = verdict_table(V, title='Every test, decided', id='verdicts', nav='Verdicts', label='// Verdicts')
     cols = ['bytes (Supra)', f"bytes ({ck['size']['tool']}, level {ck['size']['level']})", 'Δ bytes', 'Δ bytes (zstandard module)', 'round trip', f'bpb, stride {stride} (headline)',
@@ -170,11 +170,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         "comparison is paired seed by seed (same initialisation, same data order); its test combines the two stages' own t statistics (inverse-normal, weights fixed "
         "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only (descriptive, not tested)") if two else \
         (f"{fixed_design(de['n1'], de['n_max'])}, every arm on the same seeds {', '.join(map(str, seeds['full']))}, so each comparison is paired seed by seed (same "
-        f"initialisation, same data order). BLiMP and ARC-Easy are measured on the first {de['n1']} seeds only (descriptive, not tested)") if de else \
-        ("three seeds per arm — every arm, ablations included, on the same seeds "
-        f"{', '.join(map(str, pl['seeds']))}, so each ablation is compared with the full stack seed by seed (same initialisation, same data order) by a paired test; "
-        "three is what the preset's time budget holds (the arithmetic is in `SCALE`), fixed before the runs rather than allocated in stages") if len(pl['seeds']) >= 3 else \
-        f"{len(pl['seeds'])} seed(s) per arm, every arm on the same seeds {', '.join(map(str, pl['seeds']))}, compared seed by seed (a test preset: too few seeds to resolve anything)"
+        f"initialisation, same data order). BLiMP and ARC-Easy are measured on the first {de['n1']} seeds only (descriptive, not tested)")
     budget_p = (f"Every arm trains exactly {bu['steps']:,} steps of {bu['tokens_per_step']:,} tokens with the same loop (Supra's trainer with the golf techniques as its step hook, `supra.golf.train.GolfHook`): LR warm-up over 10 steps, then a linear warmdown "
                 f"over the last half of the steps that reaches 0 at the last one. The budget is steps, not seconds, because this {hw} is shared with other work: a wall-clock budget "
                 f"would mix the step count into every difference (an earlier 90-s run gave 211–339 steps per run). Training seconds are measured and reported, not budgeted.") \
@@ -195,7 +191,7 @@ def paper(res:dict, figs:dict, path) -> Path:
          ('Seeds', why_seeds + '.'),
          ('Ablations', f"each of {', '.join(LABELS[t] for t in sm['ablated'])} switched off in turn" + (
           f"; not ablated at this preset: {', '.join(LABELS[t] for t in nab)} — the preset's time budget holds {len(res['runs'])} runs of {bt} "
-          f"({2 + len(sm['ablated'])} arms" + (", seeds allocated by power" if two else f" × {de['n_max']} seeds" if de else f" × {len(pl['seeds'])} seeds") + "), so only the techniques the record names as its key innovations, its optimiser and one titled architecture piece are ablated; "
+          f"({2 + len(sm['ablated'])} arms" + (", seeds allocated by power" if two else f" × {de['n_max']} seeds") + "), so only the techniques the record names as its key innovations, its optimiser and one titled architecture piece are ablated; "
           "those not ablated stay on in the full stack and every ablation" if nab else '') + '.'),
          ('Checks', f"every artefact's size re-computed with plain zstd ({ck['size']['tool']}) and its bits per byte by an independent scorer (`supra.golf.check`); see Checks.")],
         label='// Method', nav='Method', id='method')
@@ -203,7 +199,7 @@ def paper(res:dict, figs:dict, path) -> Path:
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
             chart(figs['curves'], 'Loss against the step' if bu['kind'] == 'steps' else 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, chk, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if two else f"{de['n_max']} per arm" if de else ', '.join(map(str, pl['seeds']))), 'Budget': f"{bt} per run",
+            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if two else f"{len(seeds['full'])} per arm"), 'Budget': f"{bt} per run",
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
     banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
     return write_paper(path, dict(title='Parameter Golf', kicker='Experiment:', banner=banner, sections=secs,
