@@ -45,17 +45,19 @@ CPU_ABLATE = ('muon', 'ema_swa', 'qat', 've')
 #
 # Seeds: the runner plans through the verdict engine — a pilot, then `stage2_plan` for each comparison (full vs baseline, each ablation
 # vs full) at 80% power at TARGET, at α/family, at most n_max in all; an arm takes the most any of its comparisons needs. With a pilot of
-# ≥ 3 and room for ≥ 3 more (`supra.lab.verdict.staged`) the count follows the pilot's spread and the tests combine the two stages; the
-# cpu preset's 3 + at most 2 leaves the pilot nothing to choose, so its 5 seeds per arm are one fixed design, each test the paired t.
+# ≥ 3 and room for ≥ 3 more (`supra.lab.verdict.staged`, as cpu's 3 + up to 3) the count follows the pilot's spread and the tests
+# combine the two stages; a plan the pilot cannot size (e.g. `-p n_max 5`) runs its seeds as one fixed design, each test the paired t.
 #
 # The cpu budget, timed alone on the 2-core AMD EPYC (AVX-512): 0.20 s a step for the full stack, 0.18 for the baseline at batch
 # 16 × 128 (train_golf, 25 steps each); a run spends ≈ 20 s more scoring (sliding bpb before and after the round trip, the two
 # disjoint-window checks, zstd) and ≈ 40 s on BLiMP 100/task + ARC-Easy 800 per artefact. Hence, alone:
-#   runs        = 6 arms × 5 seeds × (250 × 0.2 + 20) s                              ≈ 2,100 s
-#   downstream  = baseline and full on the first 3 seeds: 6 × 40 s                    ≈   240 s
+#   pilot       = 6 arms × 3 seeds × (250 × 0.2 + 20) s                              ≈ 1,260 s
+#   downstream  = baseline and full on the pilot's seeds: 6 × 40 s                      ≈   240 s
+#   stage 2     = 6 arms × 2–3 seeds × 70 s (n_max = 6)                               ≈   840–1,260 s
 #   pool        = 0.6 M tokens tokenised once (+ the tokenizer, if not cached)         ≈    60 s
-#   total       ≈ 40 min there. The previous cpu run (3 pilot seeds, then 2–3 more by power under n_max 6: 34 runs) took 46.8 min on
-#   that machine; an AVX2 one (Zen 3) trains ≈ 1.3× slower (flm, measured), which puts 34 runs past the hour and 30 at ≈ 54 min.
+#   total       ≈ 40–47 min (the published run: 34 runs, 46.8 min). Not on a CPU without native bf16 (an AVX2 Zen 3, measured): torch's
+#   Muon runs its Newton–Schulz iteration in bf16 (68 ms a 512 × 128 matrix there, 3.4 ms in fp32), so a Muon run took 3.9–4.0 min
+#   against AdamW's 1.6–1.9 — 20 of the 30+ runs use Muon, ≈ 85 min in all.
 CPU_STEPS = 250
 TARGET = 0.1        # bits/byte: the smallest effect of a technique the second stage is powered (80%) to resolve at this scale
 SCALE = {
@@ -64,7 +66,7 @@ SCALE = {
                   min_seeds=1, n_max=4, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
     'cpu':   dict(n_layer=4, d_model=128, n_head=4, n_kv_head=2, seq_len=128, batch=16, steps=CPU_STEPS, budget_s=None, byte_budget=1_500_000,
                   bigram=1024, bigram_dim=64, ve_dim=64, ve_layers=(2, 3), momentum_warmup=100, ema=0.95, swa_every=10, seeds=(0, 1, 2), ablate=CPU_ABLATE,
-                  min_seeds=3, n_max=5, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
+                  min_seeds=3, n_max=6, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
     'paper': dict(n_layer=11, d_model=512, n_head=8, n_kv_head=4, seq_len=2048, batch=384, steps=None, budget_s=600.0, byte_budget=16_000_000,
                   bigram=2048, bigram_dim=128, ve_dim=128, ve_layers=(9, 10), momentum_warmup=1500, ema=0.997, swa_every=50, seeds=(1337, 42, 7), ablate=TECHNIQUES,
                   min_seeds=3, n_max=6, limits={}, tasks=('blimp', 'arc_easy'), accum=8),
