@@ -12,10 +12,11 @@ from ..train.runlog import RunLog
 from ..eval.harness import eval_metrics
 from .experiment import evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from .stats import group_summary
-from .verdict import judge, verdict_cells
+from .verdict import judge, verdict_cells, staged, MIN_PILOT
 
 # %% auto #0
-__all__ = ['run_curve', 'eval_fields', 'train_arms', 'arms_envelope', 'metric_table', 'verdict_table']
+__all__ = ['run_curve', 'eval_fields', 'train_arms', 'arms_envelope', 'metric_table', 'verdict_table', 'fixed_design',
+           'seed_plan']
 
 # %% ../../nbs/07_lab/05_arms.ipynb #18374b67
 def run_curve(run_dir, n:int=400) -> dict:
@@ -89,3 +90,15 @@ def verdict_table(results:list, title:str='Comparisons and claims', **kw) -> dic
            "in each metric's unit. 'bounded' is a bound, never a measurement.")
     return table(tests, rows, status=[(c['verdict'], c['tone']) for c in cells], transpose=True, column_header='Test',
                  **{'title': title, 'caption': cap, 'id': 'verdicts', 'nav': 'Verdicts', **kw})
+
+# %% ../../nbs/07_lab/05_arms.ipynb #61cf5a23
+def fixed_design(n1:int, n_max:int) -> str:
+    "Why a plan that is not `staged` ran its seeds as one fixed design — the sentence every paper prints for one."
+    why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom for a second stage sized by power to pay' if n1 < MIN_PILOT else \
+          f'with at most {n_max} seeds, a second stage after a pilot of {n1} would add {n_max - n1} whatever the pilot showed'
+    return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} "
+            f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
+
+def seed_plan(n1:int, n_max:int) -> str:
+    "A plan's seeds in a phrase, as a notebook or a run's log prints it before any compute."
+    return f"a pilot of {n1}, then up to {n_max} by power" if staged(n1, n_max) else f"{n_max if n1 >= 2 else n1} per arm, one fixed design"

@@ -15,8 +15,8 @@ from ..eval.harness import item_lists
 # %% auto #0
 __all__ = ['BPB', 'ACC', 'VERDICTS', 'MIN_PILOT', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim',
            'holm', 'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p',
-           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'fixed_design', 'seed_plan',
-           'stage2_for', 'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
+           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval',
+           'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -305,18 +305,14 @@ def predicted_power(n1:int, n2:int, effect:float, sd:float, n_max:int, alpha:flo
     return float(np.clip(np.sum(f1 * rej) * dx, 0, 1))
 
 MIN_PILOT = 3      # seeds a pilot needs before a second stage pays: each stage's t then has ≥ 2 degrees of freedom
-
 def staged(n1:int, n_max:int) -> bool:
-    """Whether a plan's seeds run in two stages: only when the pilot has ≥ MIN_PILOT seeds and the budget leaves room for a second
-    stage whose size the pilot can choose (≥ 3 more: 2 or more). Otherwise the seeds are one fixed design of n_max, tested as one."""
+    "Two stages only with a pilot of ≥ MIN_PILOT seeds and room for ≥ 3 more (a second stage the pilot can size); else one fixed design of n_max."
     return n1 >= MIN_PILOT and n_max - n1 >= 3
 
 def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> list[tuple[int, float]]:
     """The plan's rule for stage 2, fixed before any data: [(n2, largest pilot sd for which n2 seeds reach `power` at `target`)].
-    At least 2 seeds whenever the budget allows any, so that stopping never depends on the data; at most n_max − n1. A design that is
-    not `staged` adds the rest of the budget whatever the pilot shows (one fixed design); a pilot of one seed adds none."""
-    room = n_max - n1
-    if n1 < 2 or room < 1: return []
+    At least 2, at most n_max − n1, so stopping never depends on the data; not `staged`: the rest of the budget whatever the pilot shows (one seed: none)."""
+    if n1 < 2 or (room := n_max - n1) < 1: return []
     if not staged(n1, n_max): return [(room, math.inf)]
     out = []
     for n2 in range(2, room + 1):
@@ -331,8 +327,7 @@ def stage2_seeds(sd1, rule:list) -> np.ndarray | int:
     "Seeds to add after a pilot whose per-seed differences have sd `sd1`: the smallest n2 of `rule` that reaches the power, else the most."
     if not rule: return 0 if np.ndim(sd1) == 0 else np.zeros(np.shape(sd1), int)
     ns, cut = np.array([n for n, _ in rule]), np.array([c for _, c in rule])
-    out = np.where(np.asarray(sd1)[..., None] <= cut, ns, ns[-1] + 1).min(axis=-1)
-    out = np.minimum(out, ns[-1])
+    out = np.minimum(np.where(np.asarray(sd1)[..., None] <= cut, ns, ns[-1] + 1).min(axis=-1), ns[-1])
     return int(out) if np.ndim(out) == 0 else out
 
 def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target:float=1.0, sd:float=1.0, family:int=3,
@@ -341,7 +336,7 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
     the others none) decided with Holm at `alpha`: the family-wise false-positive rate, the first comparison's rejection rate,
     and the power predicted for it (the mean over experiments of `predicted_power` at the stage sizes each chose, at α/family)."""
     check(staged(n1, n_max), 'n1', n1, f'a pilot of at least {MIN_PILOT} seeds with room for 3 more in n_max={n_max}: simulate studies the two-stage design')
-    rng = np.random.default_rng(seed); w = weights(n1, n_max); a_f = alpha / family
+    rng, w, a_f = np.random.default_rng(seed), weights(n1, n_max), alpha / family
     rule = stage2_rule(n1, target, n_max, a_f, power)
     mu = np.zeros(family); mu[0] = effect
     d1 = rng.normal(mu[None, :, None], sd, (n_sims, family, n1))
@@ -360,22 +355,9 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
                 predicted=float(np.mean([pred[k] for k in n2[:, 0]])) if effect else 0.0,
                 seeds=float(n1 + n2[:, 0].mean()), mc_se=math.sqrt(alpha * (1 - alpha) / n_sims))
 
-# %% ../../nbs/07_lab/03_verdict.ipynb #7c97be6a
-def fixed_design(n1:int, n_max:int) -> str:
-    "Why a plan that is not `staged` ran its seeds as one fixed design — the sentence every paper prints for one."
-    why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom for a second stage sized by power to pay' if n1 < MIN_PILOT else \
-          f'with at most {n_max} seeds, a second stage after a pilot of {n1} would add {n_max - n1} whatever the pilot showed'
-    return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} "
-            f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
-
-def seed_plan(n1:int, n_max:int) -> str:
-    "A plan's seeds in a phrase, as a notebook or a run's log prints it before any compute."
-    return f"a pilot of {n1}, then up to {n_max} by power" if staged(n1, n_max) else f"{n_max if n1 >= 2 else n1} per arm, one fixed design"
-
 # %% ../../nbs/07_lab/03_verdict.ipynb #9b139448
 def stage2_for(d1, target:float, n_max:int, family_size:int=1, alpha:float=ALPHA, power:float=0.8) -> int:
-    """Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size:
-    0 or ≥ 2 in a `staged` design; the rest of the budget, whatever `d1` shows, in a fixed one."""
+    "Seeds to add after a pilot whose per-seed differences are `d1`, for `power` at a true `target` (d1's units) at α/family_size (`stage2_rule`)."
     return int(stage2_seeds(float(np.std(np.asarray(d1, float), ddof=1)), stage2_rule(len(d1), target, n_max, alpha / family_size, power)))
 
 def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float, float]:
@@ -396,8 +378,7 @@ def combined_interval(d1, d2, w:tuple[float, float], level:float) -> tuple[float
 
 def two_stage(rows, metric:str, a, b, stages:dict, by:str='arm', log:bool=False) -> dict:
     """A paired test of a two-stage design: effect and se over every seed both arms have; p from the inverse-normal combination of the
-    stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max) as planned). Stage 1 alone (at full α) while stage 2 has < 2 seeds;
-    a design that is not `staged` chose its seeds before any data, so its test is the paired t over all of them."""
+    stages' own t statistics (rows' `stage`: 1 or 2; `stages`: dict(n1, n_max)). Stage 1 alone while stage 2 has < 2 seeds; not `staged`: the paired t."""
     out = difference(rows, metric, a, b, by, paired=True, log=log)
     st_of = {r.get('seed'): r.get('stage', 1) for r in rows if r.get(by) == a}
     A, B = _by_seed(rows, by, a, metric), _by_seed(rows, by, b, metric)

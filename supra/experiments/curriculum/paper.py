@@ -7,7 +7,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once, staged, fixed_design
+from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once, staged
+from ...lab.arms import fixed_design
 
 # %% auto #0
 __all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'design_finding', 'findings', 'claim_chart',

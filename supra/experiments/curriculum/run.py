@@ -13,7 +13,8 @@ from ...core.config import check, ModelConfig
 from ...train.loader import Stage, StageLoader, EpochSteps
 from ...lab.experiment import (Plan, plan_preamble, experiment_preset, run_dir, rel, envelope, environment, say, TerminalProgress)
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_for, seed_plan
+from ...lab.verdict import stage2_for
+from ...lab.arms import seed_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'ARMS', 'LABELS', 'ARM_SPECS', 'SEED_REFERENCE', 'SCALE', 'LR_GRID', 'SELECT_SEED',

@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 from .run import ARMS, PROBES, CONTROL, LOWER_BETTER
 from ...flm.probes import TARGETS
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, judged_once, staged, fixed_design
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, judged_once, staged
+from ...lab.arms import fixed_design
 
 # %% auto #0
 __all__ = ['LABELS', 'COLLAPSED_RANK', 'COMPARED', 'INFORMATIVE_EM', 'family', 'verdicts', 'seeds_text', 'collapsed', 'targets',

@@ -12,7 +12,8 @@ from ...core.config import Config, ConfigError, check, check_choice, as_int, as_
 from ...core.cache import code_fingerprint
 from ...lab.experiment import Plan, plan_preamble, run_dir, rel, envelope, environment, say, TerminalProgress
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_plan, seed_plan
+from ...lab.verdict import stage2_plan
+from ...lab.arms import seed_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'CORPUS', 'ARMS', 'PARAMS', 'PLAN_DEFAULTS', 'GEOMETRY', 'PROBES', 'CONTROL',

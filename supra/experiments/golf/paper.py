@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 import numpy as np
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged, fixed_design
+from ...lab.verdict import Metric, Comparison, Versus, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged
+from ...lab.arms import fixed_design
 from .run import LABELS, SCALE
 
 # %% auto #0

@@ -14,7 +14,8 @@ from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_c
 from ...eval.harness import eval_metrics
 from ...core.cache import write_json, read_json
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_plan, seed_plan
+from ...lab.verdict import stage2_plan
+from ...lab.arms import seed_plan
 from ...train.runlog import RunLog
 
 # %% auto #0

@@ -10,7 +10,8 @@ import numpy as np
 from ...eval.harness import BLIMP_FIELDS
 from .run import TOPOLOGIES, LABELS, METRICS, TESTED, FIELDS
 from ...lab.stats import ALPHA
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged, fixed_design
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, fmt_p, item_pairs, judged_once, staged
+from ...lab.arms import fixed_design
 from ...eval.harness import item_lists
 
 # %% auto #0

@@ -13,7 +13,8 @@ from ...core.cache import code_fingerprint, read_json, write_json
 from ...lab.experiment import Plan, plan_preamble, experiment_preset, evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from ...eval.harness import eval_metrics, task_baselines, BLIMP_FIELDS
 from ...lab.stats import group_summary
-from ...lab.verdict import stage2_plan, seed_plan
+from ...lab.verdict import stage2_plan
+from ...lab.arms import seed_plan
 from ...train.runlog import RunLog
 
 # %% auto #0
