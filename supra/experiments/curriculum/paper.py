@@ -89,11 +89,12 @@ def design_finding(res:dict) -> tuple[str, str] | None:
     "How many seeds each arm got, and why."
     d = res['summary'].get('design')
     if not d: return None
+    two = staged(d['n1'], d['n_max'])     # seeds in two stages, or one fixed design
     why = (f"the pilot's {d['n1']} seeds per arm, then {d['n2']} more for {' and '.join(d['staged'])} — the number the pilot's spread of log speed-ups needs for 80% power "
            f"at ×{d['target']:g} (α/{d['family_size']}), at most {d['n_max']} in all (`supra.lab.verdict.stage2_for`, a rule fixed before the run); the staged tests "
-           "combine the two stages' own t statistics, so choosing the count from the pilot costs no false positives") if staged(d['n1'], d['n_max']) else \
+           "combine the two stages' own t statistics, so choosing the count from the pilot costs no false positives") if two else \
           f"{' and '.join(d['staged'])}: {fixed_design(d['n1'], d['n_max'])} seeds; the other arms ran the first {d['n1']}"
-    return ('Seeds, allocated by power' if staged(d['n1'], d['n_max']) else 'Seeds, one fixed design', why + '; seeds per arm: ' + '; '.join(f"{res['summary']['labels'][a]} {len(s)}" for a, s in d['seeds'].items()) + '.')
+    return ('Seeds, allocated by power' if two else 'Seeds, one fixed design', why + '; seeds per arm: ' + '; '.join(f"{res['summary']['labels'][a]} {len(s)}" for a, s in d['seeds'].items()) + '.')
 
 def findings(res:dict) -> list:
     "The key findings, computed from the envelope: the seed's claims as the engine decides them first (the headline), then how the run was set up."
