@@ -12,7 +12,8 @@ from ..core.config import ConfigError, check, TrainConfig
 from ..model.transformer import CausalSelfAttention
 
 # %% auto #0
-__all__ = ['GROUP_KEYS', 'lr_factor', 'SplitMuon', 'default_optimizers', 'model_param_groups', 'make_optimizers']
+__all__ = ['NS_COEFFS', 'GROUP_KEYS', 'lr_factor', 'ns_dtype', 'newton_schulz', 'muon_lr_scale', 'SplitMuon',
+           'default_optimizers', 'model_param_groups', 'make_optimizers']
 
 # %% ../../nbs/03_train/00_optim.ipynb #c1c953b9
 def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='wsd', min_frac:float=0.0) -> float:
@@ -26,19 +27,47 @@ def lr_factor(step:int, total:int|None, warmup:int, cooldown:int=0, kind:str='ws
     if step < start: return 1.0
     return min_frac + (1 - min_frac) * max(0.0, total - step) / max(1, total - start)
 
+# %% ../../nbs/03_train/00_optim.ipynb #c15a5105
+NS_COEFFS = (3.4445, -4.7750, 2.0315)    # Keller Jordan's quintic: steepest slope at 0 that still ends near 1
+
+def ns_dtype(device) -> torch.dtype:
+    "Dtype of the Newton–Schulz iteration on `device`: bf16 on CUDA (tensor cores, as the reference runs it), fp32 elsewhere."
+    return torch.bfloat16 if torch.device(device).type == 'cuda' else torch.float32
+
+def newton_schulz(G:torch.Tensor, steps:int=5, coeffs=NS_COEFFS, eps:float=1e-7, dtype=None) -> torch.Tensor:
+    "Orthogonalise matrix `G` approximately (`U S Vᵀ` → `U S' Vᵀ`, `S'` near 1) by `steps` quintic iterations in `dtype` (default: `ns_dtype(G.device)`)."
+    a, b, c = coeffs
+    tall = G.size(0) > G.size(1)
+    X = G.to(dtype or ns_dtype(G.device))
+    if tall: X = X.T                                  # iterate on the wide side: X Xᵀ is the smaller Gram matrix
+    X = X / X.norm().clamp(min=eps)                   # ‖X‖_F ≥ ‖X‖_2: singular values start in [0, 1]
+    for _ in range(steps):
+        A = X @ X.T
+        B = torch.addmm(A, A, A, beta=b, alpha=c)     # b A + c A²
+        X = torch.addmm(X, B, X, beta=a)              # a X + B X
+    return X.T if tall else X
+
 # %% ../../nbs/03_train/00_optim.ipynb #770aee8e
-try: from torch.optim._muon import _zeropower_via_newtonschulz, _adjust_lr
-except ImportError: _zeropower_via_newtonschulz = None    # torch < 2.9 has no Muon; AdamW still works
+def muon_lr_scale(shape, adjust_lr_fn:str|None=None) -> float:
+    "Muon's LR multiplier for a `shape` matrix: √max(1, rows/cols) (`None`/'original', Keller Jordan's) or 0.2·√max(rows, cols) ('match_rms_adamw')."
+    rows, cols = shape[:2]
+    check(adjust_lr_fn in (None, 'original', 'match_rms_adamw'), 'adjust_lr_fn', adjust_lr_fn, "None, 'original' or 'match_rms_adamw'")
+    return math.sqrt(max(1, rows / cols)) if adjust_lr_fn in (None, 'original') else 0.2 * math.sqrt(max(rows, cols))
 
 def _qkv_splits(model) -> dict:
     "Row splits of every fused q/k/v matrix: `{id(weight): [q rows, k rows, v rows]}`."
     return {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
 
-class SplitMuon(getattr(torch.optim, 'Muon', torch.optim.Optimizer)):
-    "`torch.optim.Muon` whose `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
-    def __init__(self, params, splits:dict|None=None, **kw):
-        super().__init__(params, **kw)
-        self.splits = dict(splits or {})
+class SplitMuon(torch.optim.Optimizer):
+    "Muon (`torch.optim.Muon`'s defaults and update) with `newton_schulz` in `ns_dtype` (None: by device); `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
+    def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFS, eps=1e-7, ns_steps=5,
+                 adjust_lr_fn=None, splits:dict|None=None, ns_dtype=None):
+        muon_lr_scale((1, 1), adjust_lr_fn)                                               # names a bad choice now, not at step 1
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
+        for g in self.param_groups:
+            for p in g['params']: check(p.ndim == 2, 'SplitMuon', f'a parameter of shape {tuple(p.shape)}', 'matrices only')
+        self.splits, self.ns_dtype = dict(splits or {}), ns_dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -56,8 +85,8 @@ class SplitMuon(getattr(torch.optim, 'Muon', torch.optim.Optimizer)):
                 rows = self.splits.get(id(p), [p.size(0)])
                 p.mul_(1 - g['lr'] * g['weight_decay'])                                  # decoupled weight decay
                 for u, w in zip(upd.split(rows), p.split(rows)):                        # each block its own matrix
-                    u = _zeropower_via_newtonschulz(u, g['ns_coefficients'], g['ns_steps'], g['eps'])
-                    w.add_(u, alpha=-_adjust_lr(g['lr'], g['adjust_lr_fn'], w.shape))
+                    u = newton_schulz(u, g['ns_steps'], g['ns_coefficients'], g['eps'], self.ns_dtype)
+                    w.add_(u, alpha=-g['lr'] * muon_lr_scale(w.shape, g['adjust_lr_fn']))
         return loss
 
 def default_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimizer]:
@@ -73,9 +102,7 @@ def default_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Opt
     fused = dict(fused=True) if next(model.parameters()).device.type in ('cpu', 'cuda') else {}
     groups = [dict(params=decay, weight_decay=cfg.weight_decay), dict(params=no_decay, weight_decay=0.0)]
     opts = [torch.optim.AdamW([g for g in groups if g['params']], lr=cfg.lr, betas=tuple(cfg.betas), **fused)]
-    splits = _qkv_splits(model)
-    if muon: check(_zeropower_via_newtonschulz is not None, 'optimizer', 'muon', f"'adamw': Muon needs torch >= 2.9 (this is {torch.__version__})")
-    if muon: opts.append(SplitMuon(muon, splits=splits, lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
+    if muon: opts.append(SplitMuon(muon, splits=_qkv_splits(model), lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
     for o in opts:
         for g in o.param_groups: g['peak_lr'] = g['lr']
     return opts
@@ -116,9 +143,7 @@ def make_optimizers(model:nn.Module, cfg:TrainConfig) -> list[torch.optim.Optimi
     muon = [dict(params=g['params'], name=g['name'], lr=g.get('lr', cfg.muon_lr), weight_decay=g.get('weight_decay', cfg.weight_decay),
                  momentum=g.get('momentum', 0.95)) for g in groups if g['optimizer'] == 'muon' and g['params']]
     opts = [torch.optim.AdamW(adam, lr=cfg.lr, betas=tuple(cfg.betas), **fused)] if adam else []
-    if muon:
-        check(_zeropower_via_newtonschulz is not None, 'param_groups', 'muon', f"'adamw' groups only: Muon needs torch >= 2.9 (this is {torch.__version__})")
-        opts.append(SplitMuon(muon, splits=_qkv_splits(model), lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
+    if muon: opts.append(SplitMuon(muon, splits=_qkv_splits(model), lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=0.95, nesterov=True))
     for o in opts:
         for g in o.param_groups: g['peak_lr'] = g['lr']
     return opts
