@@ -64,6 +64,17 @@ def findings(res:dict) -> list:
     for r in (r for r in V[1:] if r['kind'] == 'comparison'):
         t = r['a'][3:]
         out.append((f"Ablation — {LABELS[t]}", f"without it {S[r['a']]['bpb']:.4f} vs {f['bpb']:.4f} with it (mean over each arm's seeds; Δ over the {r['n']} seeds both ran {verdict_cells(r)['effect']}; {_p(r)}): **{ablation_verdict(r)}**."))
+    hurts = [r for r in V[1:] if r['kind'] == 'comparison' and r['verdict'] == 'resolved' and r['effect'] < 0 and S[r['a']]['bpb'] < b['bpb']]
+    if h['verdict'] == 'resolved' and h['effect'] > 0 and hurts:     # the stack loses, yet one ablation of it beats the baseline: say where the deficit sits
+        r = min(hurts, key=lambda r: S[r['a']]['bpb']); t = r['a'][3:]
+        why = ''
+        if t == 'ema_swa':    # averaging changes only which weights are kept, not the training path: how fast is the loss still falling at the end?
+            tail = [[row[-1] for row in c[-max(2, len(c) // 10):]] for c in res['curves']['full'].values()]
+            drop = sum(l[0] - l[-1] for l in tail) / len(tail)
+            why = (f" — plausibly because the loss is still falling when the run ends (the full stack's training loss drops {drop:.3f} nats over its last "
+                   f"{len(tail[0])} steps, mean of its seeds), so weights averaged over the last steps lag the live ones")
+        out.append(('Where the deficit sits', f"the stack without {LABELS[t]} reaches {S[r['a']]['bpb']:.4f}, below the baseline's {b['bpb']:.4f}: switching off one technique turns the "
+                    f"baseline's win into a loss at this scale{why}. Descriptive only: no-{t} against the baseline is not a comparison the plan declared, so it is not tested here."))
     if sm.get('budget') and sm.get('pool'):
         bu, po = sm['budget'], sm['pool']
         steps = (f"every run trained exactly {bu['steps']:,} steps" if bu['same_steps'] else f"runs trained {', '.join(map(str, bu['steps_per_run']))} steps") \
