@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from ...eval.harness import BLIMP_FIELDS, item_lists
 from .run import MUENNIGHOFF_RD
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs, judged_once
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs, judged_once, MIN_PILOT
 
 # %% auto #0
 __all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'family', 'verdicts', 'claim_of_drop', 'statuses',
@@ -379,7 +379,10 @@ def paper(res:dict, figs:dict, path) -> Path:
     secs.append(prose('Limitations', bullets=[
         f"Scale: the {res['preset']} preset — {m['n_params']:,} parameters and a {d['n_tokens']:,}-token pool on {env['hardware']}. The seed write-up trained a larger model on a 20M-token FineWeb-Edu pool; conclusions need not transfer across scales.",
         f"Corpus: {res['corpus']}" + ('.' if res['corpus'] == 'fineweb-edu' else f"{' (English Wikipedia)' if res['corpus'] == 'wikipedia-en' else ' (a folder of text)'}, not FineWeb-Edu: the pool's domain differs from the seed's."),
-        f"{nseeds} seed{'s' * (nseeds > 1)}: " + ("a single seed cannot separate an effect from noise." if nseeds == 1 else "few seeds; the tests have little power, and their minimum detectable effects are stated.")],
+        f"{nseeds} seed{'s' * (nseeds > 1)}: " + ("a single seed cannot separate an effect from noise." if nseeds == 1 else
+            f"one fixed design. Seeds sized by power need a pilot of ≥ {MIN_PILOT} and room for 3 more (`supra.lab.verdict.staged`); at "
+            f"≈ {res['compute']['wall_s'] / nseeds / 60:.0f} min a seed here, {max(nseeds, MIN_PILOT) + 3} seeds would take ≈ {(max(nseeds, MIN_PILOT) + 3) * res['compute']['wall_s'] / nseeds / 60:.0f} min, "
+            "past this preset's hour. The tests have little power, so each states its minimum detectable effect, and a claim below it is 'bounded', not refuted.")],
         id='limitations', label='// Limitations'))
     spec = dict(title="Is One Epoch Really All You Need for SLMs?", kicker="Experiment #3:",
                 lede=f"{res['preset']} preset · {res['corpus']} · {nseeds} seed{'s' * (nseeds > 1)} · {env['hardware']}. Multi-epoch training on a stationary pool of {d['n_tokens']:,} {res['corpus']} tokens: a {m['n_params']:,}-parameter model, "
