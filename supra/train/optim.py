@@ -59,15 +59,15 @@ def _qkv_splits(model) -> dict:
     return {id(m.c_attn.weight): [m.nh * m.hd, m.nkv * m.hd, m.nkv * m.hd] for m in model.modules() if isinstance(m, CausalSelfAttention)}
 
 class SplitMuon(torch.optim.Optimizer):
-    "Muon (`torch.optim.Muon`'s defaults and update) with `newton_schulz` in `ns_dtype` (None: by device); `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
+    "Muon (`torch.optim.Muon`'s defaults and update) with `newton_schulz` in `dtype` (None: `ns_dtype` of the device); `splits` (`{id(param): row counts}`) orthogonalise a fused matrix block by block."
     def __init__(self, params, lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=NS_COEFFS, eps=1e-7, ns_steps=5,
-                 adjust_lr_fn=None, splits:dict|None=None, ns_dtype=None):
+                 adjust_lr_fn=None, splits:dict|None=None, dtype=None):
         muon_lr_scale((1, 1), adjust_lr_fn)                                               # names a bad choice now, not at step 1
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_coefficients=tuple(ns_coefficients), eps=eps, ns_steps=ns_steps, adjust_lr_fn=adjust_lr_fn))
         for g in self.param_groups:
             for p in g['params']: check(p.ndim == 2, 'SplitMuon', f'a parameter of shape {tuple(p.shape)}', 'matrices only')
-        self.splits, self.ns_dtype = dict(splits or {}), ns_dtype
+        self.splits, self.dtype = dict(splits or {}), dtype
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -85,7 +85,7 @@ class SplitMuon(torch.optim.Optimizer):
                 rows = self.splits.get(id(p), [p.size(0)])
                 p.mul_(1 - g['lr'] * g['weight_decay'])                                  # decoupled weight decay
                 for u, w in zip(upd.split(rows), p.split(rows)):                        # each block its own matrix
-                    u = newton_schulz(u, g['ns_steps'], g['ns_coefficients'], g['eps'], self.ns_dtype)
+                    u = newton_schulz(u, g['ns_steps'], g['ns_coefficients'], g['eps'], self.dtype)
                     w.add_(u, alpha=-g['lr'] * muon_lr_scale(w.shape, g['adjust_lr_fn']))
         return loss
 

@@ -112,7 +112,7 @@ def findings(res:dict) -> list:
                      f"{int(A['baseline']['kv_per_token'] - A[r['a']]['kv_per_token']):,} of {int(A['baseline']['kv_per_token']):,} KV-cache entries per token (×{A['baseline']['kv_per_token'] / A[r['a']]['kv_per_token']:.0f} smaller)")
             out.append((r['label'], f"**{r['verdict']}** ({r['reason']}): saves {saved}; final bits/byte {A[r['a']]['final_bpb']:.4f} vs {A['baseline']['final_bpb']:.4f} — {ev}; "
                         f"speed-up to the baseline's bpb in training tokens {_sp(sp['tokens'])}."))
-    out += [f for f in (lr_finding(res),) if f]            # the seed design is the Method's (design_finding), stated once
+    if (lr := lr_finding(res)): out.append(lr)             # the seed design is the Method's (design_finding), stated once
     m = sm['multiply']['tokens']
     out.append(('Do the factors multiply?', "**not testable here**: the seed's product includes SuperBPE's ×1.6, which this vocabulary cannot test"
                 + (f"; measured, curriculum and SuperBPE together give ×{m['together']:.2f} against ×{m['product']:.2f} for the product of each alone "
@@ -239,7 +239,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"(SuperBPE {t['superbpe']['chars_per_token']:.3f}, BPE {t['bpe']['chars_per_token']:.3f} characters per token), in windows of the full context. "
         "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts.",
         f"FP8: {sm['fp8']['reason']}." if not sm['fp8']['available'] else 'FP8: measured on this GPU (supra.model.fp8).'],
-        [*[f for f in (design_finding(res),) if f],
+        [*filter(None, [design_finding(res)]),
          ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned."),
          ('Equal tokens', 'every arm sees the same number of training tokens; for SuperBPE that is more text, which is the claim.'),
          ('Scale', 'a small model on a small pool: speed-ups at this scale need not transfer to the seed\'s 197M model on a GPU.')],

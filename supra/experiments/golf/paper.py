@@ -130,6 +130,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     hw = env.get('hardware', env.get('device')); names = list(S)
     de, seeds = sm['design'], sm['seeds']
     two = staged(de['n1'], de['n_max'])     # seeds in two stages, or one fixed design
+    downstream = "BLiMP's full − baseline difference is tested item by item (a bootstrap over its shared pairs and those seeds), ARC-Easy is descriptive"
     seeds_of = lambda a: f"{col(a)}: {len(seeds[a])} seeds"
     sc = SCALE[res['preset']]; steps = float(np.mean([r['steps'] for r in res['runs']]))
     bu, po, ck, bt = sm['budget'], sm['pool'], sm['checks'], budget_text(res)
@@ -180,9 +181,9 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"before the run), at most {de['n_max']} in all: " + '; '.join(f"{col(a)} vs {col(b)} +{k}" for a, b, k in ((*c.split('|'), k) for c, k in de['need'].items())) +
         f" (an arm runs the most any of its comparisons needs: " + ', '.join(f"{col(a)} {len(v)}" for a, v in seeds.items()) + "). Every arm runs the same seed numbers, so each "
         "comparison is paired seed by seed (same initialisation, same data order); its test combines the two stages' own t statistics (inverse-normal, weights fixed "
-        "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only: BLiMP's full − baseline difference is tested item by item (a bootstrap over its shared pairs and those seeds), ARC-Easy is descriptive") if two else \
+        "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only: " + downstream) if two else \
         (f"{fixed_design(de['n1'], de['n_max'])}, every arm on the same seeds {', '.join(map(str, seeds['full']))}, so each comparison is paired seed by seed (same "
-        f"initialisation, same data order). BLiMP and ARC-Easy are measured on the first {de['n1']} seeds only: BLiMP's full − baseline difference is tested item by item (a bootstrap over its shared pairs and those seeds), ARC-Easy is descriptive")
+        f"initialisation, same data order). BLiMP and ARC-Easy are measured on the first {de['n1']} seeds only: " + downstream)
     budget_p = (f"Every arm trains exactly {bu['steps']:,} steps of {bu['tokens_per_step']:,} tokens with the same loop (Supra's trainer with the golf techniques as its step hook, `supra.golf.train.GolfHook`): LR warm-up over 10 steps, then a linear warmdown "
                 f"over the last half of the steps that reaches 0 at the last one. The budget is steps, not seconds, because this {hw} is shared with other work: a wall-clock budget "
                 f"would mix the step count into every difference (an earlier 90-s run gave 211–339 steps per run). Training seconds are measured and reported, not budgeted.") \
