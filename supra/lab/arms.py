@@ -12,7 +12,7 @@ from ..train.runlog import RunLog
 from ..eval.harness import eval_metrics
 from .experiment import evaluate_checkpoint, run_dir, rel, envelope, environment, say
 from .stats import group_summary
-from .verdict import judge, verdict_cells, staged, MIN_PILOT
+from .verdict import judge, verdict_cells, staged, MIN_PILOT, MIN_ROOM
 
 # %% auto #0
 __all__ = ['run_curve', 'eval_fields', 'train_arms', 'arms_envelope', 'metric_table', 'verdict_table', 'fixed_design',
@@ -97,7 +97,7 @@ def fixed_design(n1:int, n_max:int) -> str:
     why = f'a pilot of {n1} seed{"s" if n1 != 1 else ""} leaves each stage too few degrees of freedom for a second stage sized by power to pay' if n1 < MIN_PILOT else \
           f'with at most {n_max} seeds, a second stage after a pilot of {n1} would add {n_max - n1} whatever the pilot showed'
     return (f"one fixed design of {n_max} seeds per arm, every one run before any test: {why} "
-            f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for 3 more), so each comparison is the paired t over all {n_max}")
+            f"(`supra.lab.verdict.staged`: a pilot of ≥ {MIN_PILOT} and room for {MIN_ROOM} more), so each comparison is the paired t over all {n_max}")
 
 def seed_plan(n1:int, n_max:int) -> str:
     "A plan's seeds in a phrase, as a notebook or a run's log prints it before any compute."

@@ -13,10 +13,10 @@ from ..core.config import check
 from ..eval.harness import item_lists
 
 # %% auto #0
-__all__ = ['BPB', 'ACC', 'VERDICTS', 'MIN_PILOT', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison', 'Versus', 'Claim',
-           'holm', 'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights', 'combined_p',
-           'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'stage2_for', 'combined_interval',
-           'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
+__all__ = ['BPB', 'ACC', 'VERDICTS', 'MIN_PILOT', 'MIN_ROOM', 'Metric', 'difference', 'versus', 'item_pairs', 'Comparison',
+           'Versus', 'Claim', 'holm', 'holm_levels', 'judge', 'judged_once', 'seeds_for', 'stage_z', 'weights',
+           'combined_p', 'predicted_power', 'staged', 'stage2_rule', 'stage2_seeds', 'simulate', 'stage2_for',
+           'combined_interval', 'two_stage', 'stage2_plan', 'fmt_p', 'verdict_cells']
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #b7423fa3
 @dataclass(frozen=True)
@@ -102,9 +102,8 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
         if n < 2: return dict(test='one seed', n=n, effect=eff, se=None, df=None, p=None)
         se = float(acc.std(ddof=1)) / math.sqrt(n); df = n - 1
         p = float(2 * st.t.sf(abs(eff / se), df)) if se > 0 else (1.0 if eff == 0 else 0.0)
-        test = f'one-sample t over {n} seeds'
-        p = min(1.0, p * select)
-        return dict(test=test + (f', best of {select} (p × {select})' if select > 1 else ''), n=n, effect=eff, se=se, df=float(df), p=p)
+        p, test = min(1.0, p * select), f'one-sample t over {n} seeds' + (f', best of {select} (p × {select})' if select > 1 else '')
+        return dict(test=test, n=n, effect=eff, se=se, df=float(df), p=p)
     p = min(1.0, p * select)
     if select > 1: test += f', best of {select} (p × {select})'
     return dict(test=test, n=n, effect=eff, se=se, df=math.inf, p=p)
@@ -305,9 +304,10 @@ def predicted_power(n1:int, n2:int, effect:float, sd:float, n_max:int, alpha:flo
     return float(np.clip(np.sum(f1 * rej) * dx, 0, 1))
 
 MIN_PILOT = 3      # seeds a pilot needs before a second stage pays: each stage's t then has ≥ 2 degrees of freedom
+MIN_ROOM = 3       # seeds the budget must leave after the pilot: a second stage of 2 … room, so the pilot has a size to choose
 def staged(n1:int, n_max:int) -> bool:
-    "Two stages only with a pilot of ≥ MIN_PILOT seeds and room for ≥ 3 more (a second stage the pilot can size); else one fixed design of n_max."
-    return n1 >= MIN_PILOT and n_max - n1 >= 3
+    "Two stages only with a pilot of ≥ MIN_PILOT seeds and room for ≥ MIN_ROOM more (a second stage the pilot can size); else one fixed design of n_max."
+    return n1 >= MIN_PILOT and n_max - n1 >= MIN_ROOM
 
 def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> list[tuple[int, float]]:
     """The plan's rule for stage 2, fixed before any data: [(n2, largest pilot sd for which n2 seeds reach `power` at `target`)].
@@ -335,7 +335,7 @@ def simulate(n_sims:int=10_000, n1:int=3, n_max:int=12, effect:float=0.0, target
     """`n_sims` experiments of the two-stage procedure, each a family of `family` comparisons (the first with true `effect`,
     the others none) decided with Holm at `alpha`: the family-wise false-positive rate, the first comparison's rejection rate,
     and the power predicted for it (the mean over experiments of `predicted_power` at the stage sizes each chose, at α/family)."""
-    check(staged(n1, n_max), 'n1', n1, f'a pilot of at least {MIN_PILOT} seeds with room for 3 more in n_max={n_max}: simulate studies the two-stage design')
+    check(staged(n1, n_max), 'n1', n1, f'a pilot of at least {MIN_PILOT} seeds with room for {MIN_ROOM} more in n_max={n_max}: simulate studies the two-stage design')
     rng, w, a_f = np.random.default_rng(seed), weights(n1, n_max), alpha / family
     rule = stage2_rule(n1, target, n_max, a_f, power)
     mu = np.zeros(family); mu[0] = effect

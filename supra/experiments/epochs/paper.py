@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from ...eval.harness import BLIMP_FIELDS, item_lists
 from .run import MUENNIGHOFF_RD
-from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs, judged_once, MIN_PILOT
+from ...lab.verdict import Metric, Comparison, Versus, Claim, judge, verdict_cells, item_pairs, judged_once, MIN_PILOT, MIN_ROOM
 
 # %% auto #0
 __all__ = ['BPB', 'LOSS', 'TRAIN', 'GAP', 'BLIMP', 'BLIMP_CHANGE', 'SEED_DROP', 'family', 'verdicts', 'claim_of_drop', 'statuses',
@@ -376,12 +376,12 @@ def paper(res:dict, figs:dict, path) -> Path:
     arts += [dict(title=f"Training dashboard, {arm} seed {sd}", path=out_dir / rd / 'dashboard.html', desc='every loss, LR and throughput curve of the run')
              for (arm, sd), rd in {(r['arm'], r['seed']): r['run_dir'] for r in res['runs']}.items()]
     secs.append(links(arts, title='Artefacts', id='downloads', nav='Artefacts'))
-    per_seed, n_power = res['compute']['wall_s'] / nseeds / 60, max(nseeds, MIN_PILOT) + 3    # minutes a seed; the fewest seeds a power-sized design runs
+    per_seed, n_power = res['compute']['wall_s'] / nseeds / 60, max(nseeds, MIN_PILOT) + MIN_ROOM    # minutes a seed; the fewest seeds a power-sized design runs
     secs.append(prose('Limitations', bullets=[
         f"Scale: the {res['preset']} preset — {m['n_params']:,} parameters and a {d['n_tokens']:,}-token pool on {env['hardware']}. The seed write-up trained a larger model on a 20M-token FineWeb-Edu pool; conclusions need not transfer across scales.",
         f"Corpus: {res['corpus']}" + ('.' if res['corpus'] == 'fineweb-edu' else f"{' (English Wikipedia)' if res['corpus'] == 'wikipedia-en' else ' (a folder of text)'}, not FineWeb-Edu: the pool's domain differs from the seed's."),
         f"{nseeds} seed{'s' * (nseeds > 1)}: " + ("a single seed cannot separate an effect from noise." if nseeds == 1 else
-            f"one fixed design. Seeds sized by power need a pilot of ≥ {MIN_PILOT} and room for 3 more (`supra.lab.verdict.staged`); at "
+            f"one fixed design. Seeds sized by power need a pilot of ≥ {MIN_PILOT} and room for {MIN_ROOM} more (`supra.lab.verdict.staged`); at "
             f"≈ {per_seed:.0f} min a seed here, {n_power} seeds would take ≈ {n_power * per_seed:.0f} min, "
             "past this preset's hour. The tests have little power, so each states its minimum detectable effect, and a claim below it is 'bounded', not refuted.")],
         id='limitations', label='// Limitations'))
