@@ -41,8 +41,9 @@ SEED_REFERENCE = dict(   # the seed write-up's published numbers (004); recorded
 SCALE = {   # per preset: the model, the curriculum (constant tokens per step), steps (= one epoch of the pool), seeds, held-out text
     'smoke': dict(n_layer=2, d_model=48, n_head=6, vocab=512, seq_lens=(8, 16, 32, 64), tokens_per_step=512, steps=24,
                   seeds=(0, 1), min_seeds=1, n_max=4, embed_rank=12, evals=4, heldout_chars=8_000),
-    # cpu: 300 steps (≈ 92 s on an AVX-512 EPYC, ≈ 120 s on an AVX2 one) + 10 held-out evaluations of 60k characters (≈ 0.7 s each on AVX2)
-    # a run → 3 LR-check runs + 6 arms × 3 pilot seeds + 2 arms × ≤ 3 more seeds = ≤ 27 runs ≈ 43 / 57 min alone on the 2 cores
+    # cpu: 300 steps (fixed length ≈ 92 s on an AVX-512 EPYC, ≈ 120 s on an AVX2 one; the curriculum ≈ 95 s there) + 10 held-out evaluations of
+    # 60k characters (≈ 0.7 s each on AVX2) a run → 3 LR-check runs + 6 arms × 3 pilot seeds + 2 arms × ≤ 3 more seeds = ≤ 27 runs:
+    # 48.3 min alone on the AVX2 VM's 2 cores (with 12 evaluations of 120k characters: 46.4 min on the AVX-512 VM, ≈ 62 on the AVX2 one)
     'cpu':   dict(n_layer=4, d_model=96, n_head=6, vocab=4096, seq_lens=(8, 16, 32, 64, 128, 256), tokens_per_step=4096, steps=300,
                   seeds=(0, 1, 2), min_seeds=3, n_max=6, embed_rank=24, evals=10, heldout_chars=60_000),
     'paper': dict(n_layer=6, d_model=192, n_head=6, vocab=8192, seq_lens=(8, 16, 32, 64, 128, 256, 512, 1024), tokens_per_step=65_536,
