@@ -81,7 +81,7 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
     n = len(rs)
     if n == 0: return dict(test='no runs', n=0, effect=None, se=None, df=None, p=None)
     acc = np.array([r[metric] for r in rs], float); eff = float(acc.mean() - value)
-    items = [r.get(f'{metric}_items') for r in rs]
+    items, df = [r.get(f'{metric}_items') for r in rs], math.inf   # df: a z or bootstrap test unless the t-test below sets it
     if all(isinstance(x, (list, tuple)) and x for x in items) and len({len(x) for x in items}) == 1:
         X = np.array(items, float); rng = np.random.default_rng(seed); m = X.shape[1]
         def draw():   # one replicate: seeds and items resampled; the mean as counts @ X @ counts (exact for integer scores: no copy of X)
@@ -100,13 +100,12 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
         test = f'z on shared items (item stderr² + seed variance/{n}' + (' + the reference’s stderr²)' if value_se else ')')
     else:
         if n < 2: return dict(test='one seed', n=n, effect=eff, se=None, df=None, p=None)
-        se = float(acc.std(ddof=1)) / math.sqrt(n); df = n - 1
+        se = float(acc.std(ddof=1)) / math.sqrt(n); df = float(n - 1)
         p = float(2 * st.t.sf(abs(eff / se), df)) if se > 0 else (1.0 if eff == 0 else 0.0)
-        p, test = min(1.0, p * select), f'one-sample t over {n} seeds' + (f', best of {select} (p × {select})' if select > 1 else '')
-        return dict(test=test, n=n, effect=eff, se=se, df=float(df), p=p)
+        test = f'one-sample t over {n} seeds'
     p = min(1.0, p * select)
     if select > 1: test += f', best of {select} (p × {select})'
-    return dict(test=test, n=n, effect=eff, se=se, df=math.inf, p=p)
+    return dict(test=test, n=n, effect=eff, se=se, df=df, p=p)
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #492c6823
 def item_pairs(rows, a, b, metric:str='blimp', by:str='arm') -> list[dict]:
