@@ -56,7 +56,7 @@ CPU_ABLATE = ('muon', 'ema_swa', 'qat', 've')
 #   downstream  = baseline and full on the pilot's seeds: 6 × 40 s                      ≈   240 s
 #   stage 2     = 6 arms × 2–3 seeds × 70 s (n_max = 6)                               ≈   840–1,260 s
 #   pool        = 0.6 M tokens tokenised once (+ the tokenizer, if not cached)         ≈    60 s
-#   total       ≈ 40–47 min (on the AVX-512 VM: 34 runs, 46.8 min; the AVX2 Zen 3: 35 runs, 48.1 min). Muon orthogonalises with Supra's `newton_schulz`, in fp32 on
+#   total       ≈ 40–47 min (on the AVX-512 VM: 34 runs, 46.8 min; the AVX2 Zen 3: 35 runs, 48.1 and 54.6 min). Muon orthogonalises with Supra's `newton_schulz`, in fp32 on
 #   a CPU: torch's Muon ran it in bf16, which a CPU without native bf16 emulates (an AVX2 Zen 3: 66 ms a 512 × 128 matrix vs 2.2 ms
 #   fp32), and a Muon run there took 3.9–4.0 min against AdamW's 1.6–1.9 (≈ 85 min in all).
 CPU_STEPS = 250
