@@ -8,8 +8,9 @@ cd "$(dirname "$0")"
 if [ -z "${SUPRA_DATA:-}" ] && [ -d ../shared/data ]; then export SUPRA_DATA=$(cd ../shared/data && pwd); fi
 export SUPRA_CACHE=${SUPRA_CACHE:-$(pwd)/outputs/test-cache}
 export PATH="$(pwd)/.venv/bin:$PATH"
-# several test processes share the cores: idle OpenMP workers must sleep, not spin
-export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
+# two test processes share the two cores: one thread each (a tiny model's ops split over threads would only wait on the
+# other process's work), and idle OpenMP workers sleep, not spin
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 echo "== lesson cells (nbdev-test) — SUPRA_DATA=${SUPRA_DATA:-<hub>}"
 nbdev-test --n-workers 2 --file-re '^\d' --timing
 echo "== integration tests (pytest)"

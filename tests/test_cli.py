@@ -28,32 +28,42 @@ def run(tmp_path_factory):
     build_pool(preset('smoke', 'cpu').data).tokenizer.save(str(tok))
     return d, tok
 
-def test_help_of_every_command():
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    "(exit code, stdout, stderr) of `supra ARGS` run in this process by `supra.cli.main`: its parsers and error paths, no new interpreter."
+    from supra.cli import main
+    try: code = main(list(map(str, args)))
+    except SystemExit as e: code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+def test_help_of_every_command(capsys):
     for cmd in ('train', 'eval', 'export', 'dashboard', 'bench', 'run', 'new'):
-        r = supra(cmd, '--help')
-        assert r.stdout.startswith(f'usage: supra {cmd} '), (cmd, r.stdout[:200])     # the command the user typed
-    bad = supra('bench', 'data', 'nokey', check=False)                                 # bench's own parser, reached through supra
-    assert bad.returncode == 2 and bad.stderr.startswith('usage: supra bench '), bad.stderr
+        code, out, _ = in_process(capsys, cmd, '--help')
+        assert code == 0 and out.startswith(f'usage: supra {cmd} '), (cmd, out[:200])     # the command the user typed
+    assert '--model_n_layer' in in_process(capsys, 'train', '--help')[1] and '--bpb-stride' in in_process(capsys, 'eval', '--help')[1]
+    code, _, err = in_process(capsys, 'bench', 'data', 'nokey')                          # bench's own parser, reached through supra
+    assert code == 2 and err.startswith('usage: supra bench '), err
+    r = supra('eval', '--help')                                                         # the console script itself, once
+    assert r.stdout.startswith('usage: supra eval '), r.stdout[:200]
     alone = subprocess.run([sys.executable, '-m', 'supra.train', '--help'], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert alone.stdout.startswith('usage: python -m supra.train '), alone.stdout[:200]  # the module keeps its own
-    assert '--model_n_layer' in supra('train', '--help').stdout and '--bpb-stride' in supra('eval', '--help').stdout
 
-def test_eval_a_checkpoint_on_named_tasks(run, tmp_path):
+def test_eval_a_checkpoint_on_named_tasks(run, tmp_path, capsys):
     d, tok = run
     out = tmp_path / 'table.json'
-    supra('eval', d / 'final', '--tokenizer', tok, '--tasks', 'blimp', '--limit', 2, '--json', out)
+    supra('eval', d / 'final', '--tokenizer', tok, '--tasks', 'blimp', '--limit', 2, '--json', out)   # the command, end to end
     rows = json.loads(out.read_text())
     blimp = next(r for r in rows if r['task'] == 'blimp' and r['metric'] == 'acc')
     assert 0 <= blimp['value'] <= 1 and blimp['n'] == 67 * 2
-    bad = supra('eval', d / 'final', '--tokenizer', tok, '--limit', 0, check=False)
-    assert bad.returncode == 2 and 'limit=0' in bad.stderr
+    code, _, err = in_process(capsys, 'eval', d / 'final', '--tokenizer', tok, '--limit', 0)
+    assert code == 2 and 'limit=0' in err
     import shutil
     alone = tmp_path / 'x' / 'y' / 'z' / 'final'               # a checkpoint with no tokenizer.json beside it or above it
     shutil.copytree(d / 'final', alone)
-    missing = supra('eval', alone, '--limit', 2, check=False)   # said, not crashed
-    assert missing.returncode == 2 and 'tokenizer' in missing.stderr
-    found = supra('eval', d / 'final', '--tasks', 'blimp', '--limit', 1)   # tokenizer.json two levels up is found
-    assert 'blimp' in found.stdout
+    code, _, err = in_process(capsys, 'eval', alone, '--limit', 2)   # said, not crashed
+    assert code == 2 and 'tokenizer' in err
+    code, found, _ = in_process(capsys, 'eval', d / 'final', '--tasks', 'blimp', '--limit', 1)   # tokenizer.json two levels up is found
+    assert code == 0 and 'blimp' in found
 
 def test_export_a_checkpoint(run, tmp_path):
     d, tok = run
@@ -61,9 +71,9 @@ def test_export_a_checkpoint(run, tmp_path):
     cfg = json.loads((tmp_path / 'hf' / 'config.json').read_text())
     assert cfg['architectures'] == ['LlamaForCausalLM'] and (tmp_path / 'hf' / 'model.safetensors').exists()
 
-def test_run_names_the_known_experiments():
-    r = supra('run', 'nope', check=False)
-    assert r.returncode == 2 and 'epochs' in r.stderr and 'topology' in r.stderr
+def test_run_names_the_known_experiments(capsys):
+    code, _, err = in_process(capsys, 'run', 'nope')
+    assert code == 2 and 'epochs' in err and 'topology' in err
 
 
 # ---------------------------------------------------------------- jemalloc in every entry point
