@@ -49,9 +49,11 @@ def open_storage(url:str, heartbeat_interval:int=30, grace_period:int=120, retri
                 warnings.simplefilter('ignore', optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
                                                   heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
-        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError):
-            # two workers creating the same fresh database race on its schema: the loser retries and finds it made
-            if i == retries - 1: raise
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError) as e:
+            # two workers creating the same fresh database race on its schema (on PostgreSQL the loser's CREATE TYPE or CREATE TABLE
+            # can fail as a duplicate object, a ProgrammingError): the loser retries and finds it made; any other SQL error is raised
+            raced = not isinstance(e, sqlalchemy.exc.ProgrammingError) or 'already exists' in str(e) or getattr(e.orig, 'pgcode', None) in ('42710', '42P07')
+            if i == retries - 1 or not raced: raise
             time.sleep(0.2 * (i + 1))
 
 # %% ../../nbs/07_lab/01_sweep.ipynb #cb3b351a
