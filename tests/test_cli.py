@@ -37,10 +37,10 @@ def in_process(capsys, *args) -> tuple[int, str, str]:
     return code, out.out, out.err
 
 def test_help_of_every_command(capsys):
-    for cmd in ('train', 'eval', 'export', 'dashboard', 'bench', 'run', 'new'):
-        code, out, _ = in_process(capsys, cmd, '--help')
+    helps = {cmd: in_process(capsys, cmd, '--help') for cmd in ('train', 'eval', 'export', 'dashboard', 'bench', 'run', 'new')}
+    for cmd, (code, out, _) in helps.items():
         assert code == 0 and out.startswith(f'usage: supra {cmd} '), (cmd, out[:200])     # the command the user typed
-    assert '--model_n_layer' in in_process(capsys, 'train', '--help')[1] and '--bpb-stride' in in_process(capsys, 'eval', '--help')[1]
+    assert '--model_n_layer' in helps['train'][1] and '--bpb-stride' in helps['eval'][1]
     code, _, err = in_process(capsys, 'bench', 'data', 'nokey')                          # bench's own parser, reached through supra
     assert code == 2 and err.startswith('usage: supra bench '), err
     r = supra('eval', '--help')                                                         # the console script itself, once
