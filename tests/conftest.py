@@ -1,12 +1,11 @@
 """Helpers shared by the test modules: the project root, the environment a notebook or command runs in, papermill runs of
 an experiment notebook, the checks that a bad parameter is refused (in-process by the plan, and end to end in the notebook's
-first cell), small model and tokenizer fixtures that need no data set, a toy token pool, and SIGKILL at a given row."""
+first cell), an experiment re-run in-process, small model and tokenizer fixtures that need no data set, a toy token pool, and SIGKILL at a given row."""
 import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPERMILL = Path(sys.executable).parent / 'papermill'
 OFFLINE = dict(HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
 
 def data_root() -> str | None:
@@ -23,10 +22,31 @@ def nb_env(cache=None, **kw) -> dict:
     return env
 
 def papermill(nb:str, out_nb, cache=None, env:dict|None=None, timeout:int=900, **params) -> subprocess.CompletedProcess:
-    "Run `nbs/<nb>.ipynb` through papermill on the `supra` kernel from the project root, `params` as `-p key value`."
-    args = [str(PAPERMILL), str(ROOT / 'nbs' / f'{nb}.ipynb'), str(out_nb), '--cwd', str(ROOT), '-k', 'supra', '--no-progress-bar']
-    for k, v in params.items(): args += ['-p', k, str(v)]
-    return subprocess.run(args, env=env or nb_env(cache), capture_output=True, text=True, timeout=timeout)
+    """Run `nbs/<nb>.ipynb` with papermill on the `supra` kernel from the project root, `params` its parameters, the kernel's
+    environment `env` (default `nb_env(cache)`). Papermill runs in this test process, so a run starts one new process, the kernel,
+    as the `papermill` command's run would; the result reads like the command's: `returncode` 1 and the error in `stderr` when a
+    cell fails. The command itself (its terminal, SIGKILL of its process group) is run as one in test_epochs and test_cli."""
+    import papermill as pm
+    args = ['papermill', f'nbs/{nb}.ipynb', str(out_nb), *(f'{k}={v}' for k, v in params.items())]
+    saved = dict(os.environ)
+    os.environ.clear(); os.environ.update(env or nb_env(cache))        # what the kernel inherits
+    try:
+        pm.execute_notebook(str(ROOT / 'nbs' / f'{nb}.ipynb'), str(out_nb), kernel_name='supra', cwd=str(ROOT), progress_bar=False,
+                            parameters={k: str(v) if isinstance(v, Path) else v for k, v in params.items()}, execution_timeout=timeout)
+        return subprocess.CompletedProcess(args, 0, '', '')
+    except pm.PapermillExecutionError as e: return subprocess.CompletedProcess(args, 1, '', str(e))
+    finally: os.environ.clear(); os.environ.update(saved)
+
+def rerun_in_process(monkeypatch, experiment:str, cache=None, **params) -> dict:
+    """The experiment notebook's own calls — `plan`, `run`, `publish` — again in this process, in the environment its kernel had
+    (`nb_env(cache)`): what re-running the notebook computes, without a second kernel start. Returns the results envelope."""
+    import importlib
+    from supra.lab.experiment import publish
+    for k, v in nb_env(cache).items(): monkeypatch.setenv(k, v)
+    exp, page = (importlib.import_module(f'supra.experiments.{experiment}.{m}') for m in ('run', 'paper'))
+    res = exp.run(exp.plan(**{k: str(v) if isinstance(v, Path) else v for k, v in params.items()}))
+    publish(page, res)
+    return res
 
 def finite(v) -> bool: return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 

@@ -3,7 +3,7 @@ caching on a re-run, resume after a kill, and bad parameters stopped in the firs
 import json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import pytest, nbformat
-from conftest import assert_plan_refuses, assert_stopped_in_plan_cell
+from conftest import assert_plan_refuses, assert_stopped_in_plan_cell, rerun_in_process, papermill as run_papermill
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'epochs.ipynb'
@@ -13,10 +13,11 @@ pytestmark = pytest.mark.skipif(not os.environ.get('SUPRA_DATA'), reason='needs 
 
 def REP(res): return [s for s in res['summary']['by_arm'] if s['arm'] == 'repeated']   # the repeated arm at each epoch count
 
-def papermill(out_dir, *params, check=True, **kw):
+def papermill(out_dir, *params):
+    "The `papermill` command itself, as a user types it (its terminal output and a SIGKILL of its process group are tested below)."
     args = [*PAPERMILL, str(NB), str(out_dir / 'out.ipynb'), '-p', 'preset', 'smoke', '-p', 'out_dir', str(out_dir),
             '-p', 'paper', str(out_dir / 'epochs.html'), *map(str, params)]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=check, timeout=600, **kw)
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, check=True, timeout=600)
 
 @pytest.fixture(scope='module')
 def smoke(tmp_path_factory):
@@ -113,12 +114,13 @@ def test_terminal_shows_progress(smoke):
     assert any(l.startswith('[epochs] estimate: ~') and 'on this machine' in l for l in first), first   # before training starts
     assert len(lines) < 100, 'progress must not flood the terminal'
 
-def test_rerun_reuses_everything(smoke):
+def test_rerun_reuses_everything(smoke, monkeypatch):
+    "Same parameters again (the notebook's calls, in this process): nothing is trained anew, every number is the same."
     metrics = sorted(smoke.glob('runs/*/*/metrics.jsonl'))
     assert len(metrics) >= 6   # repeated and fresh: stable + 2 branches each
     before = {p: p.stat().st_mtime_ns for p in metrics}
     res0 = json.loads((smoke / 'results.json').read_text())
-    papermill(smoke, '-p', 'epochs', 2)
+    rerun_in_process(monkeypatch, 'epochs', preset='smoke', epochs=2, out_dir=smoke, paper=smoke / 'epochs.html')
     assert {p: p.stat().st_mtime_ns for p in metrics} == before, 'a re-run with the same parameters must not train'
     res1 = json.loads((smoke / 'results.json').read_text())
     assert [r['eval_key'] for r in res1['runs']] == [r['eval_key'] for r in res0['runs']]
@@ -150,7 +152,7 @@ def test_plan_refuses_a_bad_parameter(tmp_path, name, value, field):
 
 def test_bad_parameter_stops_the_first_cell(tmp_path):
     "End to end, once: papermill stops in the plan cell, before any compute."
-    r = papermill(tmp_path, '-p', 'epochs', 0, check=False)
+    r = run_papermill('epochs', tmp_path / 'out.ipynb', preset='smoke', epochs=0, out_dir=tmp_path, paper=tmp_path / 'epochs.html')
     assert_stopped_in_plan_cell(r, tmp_path / 'out.ipynb', 'epochs')
     assert not (tmp_path / 'runs').exists()
 

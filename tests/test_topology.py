@@ -3,7 +3,7 @@ results.json, paper), its caching (a re-run trains nothing), and bad parameters 
 import html, json, math, os, re, subprocess, sys
 from pathlib import Path
 import pytest
-from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, rerun_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'topology.ipynb'
@@ -136,14 +136,13 @@ def test_findings_quote_only_results(smoke):
     without = ' '.join(t for l, t in findings(dict(res, summary=sm)) if not l.startswith('Seed claim'))
     assert 'the seed' not in without
 
-def test_rerun_is_cached(smoke):
-    "Same parameters again: nothing is trained or evaluated anew, and the numbers are identical."
+def test_rerun_is_cached(smoke, monkeypatch):
+    "Same parameters again (the notebook's calls, in this process): nothing is trained or evaluated anew, and the numbers are identical."
     tmp = smoke['tmp']
     before = _snapshot(smoke['cache_root'], tmp / 'out')
     n_walk = sum(len(smoke['results']['summary']['topologies'][t]['runs']) for t in TOPOLOGIES)
     assert len({Path(f).parents[1] for f in before}) == n_walk + len(smoke['results']['runs'])     # the run dirs: one per LR-walk run and per comparison run
-    r = papermill(tmp / 'out2.ipynb', smoke['cache'], preset='smoke', out_dir=tmp / 'out', paper=tmp / 'topology.html')
-    assert r.returncode == 0, r.stderr[-4000:]
+    rerun_in_process(monkeypatch, 'topology', smoke['cache'], preset='smoke', out_dir=tmp / 'out', paper=tmp / 'topology.html')
     assert _snapshot(smoke['cache_root'], tmp / 'out') == before
     again = json.loads((tmp / 'out' / 'results.json').read_text())
     assert again['runs'] == smoke['results']['runs'] and again['summary']['topologies'] == smoke['results']['summary']['topologies']

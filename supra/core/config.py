@@ -308,10 +308,10 @@ def preset(name:str='auto', device:str='auto') -> Preset:
     "The configs of preset `name` (`auto` resolved for `device`)."
     name = resolve_preset(name, device)
     if name == 'smoke':
-        data  = DataConfig(n_tokens=40_000, vocab_size=512, tokenizer_chars=300_000, val_docs=8)
+        data  = DataConfig(n_tokens=40_000, vocab_size=512, tokenizer_chars=300_000, val_docs=4)
         model = ModelConfig(n_layer=2, d_model=64, n_head=2, vocab_size=512, seq_len=64)
         train = TrainConfig(batch_size=16, seq_len=64, lr=3e-3)
-        ev    = EvalConfig(limit=4, batch_size=32, bpb_context=64, bpb_stride=32, bpb_docs=2, gen_tokens=16)
+        ev    = EvalConfig(limit=4, batch_size=32, bpb_context=64, bpb_stride=32, bpb_docs=1, gen_tokens=16)
     elif name == 'cpu':
         data  = DataConfig(n_tokens=300_000, vocab_size=4096, tokenizer_chars=4_000_000, val_docs=50)
         model = ModelConfig(n_layer=4, d_model=96, n_head=3, vocab_size=4096, seq_len=128)

@@ -102,7 +102,7 @@ def evaluate(model, tokenizer=None, cfg:EvalConfig|None=None, tasks=None, limit:
     whole = set(names) >= {f'blimp_{u}' for u in blimp_paradigms()}
     lm_tasks = (['blimp'] if whole else []) + [t for t in names if not (whole and t.startswith('blimp_'))]
     lm = model if isinstance(model, LM) else SupraLM(model, tokenizer, batch_size=batch_size or cfg.batch_size)
-    with quiet_lm_eval(verbose):
+    with quiet_lm_eval(verbose), zero_shot_loading():   # zero-shot tasks: lm-eval need not list 67 × 1,000 BLiMP pairs as few-shot candidates
         res = lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, task_manager=task_manager(), limit=limit, log_samples=True)
     df = tidy_results(res)
     df.attrs['lm_eval'], df.attrs['items'] = _jsonable(res), _items(res)

@@ -308,6 +308,7 @@ def staged(n1:int, n_max:int) -> bool:
     "Two stages only with a pilot of ≥ MIN_PILOT seeds and room for ≥ MIN_ROOM more (a second stage the pilot can size); else one fixed design of n_max."
     return n1 >= MIN_PILOT and n_max - n1 >= MIN_ROOM
 
+@functools.lru_cache(maxsize=64)   # a pure function of its arguments, and costly: 40 power integrals per stage size
 def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> list[tuple[int, float]]:
     """The plan's rule for stage 2, fixed before any data: [(n2, largest pilot sd for which n2 seeds reach `power` at `target`)].
     At least 2, at most n_max − n1, so stopping never depends on the data; not `staged`: the rest of the budget whatever the pilot shows (one seed: none)."""
