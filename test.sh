@@ -14,5 +14,6 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-
 echo "== lesson cells (nbdev-test) — SUPRA_DATA=${SUPRA_DATA:-<hub>}"
 nbdev-test --n-workers 2 --file-re '^\d' --timing
 echo "== integration tests (pytest)"
-# two workers, a test file each at a time (its module-scoped smoke run stays in one process); `-n 0` for one process
-python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile "$@"
+# two workers, a test file each at a time (its module-scoped smoke run stays in one process), the longest files first
+# (tests/conftest.py: LONGEST_FIRST); `-n 0` for one process
+python -m pytest tests -q -p no:cacheprovider -n 2 --dist loadfile --no-loadscope-reorder "$@"
