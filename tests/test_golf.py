@@ -26,8 +26,8 @@ def smoke(tmp_path_factory):
 def test_results_complete(smoke):
     res, sm = smoke['results'], smoke['results']['summary']
     assert res['experiment'] == 'golf' and res['preset'] == 'smoke'
-    arms = {(r['arm'], r['seed'], r['stage']) for r in res['runs']}      # a pilot of 2 seeds, then the 2 more of a fixed design of 4
-    assert arms == {(a, s, 1 if s < 2 else 2) for a in ('baseline', 'full', 'no-qat') for s in (0, 1, 2, 3)}
+    arms = {(r['arm'], r['seed'], r['stage']) for r in res['runs']}      # a pilot of 2 seeds, then the 1 more of a fixed design of 3
+    assert arms == {(a, s, 1 if s < 2 else 2) for a in ('baseline', 'full', 'no-qat') for s in (0, 1, 2)}
     for r in res['runs']:
         for k in ('bpb', 'bpb_before', 'quant_gap', 'artefact_bytes', 'steps', 'train_s', 'epochs'): assert _finite(r[k]), (r['arm'], k)
         assert 0 < r['bpb'] < 10 and r['fits'] == (r['artefact_bytes'] <= sm['byte_budget'])
@@ -63,23 +63,23 @@ def test_independent_checks(smoke):
 
 def test_paired_verdicts(smoke):
     """The paper's tests: the verdict engine, each comparison paired over the seeds both arms ran. A pilot of 2 cannot size a second stage
-    (`staged`), so the smoke preset's 4 seeds are one fixed design and each test is the plain paired t over all four."""
+    (`staged`), so the smoke preset's 3 seeds are one fixed design and each test is the plain paired t over all three."""
     from supra.experiments.golf.paper import verdicts
     from scipy import stats
     from supra.lab.verdict import stage2_for, staged
     res = smoke['results']; d = res['summary']['design']
     V = verdicts(res); C = [v for v in V if v['kind'] == 'comparison']
     assert [(v['a'], v['b']) for v in C] == [('full', 'baseline'), ('no-qat', 'full')]
-    assert all(v['n'] == 4 and v['stage_seeds'] is None and 'two stages' not in v['test'] and v['family_size'] == 3 and v['p'] is not None for v in C)
-    assert not staged(d['n1'], d['n_max']) and 'one fixed design of 4 seeds' in smoke['page']
-    assert (d['n1'], d['n_max'], d['family_size'], d['target']) == (2, 4, 2, 0.1)
+    assert all(v['n'] == 3 and v['stage_seeds'] is None and 'two stages' not in v['test'] and v['family_size'] == 3 and v['p'] is not None for v in C)
+    assert not staged(d['n1'], d['n_max']) and 'one fixed design of 3 seeds' in smoke['page']
+    assert (d['n1'], d['n_max'], d['family_size'], d['target']) == (2, 3, 2, 0.1)
     bl = next(v for v in V if v['kind'] == 'versus')                      # BLiMP of the artefacts, full − baseline, item by item
     assert bl['a'] == 'full − baseline' and bl['test'].startswith('bootstrap over') and bl['n'] == 2 and bl['family_size'] == 3
     assert all(0 <= r['blimp_ties'] <= 1 and r['blimp_items'] for r in res['runs'] if 'blimp' in r)
     bpb = {(r['arm'], r['seed']): r['bpb'] for r in res['runs']}
     for (a, b), v in zip((('full', 'baseline'), ('no-qat', 'full')), C):   # the rest of the budget, whatever the pilot showed
-        assert d['need'][f'{a}|{b}'] == stage2_for([bpb[a, s] - bpb[b, s] for s in (0, 1)], 0.1, 4, 2) == 2
-        assert abs(v['p'] - stats.ttest_rel([bpb[a, s] for s in range(4)], [bpb[b, s] for s in range(4)]).pvalue) < 1e-12   # scipy's paired t
+        assert d['need'][f'{a}|{b}'] == stage2_for([bpb[a, s] - bpb[b, s] for s in (0, 1)], 0.1, 3, 2) == 1
+        assert abs(v['p'] - stats.ttest_rel([bpb[a, s] for s in range(3)], [bpb[b, s] for s in range(3)]).pvalue) < 1e-12   # scipy's paired t
 
 def test_artefacts_on_disk(smoke):
     "Each artefact's recorded size is its file's size, and it reloads to the fake-quantised weights of the trained checkpoint, bit for bit."

@@ -26,14 +26,19 @@ __all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'tidy_results', 'evaluate', 'blimp_i
 # %% ../../nbs/04_eval/05_harness.ipynb #543538ba
 @contextmanager
 def quiet_lm_eval(verbose:bool=False):
-    "lm-eval logs at WARNING only; unless `verbose`, its per-task progress bars (tqdm on stderr) are dropped."
-    lg = logging.getLogger('lm_eval'); old = lg.level
+    """lm-eval logs at WARNING only; unless `verbose`, its per-task progress bars (tqdm on stderr) are dropped, and so are the
+    `datasets` bars of a first load ("Generating train split", 72 of them on a cold machine), which in a notebook are widgets, not stderr."""
+    import datasets
+    lg = logging.getLogger('lm_eval'); old = lg.level; bars = datasets.is_progress_bar_enabled()
     lg.setLevel(logging.INFO if verbose else logging.WARNING)
     try:
         if verbose: yield
         else:
+            datasets.disable_progress_bars()
             with open(os.devnull, 'w') as null, redirect_stderr(null): yield
-    finally: lg.setLevel(old)
+    finally:
+        lg.setLevel(old)
+        if bars: datasets.enable_progress_bars()
 
 _FIELD_ALIASES = {'syntax/semantics': 'syntax_semantics'}
 _COLS = ['task', 'metric', 'value', 'stderr', 'n', 'chance', 'majority']

@@ -64,7 +64,7 @@ TARGET = 0.1        # bits/byte: the smallest effect of a technique the second s
 SCALE = {
     'smoke': dict(n_layer=2, d_model=64, n_head=4, n_kv_head=2, seq_len=64, batch=16, steps=30, budget_s=None, byte_budget=300_000,
                   bigram=256, bigram_dim=32, ve_dim=32, ve_layers=(1,), momentum_warmup=10, ema=0.8, swa_every=2, seeds=(0, 1), ablate=('qat',),
-                  min_seeds=1, n_max=4, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
+                  min_seeds=1, n_max=3, limits={'blimp': 2, 'arc_easy': 8}, tasks=('blimp', 'arc_easy')),
     'cpu':   dict(n_layer=4, d_model=128, n_head=4, n_kv_head=2, seq_len=128, batch=16, steps=CPU_STEPS, budget_s=None, byte_budget=1_500_000,
                   bigram=1024, bigram_dim=64, ve_dim=64, ve_layers=(2, 3), momentum_warmup=100, ema=0.95, swa_every=10, seeds=(0, 1, 2), ablate=CPU_ABLATE,
                   min_seeds=3, n_max=6, limits={'blimp': 100, 'arc_easy': 800}, tasks=('blimp', 'arc_easy')),
