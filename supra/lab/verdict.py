@@ -309,11 +309,11 @@ def staged(n1:int, n_max:int) -> bool:
     return n1 >= MIN_PILOT and n_max - n1 >= MIN_ROOM
 
 @functools.lru_cache(maxsize=64)   # a pure function of its arguments, and costly: 40 power integrals per stage size
-def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> list[tuple[int, float]]:
-    """The plan's rule for stage 2, fixed before any data: [(n2, largest pilot sd for which n2 seeds reach `power` at `target`)].
+def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> tuple[tuple[int, float], ...]:
+    """The plan's rule for stage 2, fixed before any data: ((n2, largest pilot sd for which n2 seeds reach `power` at `target`), …), immutable (cached).
     At least 2, at most n_max − n1, so stopping never depends on the data; not `staged`: the rest of the budget whatever the pilot shows (one seed: none)."""
-    if n1 < 2 or (room := n_max - n1) < 1: return []
-    if not staged(n1, n_max): return [(room, math.inf)]
+    if n1 < 2 or (room := n_max - n1) < 1: return ()
+    if not staged(n1, n_max): return ((room, math.inf),)
     out = []
     for n2 in range(2, room + 1):
         lo, hi = 1e-6 * abs(target), 100 * abs(target)
@@ -321,7 +321,7 @@ def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=
             mid = math.sqrt(lo * hi)
             lo, hi = (mid, hi) if predicted_power(n1, n2, target, mid, n_max, alpha) >= power else (lo, mid)
         out.append((n2, lo))
-    return out
+    return tuple(out)
 
 def stage2_seeds(sd1, rule:list) -> np.ndarray | int:
     "Seeds to add after a pilot whose per-seed differences have sd `sd1`: the smallest n2 of `rule` that reaches the power, else the most."
