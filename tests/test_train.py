@@ -89,38 +89,6 @@ def test_sigkill_resume_matches_uninterrupted(pool_file, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(m_ref.state_dict().values(), m_res.state_dict().values()))
 
 
-DDP_SCRIPT = textwrap.dedent('''
-    import json, os, sys, numpy as np, torch
-    torch.set_num_threads(1)
-    from supra.core.config import ModelConfig, TrainConfig
-    from supra.train.trainer import train
-    m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
-    res = train(np.load(sys.argv[3], mmap_mode='r'), m, t, sys.argv[4], quiet=True)
-    if os.environ.get('RANK', '0') == '0': print(json.dumps(res))
-''')
-
-def test_ddp_two_processes_match_one(pool_file, tmp_path):
-    "torchrun, 2 CPU processes over gloo, each its own slice of every epoch, gives the 1-process losses at the same global batch."
-    tcfg = TCFG.replace(epochs=1, batch_size=16, optimizer='muon')
-    script = tmp_path / 'ddp_train.py'; script.write_text(DDP_SCRIPT)
-    pool = tmp_path / 'even.npy'   # 58 full batches of 16 windows: no ragged last batch, which 2 ranks would split unevenly
-    np.save(pool, np.load(pool_file)[:58 * 16 * 32 + 1])
-    args = [MCFG.to_json(), tcfg.to_json(), str(pool)]
-    one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / 'one')], cwd=ROOT, env=_env(),
-                         capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), *args,
-                          str(tmp_path / 'two')], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = metrics(tmp_path / 'one'), metrics(tmp_path / 'two')
-    assert len(a) == len(b) > 50
-    la, lb = np.array([r['loss'] for r in a]), np.array([r['loss'] for r in b])
-    assert np.abs(la - lb)[:10].max() < 1e-4, (la[:10], lb[:10])   # same data, same steps: only summation order differs
-    assert np.abs(la - lb).max() < 2e-2 and abs(la[-1] - lb[-1]) < 1e-2, np.abs(la - lb).max()
-    assert la[-1] < la[0] - 1
-    assert read_meta(tmp_path / 'two' / 'final')['world_size'] == 2
-
-
 def test_grad_accum_matches_full_batch(pool_file, tmp_path):
     pool = np.load(pool_file)
     a = train(pool, MCFG, TCFG.replace(epochs=1), tmp_path / 'a', quiet=True)
@@ -279,7 +247,9 @@ def test_tensorboard_tracker_gets_the_rows(pool_file, tmp_path):
     assert len(logged) == len(rows) and np.allclose(logged, [r['loss'] for r in rows], rtol=1e-6)
 
 
-DDP_SEAMS_SCRIPT = textwrap.dedent('''
+# Both DDP runs in one process per launch (the 1-process reference, then torchrun's 2 ranks): a plain run with Muon, and a
+# curriculum (a StageLoader factory) on a model family that reports auxiliary metrics.
+DDP_SCRIPT = textwrap.dedent('''
     import json, os, sys, numpy as np, torch
     from dataclasses import dataclass
     torch.set_num_threads(1)
@@ -295,27 +265,41 @@ DDP_SEAMS_SCRIPT = textwrap.dedent('''
             logits, loss = super().forward(idx, targets, cache, return_logits)
             return (logits, loss) if targets is None else (logits, loss, dict(ce=loss, wte_rms=self.wte.weight.pow(2).mean().sqrt()))
     register_family('auxlm', AuxLM, AuxConfig)
-    m, t = AuxConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
+    mcfg, plain, even, seams, pool, out = sys.argv[1:]
+    cfg = lambda s: TrainConfig.from_dict(json.loads(s))
+    res = dict(plain=train(np.load(even, mmap_mode='r'), ModelConfig.from_dict(json.loads(mcfg)), cfg(plain), f'{out}/plain', quiet=True))
     factory = lambda tokens, cfg, rank, world: StageLoader.constant_tokens(tokens, [8, 16, 32], 256, steps=20, seed=cfg.seed, rank=rank, world_size=world)
-    res = train(np.load(sys.argv[3], mmap_mode='r'), m, t, sys.argv[4], quiet=True, loader=factory)
+    res['seams'] = train(np.load(pool, mmap_mode='r'), AuxConfig.from_dict(json.loads(mcfg)), cfg(seams), f'{out}/seams', quiet=True, loader=factory)
     if os.environ.get('RANK', '0') == '0': print(json.dumps(res))
 ''')
 
-def test_ddp_curriculum_and_aux_metrics_match_one_process(pool_file, tmp_path):
-    "A StageLoader factory under torchrun (2 ranks, each its slice) gives the 1-process curriculum; aux metrics are averaged like the loss."
-    script = tmp_path / 'ddp_seams.py'; script.write_text(DDP_SEAMS_SCRIPT)
-    args = [MCFG.to_json(), TCFG.to_json(), str(pool_file)]
+def test_ddp_two_ranks_match_one_process(pool_file, tmp_path):
+    """torchrun, 2 CPU processes over gloo, each its own slice of every epoch, gives the 1-process losses at the same global batch;
+    so does a StageLoader factory's curriculum, whose auxiliary metrics are averaged over the ranks like the loss."""
+    script = tmp_path / 'ddp_train.py'; script.write_text(DDP_SCRIPT)
+    even = tmp_path / 'even.npy'   # 58 full batches of 16 windows: no ragged last batch, which 2 ranks would split unevenly
+    np.save(even, np.load(pool_file)[:58 * 16 * 32 + 1])
+    args = [MCFG.to_json(), TCFG.replace(epochs=1, batch_size=16, optimizer='muon').to_json(), str(even), TCFG.to_json(), str(pool_file)]
     one = subprocess.run([sys.executable, str(script), *args, str(tmp_path / 'one')], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', str(script), *args,
                           str(tmp_path / 'two')], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
-    a, b = [[r for r in metrics(tmp_path / d) if 'loss' in r] for d in ('one', 'two')]
+    # the plain run (Muon)
+    a, b = metrics(tmp_path / 'one' / 'plain'), metrics(tmp_path / 'two' / 'plain')
+    assert len(a) == len(b) > 50
+    la, lb = np.array([r['loss'] for r in a]), np.array([r['loss'] for r in b])
+    assert np.abs(la - lb)[:10].max() < 1e-4, (la[:10], lb[:10])   # same data, same steps: only summation order differs
+    assert np.abs(la - lb).max() < 2e-2 and abs(la[-1] - lb[-1]) < 1e-2, np.abs(la - lb).max()
+    assert la[-1] < la[0] - 1
+    assert read_meta(tmp_path / 'two' / 'plain' / 'final')['world_size'] == 2
+    # the curriculum with auxiliary metrics
+    a, b = [[r for r in metrics(tmp_path / d / 'seams') if 'loss' in r] for d in ('one', 'two')]
     assert len(a) == len(b) == 60 and [r['tokens'] for r in a] == [r['tokens'] for r in b] == [256 * (i + 1) for i in range(60)]
     la, lb = np.array([r['loss'] for r in a]), np.array([r['loss'] for r in b])
     assert np.abs(la - lb)[:10].max() < 1e-4 and np.abs(la - lb).max() < 2e-2, np.abs(la - lb).max()
     for rows in (a, b):
         assert all(abs(r['ce'] - r['loss']) < 1e-5 and r['wte_rms'] > 0 for r in rows)
-    stages = [r for r in metrics(tmp_path / 'two') if r.get('event') == 'stage']
+    stages = [r for r in metrics(tmp_path / 'two' / 'seams') if r.get('event') == 'stage']
     assert [(r['at_step'], r['seq_len'], r['batch_size']) for r in stages] == [(0, 8, 32), (20, 16, 16), (40, 32, 8)]
-    assert read_meta(tmp_path / 'two' / 'final')['family'] == 'auxlm'
+    assert read_meta(tmp_path / 'two' / 'seams' / 'final')['family'] == 'auxlm'

@@ -20,8 +20,8 @@ from .heldout import heldout_bpb
 from .requests import FEWSHOT_SEED, compiled_templates, prepare_requests, zero_shot_loading
 
 # %% auto #0
-__all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'tidy_results', 'evaluate', 'blimp_items', 'pack_items', 'unpack_items', 'item_lists',
-           'load_tasks', 'evaluate_many', 'metric', 'eval_metrics', 'task_baselines']
+__all__ = ['BLIMP_FIELDS', 'quiet_lm_eval', 'no_env_report', 'tidy_results', 'evaluate', 'blimp_items', 'pack_items',
+           'unpack_items', 'item_lists', 'load_tasks', 'evaluate_many', 'metric', 'eval_metrics', 'task_baselines']
 
 # %% ../../nbs/04_eval/05_harness.ipynb #543538ba
 @contextmanager
@@ -39,6 +39,16 @@ def quiet_lm_eval(verbose:bool=False):
     finally:
         lg.setLevel(old)
         if bars: datasets.enable_progress_bars()
+
+@contextmanager
+def no_env_report():
+    """Within: lm-eval's `simple_evaluate` records its own and transformers' versions, not torch's `collect_env` report, which runs
+    `pip list` and other programs on every call (≈ 0.6 s each, 3 s the first); the machine is in the run's `environment` block."""
+    from importlib.metadata import version
+    stock = lm_eval.evaluator.add_env_info
+    lm_eval.evaluator.add_env_info = lambda res: res.update(lm_eval_version=version('lm_eval'), transformers_version=version('transformers'))
+    try: yield
+    finally: lm_eval.evaluator.add_env_info = stock
 
 _FIELD_ALIASES = {'syntax/semantics': 'syntax_semantics'}
 _COLS = ['task', 'metric', 'value', 'stderr', 'n', 'chance', 'majority']
@@ -107,7 +117,7 @@ def evaluate(model, tokenizer=None, cfg:EvalConfig|None=None, tasks=None, limit:
     whole = set(names) >= {f'blimp_{u}' for u in blimp_paradigms()}
     lm_tasks = (['blimp'] if whole else []) + [t for t in names if not (whole and t.startswith('blimp_'))]
     lm = model if isinstance(model, LM) else SupraLM(model, tokenizer, batch_size=batch_size or cfg.batch_size)
-    with quiet_lm_eval(verbose), zero_shot_loading():   # zero-shot tasks: lm-eval need not list 67 × 1,000 BLiMP pairs as few-shot candidates
+    with quiet_lm_eval(verbose), zero_shot_loading(), no_env_report():   # zero-shot tasks: lm-eval need not list 67 × 1,000 BLiMP pairs as few-shot candidates
         res = lm_eval.simple_evaluate(model=lm, tasks=lm_tasks, task_manager=task_manager(), limit=limit, log_samples=True)
     df = tidy_results(res)
     df.attrs['lm_eval'], df.attrs['items'] = _jsonable(res), _items(res)

@@ -39,11 +39,8 @@ ACC = lambda name, label='': Metric(name, 'points', False, 100.0, label or name)
 
 # %% ../../nbs/07_lab/03_verdict.ipynb #adfd5b85
 def _by_seed(rows, by, arm, metric) -> dict:
-    out = {}
-    for r in rows:
-        v = r.get(metric)
-        if r.get(by) == arm and v is not None and isinstance(v, (int, float)) and math.isfinite(v): out[r.get('seed')] = float(v)
-    return out
+    "`{seed: value}` of `metric` in the rows of `arm` where it is a finite number."
+    return {r.get('seed'): float(r[metric]) for r in rows if r.get(by) == arm and isinstance(r.get(metric), (int, float)) and math.isfinite(r[metric])}
 
 def _t_result(d:np.ndarray | None, a, b, alpha, power, paired:bool) -> dict:
     if paired:
@@ -308,10 +305,13 @@ def staged(n1:int, n_max:int) -> bool:
     "Two stages only with a pilot of ≥ MIN_PILOT seeds and room for ≥ MIN_ROOM more (a second stage the pilot can size); else one fixed design of n_max."
     return n1 >= MIN_PILOT and n_max - n1 >= MIN_ROOM
 
-@functools.lru_cache(maxsize=64)   # a pure function of its arguments, and costly: 40 power integrals per stage size
 def stage2_rule(n1:int, target:float, n_max:int, alpha:float=ALPHA, power:float=0.8) -> tuple[tuple[int, float], ...]:
     """The plan's rule for stage 2, fixed before any data: ((n2, largest pilot sd for which n2 seeds reach `power` at `target`), …), immutable (cached).
     At least 2, at most n_max − n1, so stopping never depends on the data; not `staged`: the rest of the budget whatever the pilot shows (one seed: none)."""
+    return _stage2_rule(int(n1), float(target), int(n_max), float(alpha), float(power))   # one cache key per plan, however the call spells it
+
+@functools.lru_cache(maxsize=64)   # a pure function of its arguments, and costly: 40 power integrals per stage size
+def _stage2_rule(n1, target, n_max, alpha, power):
     if n1 < 2 or (room := n_max - n1) < 1: return ()
     if not staged(n1, n_max): return ((room, math.inf),)
     out = []
