@@ -1,7 +1,9 @@
 """Helpers shared by the test modules: the project root, the environment a notebook or command runs in, papermill runs of
 an experiment notebook, the checks that a bad parameter is refused (in-process by the plan, and end to end in the notebook's
-first cell), an experiment re-run in-process, small model and tokenizer fixtures that need no data set, a toy token pool, and SIGKILL at a given row."""
+first cell), an experiment re-run in-process, small model and tokenizer fixtures that need no data set, a toy token pool, one torch thread for a
+reference run, and SIGKILL at a given row."""
 import json, math, os, signal, subprocess, sys, time
+from contextlib import contextmanager
 from pathlib import Path
 import pytest
 
@@ -107,6 +109,15 @@ def bigram_pool(n:int=30_000, vocab:int=64, seed:int=0):
     out = np.zeros(n, dtype=np.uint16)
     for i in range(1, n): out[i] = nxt[out[i - 1], choice[i]]
     return out
+
+@contextmanager
+def one_thread():
+    """torch on one thread within, as the training subprocesses of the resume tests run: an uninterrupted reference run in the
+    test's own process then sums in the same order as they do, so a resumed run can be compared bit for bit. The caller's setting is restored."""
+    import torch
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: yield
+    finally: torch.set_num_threads(n)
 
 def kill_at_rows(p:subprocess.Popen, metrics:Path, rows:int, timeout:float=120):
     "SIGKILL the training process `p` once its `metrics` file holds `rows` train rows; fails if it ended first."

@@ -1,11 +1,11 @@
 """Experiment #5 (the efficiency stack) end to end: `nbs/curriculum.ipynb` under papermill at the smoke preset (two pools,
 every arm and seed, speed-ups, claims, results.json, paper); a curriculum run killed with SIGKILL mid-stage resuming to the
 uninterrupted result; FP8 refused here with its reason; a bad parameter stopping the first cell."""
-import html, json, math, os, signal, subprocess, sys, textwrap, time
+import html, inspect, json, math, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pytest, torch
 from supra.train.runlog import RunLog
-from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'curriculum.ipynb'
@@ -81,19 +81,18 @@ def test_paper(smoke):
     b = next(a for a in res['summary']['by_arm'] if a['arm'] == 'baseline')
     assert f"{b['final_bpb']:.4f}" in page                                # numbers come from results.json
 
-# A curriculum run of the experiment's own train_run (SliceStages + held-out hook), as a subprocess killed with SIGKILL below.
-SCRIPT = textwrap.dedent('''
-    import json, sys, numpy as np, torch
-    torch.set_num_threads(1)
+def curriculum_run(mcfg:str, tcfg:str, pool_file, out):
+    "The experiment's own train_run with the curriculum (SliceStages) and the held-out hook on a toy pool: the run killed with SIGKILL below."
+    import json, numpy as np
     from supra.core.config import ModelConfig, TrainConfig
     from supra.train.hooks import heldout_hook
     from supra.experiments.curriculum.run import train_run, curriculum_stages
-    m, t = ModelConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2]))
-    pool = np.load(sys.argv[3], mmap_mode='r')
-    stages = curriculum_stages((8, 16, 32), 256, 150)
+    pool = np.load(pool_file, mmap_mode='r')
     hook = heldout_hook(pool[40_000:], 32, token_bytes=np.ones(64, dtype=np.int64))
-    print(json.dumps(train_run(pool[:40_000], m, t, sys.argv[4], stages, hook)))
-''')
+    return train_run(pool[:40_000], ModelConfig.from_dict(json.loads(mcfg)), TrainConfig.from_dict(json.loads(tcfg)), str(out), curriculum_stages((8, 16, 32), 256, 150), hook)
+
+# the same function in a subprocess (one torch thread), which prints its result
+SCRIPT = inspect.getsource(curriculum_run) + 'import json, sys, torch\ntorch.set_num_threads(1)\nprint(json.dumps(curriculum_run(*sys.argv[1:])))\n'
 
 def test_curriculum_run_resumes_after_sigkill(tmp_path):
     "train_run with the curriculum, killed with SIGKILL inside its second stage, resumes to the uninterrupted run: same rows, same weights."
@@ -103,8 +102,7 @@ def test_curriculum_run_resumes_after_sigkill(tmp_path):
     mcfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64, seq_len=32)
     tcfg = TrainConfig(batch_size=8, seq_len=32, lr=3e-3, warmup_frac=0.1, cooldown_frac=0.3, ckpt_every_s=0.02, eval_every=10)
     cmd = lambda out: [sys.executable, '-c', SCRIPT, mcfg.to_json(), tcfg.to_json(), str(tmp_path / 'pool.npy'), str(out)]
-    ref = subprocess.run(cmd(tmp_path / 'ref'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    with one_thread(): curriculum_run(mcfg.to_json(), tcfg.to_json(), tmp_path / 'pool.npy', tmp_path / 'ref')   # uninterrupted, in this process
     run = tmp_path / 'killed'
     p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_at_rows(p, run / 'metrics.jsonl', 55)     # stages of 45, 45, 60 steps: kill inside the second

@@ -2,10 +2,10 @@
 each on the same two seeds and trained for the same step budget on a pool no run exhausts, artefacts round-tripped and scored,
 their size and bits per byte re-checked by independent paths, BLiMP/ARC-Easy of the quantised artefacts, results.json,
 the paper), the artefacts on disk checked against the envelope, and a bad parameter stopping the first cell."""
-import json, math, os, subprocess, sys, textwrap
+import inspect, json, math, os, subprocess, sys, textwrap
 from pathlib import Path
 import pytest
-from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows
+from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows, one_thread
 
 ROOT = Path(__file__).resolve().parents[1]
 NB = ROOT / 'nbs' / 'golf.ipynb'
@@ -111,16 +111,17 @@ def test_bad_parameter_fails_first(tmp_path):
     assert_stopped_in_plan_cell(r, tmp_path / 'bad.ipynb', 'techniques')
     assert not (tmp_path / 'p.html').exists()
 
-# A step-budget golf run (every technique of the hook on), as a subprocess killed with SIGKILL below.
-GOLF_SCRIPT = textwrap.dedent('''
-    import json, sys, numpy as np, torch
-    torch.set_num_threads(1)
+def golf_run(mcfg:str, tcfg:str, gcfg:str, pool_file, out) -> dict:
+    "A step-budget golf run (every technique of the hook on) on a toy pool: the run killed with SIGKILL below."
+    import json, numpy as np
     from supra.core.config import TrainConfig
     from supra.golf.model import GolfConfig
     from supra.golf.train import GolfTrainConfig, train_golf
-    m, t, g = GolfConfig.from_dict(json.loads(sys.argv[1])), TrainConfig.from_dict(json.loads(sys.argv[2])), GolfTrainConfig.from_dict(json.loads(sys.argv[3]))
-    print(json.dumps(train_golf(np.load(sys.argv[4], mmap_mode='r'), m, t, g, sys.argv[5])))
-''')
+    return train_golf(np.load(pool_file, mmap_mode='r'), GolfConfig.from_dict(json.loads(mcfg)), TrainConfig.from_dict(json.loads(tcfg)),
+                      GolfTrainConfig.from_dict(json.loads(gcfg)), str(out))
+
+# the same function in a subprocess (one torch thread), which prints its result
+GOLF_SCRIPT = inspect.getsource(golf_run) + 'import json, sys, torch\ntorch.set_num_threads(1)\nprint(json.dumps(golf_run(*sys.argv[1:])))\n'
 
 def test_golf_run_resumes_after_sigkill(tmp_path):
     "train_golf on the trainer, killed with SIGKILL after SWA has started, resumes to the uninterrupted run: same rows, same averaged weights."
@@ -136,8 +137,7 @@ def test_golf_run_resumes_after_sigkill(tmp_path):
     gcfg = GolfTrainConfig(budget_s=None, steps=150, warmup_steps=5, warmdown_frac=0.5, momentum_warmup=50, ema=0.9,
                            swa_threshold=0.6, swa_every=3, qat_threshold=0.4)
     cmd = lambda out: [sys.executable, '-c', GOLF_SCRIPT, mcfg.to_json(), tcfg.to_json(), gcfg.to_json(), str(tmp_path / 'pool.npy'), str(out)]
-    ref = subprocess.run(cmd(tmp_path / 'ref'), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
+    with one_thread(): a = golf_run(mcfg.to_json(), tcfg.to_json(), gcfg.to_json(), tmp_path / 'pool.npy', tmp_path / 'ref')   # uninterrupted, in this process
     run = tmp_path / 'killed'
     p = subprocess.Popen(cmd(run), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     kill_at_rows(p, run / 'metrics.jsonl', 125)           # SWA collects from step ~106, QAT from ~120
@@ -145,7 +145,7 @@ def test_golf_run_resumes_after_sigkill(tmp_path):
     assert 0 < at['step'] < 150 and at['step_hook_state']['n_swa'] > 0, at['step_hook_state']
     res = subprocess.run(cmd(run), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
-    a, b = json.loads(ref.stdout.splitlines()[-1]), json.loads(res.stdout.splitlines()[-1])
+    b = json.loads(res.stdout.splitlines()[-1])
     assert (a['step'], a['n_swa'], a['qat_from'], a['averaged']) == (b['step'], b['n_swa'], b['qat_from'], 'swa') and a['qat_from'] is not None
     rows = lambda d: [json.loads(l) for l in (d / 'metrics.jsonl').read_text().splitlines()]
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ('tok_s', 'elapsed', 'train_s')} for r in rs]

@@ -15,7 +15,7 @@ from supra.model.checkpoint import read_meta
 from supra.model.checkpoint import load_checkpoint, save_checkpoint, CheckpointError
 from supra.train.optim import make_optimizers, lr_factor
 from supra.train.runtime import jemalloc_path, with_jemalloc_env
-from conftest import bigram_pool
+from conftest import bigram_pool, one_thread
 
 torch.set_num_threads(1)   # tiny models gain nothing from more threads; spinning OpenMP workers crawl on a busy machine
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def run_to_end(pool_file, out_dir, tcfg):
 def test_sigkill_resume_matches_uninterrupted(pool_file, tmp_path):
     "kill -9 a training process twice at random moments (checkpoints every ~20 ms, so often mid-write); the resumed run ends bitwise equal."
     tcfg = TCFG.replace(ckpt_every_s=0.02)
-    ref = run_to_end(pool_file, tmp_path / 'ref', tcfg)
+    with one_thread(): ref = train(np.load(pool_file, mmap_mode='r'), MCFG, tcfg, tmp_path / 'ref', quiet=True)   # uninterrupted, in this process
     total = ref['step']
     rng = random.Random(0)
     run = tmp_path / 'killed'

@@ -44,7 +44,7 @@ def topology_configs(p:Preset) -> dict[str, ModelConfig]:
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #ceafd83d
 PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', out_dir='outputs/topology', paper='papers/topology.html', base_lr=None, n_max=None)
 PLAN_DEFAULTS = {
-    'smoke': dict(seeds=[0, 1], min_seeds=1, n_max=4, base_lr=3e-3, max_lr_runs=3),
+    'smoke': dict(seeds=[0, 1], min_seeds=1, n_max=3, base_lr=3e-3, max_lr_runs=3),   # a fixed design: 2 seeds, then 1 more
     # cpu: ≈ 90 s a run (train + eval) on an AVX2 EPYC → LR walk ≤ 3 × 5 runs + 3 shapes × 3–6 seeds + the floor; measured with 3 + 3 + 4 walk
     # runs and 6 seeds a shape: 42.7 min alone on the AVX2 VM's 2 cores, 38.5 on the AVX-512 one
     'cpu':   dict(seeds=[0, 1, 2], min_seeds=3, n_max=6, base_lr=4e-3, max_lr_runs=5, limits={'blimp': 120, 'arc_easy': 500, 'wikitext': 20}, n_tokens=1_000_000),
