@@ -271,7 +271,7 @@ def test_many_checkpoint_benchmark_prints_its_ratios():
     "`python -m supra.bench eval checkpoints=K` (a miniature): scores equal to the stock loop's, and the last line carries both ratios and the ceiling."
     import re, subprocess, sys
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', TRANSFORMERS_OFFLINE='1')
-    r = subprocess.run([sys.executable, '-m', 'supra.bench', 'eval', 'checkpoints=2', 'limit=3', 'paradigms=2'], cwd=ROOT, env=env,
+    r = subprocess.run([sys.executable, '-m', 'supra.bench', 'eval', 'checkpoints=2', 'limit=3', 'paradigms=2', 'repeats=1'], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     last = r.stdout.strip().splitlines()[-1]

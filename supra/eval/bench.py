@@ -44,7 +44,7 @@ def bench_eval(model_name:str='balanced', tasks:str='blimp,arc_easy,boolq,wikite
     per task family and for the whole subset; the last line is key=value (`ratio` = backend time ratio, hf / supra).
     `checkpoints=K`: the multi-checkpoint benchmark instead (`bench_eval_many`; `limit`, `paradigms` default to the cpu preset's suite)."""
     if checkpoints is not None:
-        return bench_eval_many(int(checkpoints), limit=limit, paradigms=paradigms, batch_size=batch_size, seed=seed, vocab=vocab, **many)
+        return bench_eval_many(int(checkpoints), limit=limit, paradigms=paradigms, batch_size=batch_size, seed=seed, vocab=vocab, repeats=int(repeats), **many)
     paradigms, limit = 8 if paradigms is None else paradigms, 100 if limit is None else limit
     from supra.core.config import DataConfig, ModelConfig
     from supra.data.tokenizers import get_tokenizer
@@ -135,11 +135,11 @@ def _floor(names, limit, batch_size, vocab, seed, repeats:int=2) -> dict:
 
 # %% ../../nbs/04_eval/08_bench.ipynb #f7055ecc
 def bench_eval_many(checkpoints:int=8, limit:int|None=None, paradigms:int|None=None, batch_size:int=64, seed:int=0,
-                    floor:bool=True, vocab:int=8192) -> dict:
+                    floor:bool=True, vocab:int=8192, repeats:int=2) -> dict:
     """K = `checkpoints` random-init `cpu`-preset checkpoints on the epochs paper's evaluation suite (`preset('cpu').eval`;
     `limit` examples per task, `paradigms` BLiMP paradigms to run a smaller variant): `evaluate_many` vs lm-eval's stock
     `hf` backend once per checkpoint on the HF exports (end to end, scores compared), then Supra's backend time on the
-    balanced model against the compute floor. Last line: key=value with `ratio_e2e` (stock ÷ Supra) and `ratio_floor`."""
+    balanced model against the compute floor (best of `repeats`). Last line: key=value with `ratio_e2e` (stock ÷ Supra) and `ratio_floor`."""
     from supra.model.checkpoint import save_checkpoint
     from supra.core.config import preset
     from supra.data.tokenizers import get_tokenizer
@@ -192,7 +192,7 @@ def bench_eval_many(checkpoints:int=8, limit:int|None=None, paradigms:int|None=N
     out = dict(checkpoints=checkpoints, supra_s=supra_s, stock_s=stock_s, ratio_e2e=stock_s / supra_s, acc_diff=acc_d,
                ppl_rel_diff=ppl_d, acc_differ=n_acc, ceiling_e2e=ceiling, floor=None, ratio_floor=float('nan'))
     if floor:
-        f = _floor(names, limit, batch_size, vocab, seed)
+        f = _floor(names, limit, batch_size, vocab, seed, repeats)
         print(f"compute floor (balanced, {f['params']:,} params): {f['requests']:,} requests -> {f['rows']:,} distinct inputs, "
               f"{f['tokens']:,} tokens ({f['scored']:,} scored), {f['flops'] / 1e12:.3f} TFLOP at the fp32 matmul peak "
               f"{f['peak'] / 1e9:.1f} GFLOP/s = {f['floor_s']:.2f}s; supra backend {f['backend_s']:.2f}s -> {f['ratio']:.2f}x the floor")
