@@ -136,8 +136,7 @@ def test_killed_run_resumes_to_the_same_result(smoke, tmp_path):
         assert p.poll() is None, 'papermill finished before it could be killed'
     finally: os.killpg(p.pid, signal.SIGKILL); p.wait()
     assert not (tmp_path / 'results.json').exists()
-    r = run_papermill('epochs', tmp_path / 'out.ipynb', preset='smoke', epochs=2, out_dir=tmp_path, paper=tmp_path / 'epochs.html')   # the same run again
-    assert r.returncode == 0, r.stderr[-3000:]
+    papermill(tmp_path, '-p', 'epochs', 2)   # the command again (papermill in this process took 2-3x as long here, in the suite)
     a = json.loads((smoke / 'results.json').read_text())['runs']
     b = json.loads((tmp_path / 'results.json').read_text())['runs']
     assert [r['train_loss'] for r in b] == pytest.approx([r['train_loss'] for r in a], abs=1e-6)
