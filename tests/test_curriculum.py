@@ -1,7 +1,7 @@
 """Experiment #5 (the efficiency stack) end to end: `nbs/curriculum.ipynb` under papermill at the smoke preset (two pools,
 every arm and seed, speed-ups, claims, results.json, paper); a curriculum run killed with SIGKILL mid-stage resuming to the
 uninterrupted result; FP8 refused here with its reason; a bad parameter stopping the first cell."""
-import html, inspect, json, math, os, signal, subprocess, sys, textwrap, time
+import html, inspect, json, math, os, signal, subprocess, sys, time
 from pathlib import Path
 import numpy as np, pytest, torch
 from supra.train.runlog import RunLog

@@ -2,7 +2,7 @@
 each on the same two seeds and trained for the same step budget on a pool no run exhausts, artefacts round-tripped and scored,
 their size and bits per byte re-checked by independent paths, BLiMP/ARC-Easy of the quantised artefacts, results.json,
 the paper), the artefacts on disk checked against the envelope, and a bad parameter stopping the first cell."""
-import inspect, json, math, os, subprocess, sys, textwrap
+import inspect, json, math, os, subprocess, sys
 from pathlib import Path
 import pytest
 from conftest import nb_env, papermill as run_papermill, assert_plan_refuses, assert_stopped_in_plan_cell, bigram_pool, kill_at_rows, one_thread
