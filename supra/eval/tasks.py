@@ -5,6 +5,7 @@
 # %% ../../nbs/04_eval/01_tasks.ipynb #ea3e9e16
 from __future__ import annotations
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -16,7 +17,7 @@ from ..data.corpus import data_root, data_root_origin
 
 # %% auto #0
 __all__ = ['blimp_paradigms', 'task_specs', 'allowed_tasks', 'expand_tasks', 'TaskDataError', 'check_task_data', 'task_dir',
-           'task_manager']
+           'no_download_count', 'LocalTaskManager', 'task_manager']
 
 # %% ../../nbs/04_eval/01_tasks.ipynb #ce202394
 _STOCK = Path(lm_eval.tasks.__file__).parent
@@ -82,6 +83,21 @@ def task_dir(root=None) -> Path:
     _write_if_changed(d / '_blimp.yaml', yaml.safe_dump({'include': str(_STOCK / 'blimp' / '_blimp.yaml')}))
     return d
 
+# %% ../../nbs/04_eval/01_tasks.ipynb #0ea958b2
+@contextmanager
+def no_download_count():
+    "Within: `datasets` loads without its download-count request (one HTTP HEAD per `load_dataset` of a packaged builder)."
+    import datasets.config as dc
+    old, dc.HF_UPDATE_DOWNLOAD_COUNTS = dc.HF_UPDATE_DOWNLOAD_COUNTS, False
+    try: yield
+    finally: dc.HF_UPDATE_DOWNLOAD_COUNTS = old
+
+class LocalTaskManager(TaskManager):
+    "A `TaskManager` whose tasks read local files: it loads them under `no_download_count`."
+    def load(self, *args, **kwargs):
+        with no_download_count(): return super().load(*args, **kwargs)
+
 def task_manager(root=None) -> TaskManager:
-    "A `TaskManager` over Supra's task configs only (local data when there is a data root)."
-    return TaskManager(include_path=str(task_dir(root)), include_defaults=False)
+    "A `TaskManager` over Supra's task configs only: local data when there is a data root (`LocalTaskManager`), else the Hub."
+    local = (Path(root) if root is not None else data_root()) is not None
+    return (LocalTaskManager if local else TaskManager)(include_path=str(task_dir(root)), include_defaults=False)
