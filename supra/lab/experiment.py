@@ -135,16 +135,18 @@ def _git_commit() -> str | None:
     except Exception: return None
 
 def environment(device:str='cpu') -> dict:
-    "Hardware and software facts for results.json and the paper's compute box."
-    import torch, transformers, lm_eval
+    """Hardware and software facts for results.json and the paper's compute box. The libraries' versions come from their
+    installed metadata: importing `transformers` only to read its version cost an experiment ≈ 1 s of start-up."""
+    import torch
+    from importlib.metadata import version
     from supra.train.runtime import jemalloc_loaded
     gpu = torch.cuda.get_device_name(0) if device == 'cuda' and torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     isa = torch.backends.cpu.get_cpu_capability()   # the vector units PyTorch's CPU kernels use: AVX2 and AVX-512 machines round differently
     return dict(device=device, hardware=gpu or f"CPU: {cpu_model()} ({cores} cores, {isa})", cpu=cpu_model(), cores=cores, cpu_capability=isa,
                 torch_threads=torch.get_num_threads(), memory_gib=_mem_gib(), gpu=gpu, jemalloc=jemalloc_loaded(),
-                python=platform.python_version(), torch=torch.__version__, transformers=transformers.__version__,
-                lm_eval=getattr(lm_eval, '__version__', None), platform=platform.platform(), commit=_git_commit(),
+                python=platform.python_version(), torch=torch.__version__, transformers=version('transformers'),
+                lm_eval=version('lm_eval'), platform=platform.platform(), commit=_git_commit(),
                 date=datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC'))
 
 # %% ../../nbs/07_lab/02_experiment.ipynb #0d0804a7
