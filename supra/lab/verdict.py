@@ -72,10 +72,9 @@ def difference(rows, metric:str, a, b, by:str='arm', paired:bool=True, log:bool=
 def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value_se:float|None=None, B:int=4000, seed:int=0) -> dict:
     """Raw test of mean(arm) − `value` (a reference: chance, a floor). An accuracy scored on items every seed shares: a bootstrap over
     items and seeds when the rows carry `<metric>_items` (with `value_se`, the reference's own error added to its variance), else se² = mean(lm-eval stderr²) + var(seeds)/n (+ `value_se`², the
-    reference's own item error: conservative, the two share items). A metric without item errors (held-out loss on fixed documents):
-    a one-sample t-test over seeds. A best-of-`select` pick multiplies p by `select`."""
-    rs = [r for r in rows if r.get(by) == arm and r.get(metric) is not None and math.isfinite(r[metric])]
-    n = len(rs)
+    reference's own item error: conservative, the two share items); p is effect/se's normal tail, so the interval (effect ± z·se) excludes the
+    reference exactly when p is below its level. Without item errors (held-out loss): a one-sample t-test over seeds. A best-of-`select` pick multiplies p by `select`."""
+    rs = [r for r in rows if r.get(by) == arm and r.get(metric) is not None and math.isfinite(r[metric])]; n = len(rs)
     if n == 0: return dict(test='no runs', n=0, effect=None, se=None, df=None, p=None)
     acc = np.array([r[metric] for r in rs], float); eff = float(acc.mean() - value)
     items, df = [r.get(f'{metric}_items') for r in rs], math.inf   # df: a z or bootstrap test unless the t-test below sets it
@@ -85,21 +84,20 @@ def versus(rows, metric:str, arm, value:float, by:str='arm', select:int=1, value
             cs, ci = np.bincount(rng.integers(0, n, n), minlength=n), np.bincount(rng.integers(0, m, m), minlength=m)
             return float(cs @ X @ ci) / (n * m)
         boot = np.array([draw() for _ in range(B)]) - value
-        se = float(boot.std(ddof=1)); p = float(min(1.0, 2 * min((boot <= 0).mean(), (boot >= 0).mean()) + 1 / B))
-        test = f'bootstrap over {m} shared items and {n} seeds'
+        se, test = float(boot.std(ddof=1)), f'bootstrap over {m} shared items and {n} seeds'
         if value_se:   # a reference measured on the same items (a floor): its own item error too, as if independent (conservative)
-            se = math.sqrt(se ** 2 + value_se ** 2); p = float(2 * st.norm.sf(abs(eff) / se)); test += ' + the reference’s stderr²'
+            se = math.sqrt(se ** 2 + value_se ** 2); test += ' + the reference’s stderr²'
     elif any(r.get(f'{metric}_stderr') is not None for r in rs):
         ses = np.array([r.get(f'{metric}_stderr') or np.nan for r in rs], float)
         item_var = float(np.nanmean(ses ** 2)) if np.isfinite(ses).any() else 0.0
         se = math.sqrt(item_var + (float(acc.var(ddof=1)) / n if n > 1 else 0.0) + (value_se or 0.0) ** 2)
-        p = float(2 * st.norm.sf(abs(eff) / se)) if se > 0 else (1.0 if eff == 0 else 0.0)
         test = f'z on shared items (item stderr² + seed variance/{n}' + (' + the reference’s stderr²)' if value_se else ')')
     else:
         if n < 2: return dict(test='one seed', n=n, effect=eff, se=None, df=None, p=None)
         se = float(acc.std(ddof=1)) / math.sqrt(n); df = float(n - 1)
         p = float(2 * st.t.sf(abs(eff / se), df)) if se > 0 else (1.0 if eff == 0 else 0.0)
         test = f'one-sample t over {n} seeds'
+    if not math.isfinite(df): p = float(2 * st.norm.sf(abs(eff) / se)) if se > 0 else (1.0 if eff == 0 else 0.0)   # z or bootstrap: p from se
     p = min(1.0, p * select)
     if select > 1: test += f', best of {select} (p × {select})'
     return dict(test=test, n=n, effect=eff, se=se, df=df, p=p)
@@ -144,6 +142,7 @@ class Versus:
     select: int = 1
     value_se: float | None = None
     label: str = ''
+    claimed: float | None = None     # a seed's claimed difference (stored units): the engine judges it as that claim (supported / contradicted / bounded)
 
 @dataclass(frozen=True)
 class Claim:
@@ -234,8 +233,9 @@ def judge(rows, tests, alpha:float=ALPHA, power:float=0.8, family:str='', stages
                 if v == 'resolved': v = 'supported' if claimed is None else v
                 res.update(verdict=v, reason=why, claimed=t.value)
             else:
-                v = 'resolved' if pa < alpha else 'bounded'
-                res.update(verdict=v)
+                c = getattr(t, 'claimed', None)      # a Versus that tests a seed's claimed difference is judged as that claim
+                v, why = _claim_verdict(lo, hi, c) if c is not None else ('resolved' if pa < alpha else 'bounded', '')
+                res.update(verdict=v, reason=why, **({} if c is None else dict(claimed=c)))
             if ratio: e, lo, hi, mde = math.exp(e), math.exp(lo), math.exp(hi), math.exp(mde)
             sc = 1.0 if ratio else M_.scale
             res.update(effect=e * sc, ci_lo=lo * sc, ci_hi=hi * sc, mde=mde * sc)

@@ -149,8 +149,10 @@ def claim_chart(res:dict, arm:str, path):
         return save_figure(fig, path)
 
 def speedup_chart(res:dict, path):
-    """Per arm, every seed's speed-up to the baseline's bpb (dots; wall-clock and tokens), their geometric mean (bars; hatched: an upper
-    bound, the target never reached), the verdict engine's interval (at the level Holm tests the claim) where the paper tests it, and the seed's factor."""
+    """Per arm, every seed's speed-up to the baseline's bpb (wall-clock and tokens): a dot where the seed reached the target, a hollow ▽ at
+    its upper bound where it never did; their geometric mean as a bar only where every seed reached it, else a large hollow ▽ at the
+    bound (a bound is never drawn as a bar or a dot); the verdict engine's interval (at the level Holm tests the claim) where the
+    paper tests it, and the seed's factor."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
     from supra.pages.figures import theme_rc, save_figure
@@ -158,17 +160,21 @@ def speedup_chart(res:dict, path):
     sp, L, F = res['summary']['speedups'], res['summary']['labels'], res['summary']['seed_reference']['factors']
     F = dict(curriculum=F['curriculum'], superbpe=F['superbpe'], fp8=F['fp8'], **{'superbpe-curriculum': F['superbpe'] * F['curriculum']})
     V = {r['a']: r for r in verdicts(res) if r['metric'] == 'speedup' and r['ci_lo'] is not None}
-    arms = list(sp)
+    arms, seen = list(sp), {}
     with mpl.rc_context(theme_rc()):
         fig = Figure(figsize=(9, 4.2), layout='constrained'); ax = fig.add_subplot()
         for j, (x, lab) in enumerate((('train_s', 'wall-clock'), ('tokens', 'tokens'))):
             for i, a in enumerate(arms):
-                s = sp[a][x]; v = s['mean'] if s['mean'] is not None else s['bound']; at = i + (j - 0.5) * 0.38
-                if v is None: continue
-                ax.bar(at, v, 0.36, color=SERIES_COLORS[j], alpha=0.45 if s['bound'] is not None else 0.75, label=lab if i == 0 else None,
-                       hatch='//' if s['bound'] is not None else None)
-                pts = [e['speedup'] or e['bound'] for e in s['per_seed'].values()]
-                ax.scatter([at] * len(pts), pts, s=12, color=PALETTE['text'], zorder=3, label='one seed' if i == 0 and j == 0 else None)
+                s = sp[a][x]; at = i + (j - 0.5) * 0.38
+                if s['mean'] is not None: ax.bar(at, s['mean'], 0.36, color=SERIES_COLORS[j], alpha=0.75, label=f'{lab}: geometric mean' if not seen.get(lab) else None); seen[lab] = 1
+                elif s['bound'] is not None:
+                    ax.scatter([at], [s['bound']], marker='v', s=90, facecolors='none', edgecolors=SERIES_COLORS[j], linewidths=1.6, zorder=4,
+                               label=f'{lab}: upper bound on the mean' if not seen.get(f'{lab}v') else None); seen[f'{lab}v'] = 1
+                got = [e['speedup'] for e in s['per_seed'].values() if e['speedup'] is not None]
+                cap = [e['bound'] for e in s['per_seed'].values() if e['speedup'] is None and e['bound'] is not None]
+                ax.scatter([at] * len(got), got, s=12, color=PALETTE['text'], zorder=3, label='one seed' if got and not seen.get('dot') else None); seen['dot'] = seen.get('dot') or bool(got)
+                ax.scatter([at] * len(cap), cap, marker='v', s=22, facecolors='none', edgecolors=PALETTE['text'], zorder=3,
+                           label='one seed: upper bound (never reached the target)' if cap and not seen.get('cap') else None); seen['cap'] = seen.get('cap') or bool(cap)
                 if x == 'tokens' and a in V:
                     r = V[a]; ax.errorbar([at], [r['effect']], yerr=[[r['effect'] - r['ci_lo']], [r['ci_hi'] - r['effect']]], fmt='none', ecolor=SERIES_COLORS[3],
                                           capsize=4, lw=1.6, zorder=4, label='engine: interval at its Holm level' if a == next(iter(V)) else None)
@@ -176,7 +182,7 @@ def speedup_chart(res:dict, path):
             if a in F: ax.scatter([i], [F[a]], marker='D', s=60, color=SERIES_COLORS[3], zorder=5, label="seed's factor" if a == next(k for k in arms if k in F) else None)
         ax.axhline(1.0, color=PALETTE['muted'], lw=1)
         ax.set_xticks(range(len(arms)), [L[a] for a in arms], rotation=12); ax.set_ylabel("speed-up to the baseline's bpb (×)")
-        ax.set_title('Speed-up per arm (bars: geometric mean; hatched: an upper bound, the target not reached)', loc='left'); ax.legend(loc='best', frameon=True, fontsize=8)
+        ax.set_title('Speed-up per arm (bars: geometric mean where every seed reached the target; ▽: an upper bound)', loc='left'); ax.legend(loc='best', frameon=True, fontsize=8)
         return save_figure(fig, path)
 
 def figures(res:dict, fig_dir) -> dict:
@@ -225,7 +231,7 @@ def paper(res:dict, figs:dict, path) -> Path:
                                                          row('LR scale', [s['lr_scale'] for s in st], digits=3)],
                       title='The curriculum', row_header='Sequence length', label='// Stages', id='stages',
                       caption=f"{pl['tokens_per_step']:,} tokens per step in every stage; stage k reads its own slice of the pool once (supra.experiments.curriculum.run.SliceStages).")
-    charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean (hatched: an upper bound); the red interval: the verdict engine's interval for a tested claim, at the level Holm tests it; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
+    charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean, drawn only where every seed reached the baseline's final bits/byte; hollow ▽: an upper bound, not a measurement (small: a seed that never reached it; large: the arm's mean when any seed did not); the red interval: the verdict engine's interval for a tested claim, at the level Holm tests it; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
     for a in sm['speedups']:
         charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb.'))
     t = sm['tokenizers']
