@@ -27,7 +27,9 @@ COLLAPSED_RANK = 8      # effective rank (90% of the variance) at or below this,
 COMPARED = ('analogy', 'cluster_gap', 'dir_consistency', 'word_order_sim', 'test_token_acc')
 INFORMATIVE_EM = 0.01  # test exact match at or below this: the model reconstructs (almost) no unseen sentence
 def _control(k) -> str: return 'train_token_acc' if k == 'test_token_acc' else f'{k}_train'   # a probe's twin on training vocabulary
-def _M(k) -> Metric: return Metric(k, 'score', k.removesuffix('_train') in LOWER_BETTER, label=LABELS[k])
+def _M(k) -> Metric:     # token accuracy is a fraction of tokens, shown in points; the geometry probes are cosine scores
+    acc = k.endswith('token_acc')
+    return Metric(k, 'points' if acc else 'score', k.removesuffix('_train') in LOWER_BETTER, 100.0 if acc else 1.0, label=LABELS[k])
 
 def collapsed(res:dict, arm) -> float | None:
     "The arm's mean effective rank (90%) when it is at or below COLLAPSED_RANK (a collapsed representation), else None."
@@ -106,7 +108,7 @@ def findings(res:dict) -> list[tuple[str, str]]:
         if r['kind'] != 'comparison': continue
         c = verdict_cells(r)
         out.append((LABELS[r['metric']], f"geometry on {_f(S['geometry'][r['metric']])} vs off {_f(S['no_geometry'][r['metric']])}: **{r['verdict']}**"
-                    + (f" — {r['direction']}" if r['direction'] else '') + f" (effect {c['effect']}, interval {c['interval']}, Holm p {c['p_adj']}"
+                    + (f" — {ARMS[r['a']].lower()} {'better' if ' better than ' in r['direction'] else 'worse'} than {ARMS[r['b']].lower()}" if r['direction'] else '') + f" (effect {c['effect']}, interval {c['interval']}, Holm p {c['p_adj']}"
                     + ('' if r['verdict'] == 'resolved' or r['mde'] is None else f"; could detect {c['mde']}") + ').'))
     return out
 

@@ -73,8 +73,8 @@ def findings(res:dict) -> list:
             drop = sum(l[0] - l[-1] for l in tail) / len(tail)
             why = (f" — plausibly because the loss is still falling when the run ends (the full stack's training loss drops {drop:.3f} nats over its last "
                    f"{len(tail[0])} steps, mean of its seeds), so weights averaged over the last steps lag the live ones")
-        out.append(('Where the deficit sits', f"the stack without {LABELS[t]} reaches {S[r['a']]['bpb']:.4f}, below the baseline's {b['bpb']:.4f}: switching off one technique turns the "
-                    f"baseline's win into a loss at this scale{why}. Descriptive only: no-{t} against the baseline is not a comparison the plan declared, so it is not tested here."))
+        out.append(('Where the deficit sits', f"the stack without {LABELS[t]} reaches {S[r['a']]['bpb']:.4f}, below the baseline's {b['bpb']:.4f}: with one technique switched off, the stack's mean "
+                    f"falls below the baseline's at this scale{why}. Descriptive only: no-{t} against the baseline is not a comparison the plan declared, so it is not tested here."))
     if sm.get('budget') and sm.get('pool'):
         bu, po = sm['budget'], sm['pool']
         steps = (f"every run trained exactly {bu['steps']:,} steps" if bu['same_steps'] else f"runs trained {', '.join(map(str, bu['steps_per_run']))} steps") \
@@ -90,7 +90,8 @@ def findings(res:dict) -> list:
                      ('reproduces every size to the byte)' if cs.get('all_module_exact') else '**does not reproduce every size**)')) +
                     f"; bits per byte re-computed from numpy-dequantised weights with a non-sliding cross-entropy: " +
                     (f"all {cb['n']} agree with Supra's scorer on the same windows within {cb['tol']:g} bpb (worst {cb['max_abs_diff']:.1e})" if cb['all_agree'] else f"**they differ** from Supra's scorer (worst {cb['max_abs_diff']:.2e} bpb, tolerance {cb['tol']:g})") +
-                    f"; disjoint windows of {cb['context']} tokens minus the headline's sliding windows: {cb['min_context_gain']:+.4f} to {cb['max_context_gain']:+.4f} bpb (positive: the extra context helps)."))
+                    f"; disjoint windows of {cb['context']} tokens minus the headline's sliding windows: {cb['min_context_gain']:+.4f} to {cb['max_context_gain']:+.4f} bpb (positive: the extra context helps"
+                    + ('; it does in every run' if cb['min_context_gain'] > 0 else '; not in every run') + ")."))
     out.append(('Artefact', f"full stack {f['artefact_bytes']:,.0f} B (code {f['code_bytes']:,.0f} B), baseline {b['artefact_bytes']:,.0f} B against a budget of "
                 f"{sm['byte_budget']:,} B: " + ('every run fits.' if sm['all_fit'] else '**some runs exceed it**.') +
                 f" Quantisation gap (bpb after − before): full {f['quant_gap']:+.4f}, baseline {b['quant_gap']:+.4f} (record: +{rec['quant_gap']})."))
@@ -179,7 +180,8 @@ def paper(res:dict, figs:dict, path) -> Path:
     why_seeds = (f"a pilot of {de['n1']} seeds for every arm ({', '.join(map(str, pl['seeds']))}), then, for each comparison, as many more as 80% power at "
         f"{de['target']:g} {de['unit']} needs given the pilot's spread of its per-seed differences, at α/{de['family_size']} (`supra.lab.verdict.stage2_for`, a rule fixed "
         f"before the run), at most {de['n_max']} in all: " + '; '.join(f"{col(a)} vs {col(b)} +{k}" for a, b, k in ((*c.split('|'), k) for c, k in de['need'].items())) +
-        f" (an arm runs the most any of its comparisons needs: " + ', '.join(f"{col(a)} {len(v)}" for a, v in seeds.items()) + "). Every arm runs the same seed numbers, so each "
+        f" (an arm runs the most any of its comparisons needs: " + ', '.join(f"{col(a)} {len(v)}" for a, v in seeds.items()) + "). The paper then judges every test at "
+        f"Holm's levels over its whole family of {len(verdicts(res))} (from α/{len(verdicts(res))}): stricter than the seeds were sized for. Every arm runs the same seed numbers, so each "
         "comparison is paired seed by seed (same initialisation, same data order); its test combines the two stages' own t statistics (inverse-normal, weights fixed "
         "by the plan), so choosing the count from the pilot costs no false positives. BLiMP and ARC-Easy are measured on the pilot's seeds only: " + downstream) if two else \
         (f"{fixed_design(de['n1'], de['n_max'])}, every arm on the same seeds {', '.join(map(str, seeds['full']))}, so each comparison is paired seed by seed (same "
@@ -212,9 +214,9 @@ def paper(res:dict, figs:dict, path) -> Path:
             chart(figs['bpb'], 'Bits per byte per arm', 'Mean over seeds; error bars ± one std.', label='// Charts', nav='Charts', id='charts'),
             chart(figs['curves'], 'Loss against the step' if bu['kind'] == 'steps' else 'Loss against training time', 'Baseline and full stack, every seed.'), abl, vt, chk, recs, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page.', tone='success')]),
-            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{de['n1']}–{max(len(v) for v in seeds.values())} per arm" if two else f"{len(seeds['full'])} per arm"), 'Budget': f"{bt} per run",
+            stats({'Hardware': hw, 'Preset · corpus': f"{res['preset']} · {res['corpus']}", 'Seeds': (f"{min(len(v) for v in seeds.values())}–{max(len(v) for v in seeds.values())} per arm" if two else f"{len(seeds['full'])} per arm"), 'Budget': f"{bt} per run",
                    'Compute': fmt_duration(res['compute']['wall_s'])})]
-    banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {S['full']['params']:,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
+    banner = None if res['preset'] == 'paper' else f"**Scale: `{res['preset']}` preset** — {min(s['params'] for s in S.values()):,.0f}–{max(s['params'] for s in S.values()):,.0f}-parameter models, {bt} per run on {hw}, against the record's 11L × 512 on 8×H100."
     return write_paper(path, dict(title='Parameter Golf', kicker='Experiment:', banner=banner, sections=secs,
                                   lede=f"The parameter-golf record's stack against a plain Llama with AdamW under {sm['byte_budget']:,} bytes and {bt} per run, "
                                        + ("every technique ablated." if not sm['not_ablated'] else f"{len(sm['ablated'])} of its {len(sm['techniques'])} techniques ablated.")))

@@ -127,11 +127,13 @@ def informative(res:dict, k:str) -> bool:
     return False
 
 def _floor_txt(res, k, f) -> str:
+    unit = ' points' if METRICS[k][1] == 'pct' else f' {UNITS[k]}' if k in UNITS else ''
     def one(t, x):
         better = (x['diff'] < 0) == (METRICS[k][2] == 'min')
         v = ('**beats it**' if better else '**worse**') if x['resolved'] else 'bounded'
         p = '' if x['p'] is None else f", Holm p {fmt_p(x['p'])}"
-        return f"{LABELS[t].lower()} {format(x['mean'], f)} ({v}, {format(x['diff'], '+' + f)}{p})"
+        s = 100.0 if unit == ' points' else 1.0       # an accuracy: its mean in %, its difference in points
+        return f"{LABELS[t].lower()} {format(x['mean'] * s, f)}{'%' if s == 100 else unit} ({v}, {format(x['diff'] * s, '+' + f)}{unit}{p})"
     return '; '.join(one(t, x) for t, x in vs_floor(res, k).items())
 
 def _neighbour(info:dict, k:int, step:float=2.0) -> dict | None:
@@ -179,14 +181,15 @@ def findings(res:dict) -> list:
                     + (_floor_verdict(res, k) if k == 'heldout_bpb' else '')))
     fast, slow = _best(res, 'samples_s'), min(TOPOLOGIES, key=lambda t: m('samples_s', t))
     sc = res['summary'].get('seed_reference', {}).get('samples_s')
-    seed_tp = f"; the seed reported ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} shallow-wide over deep-narrow on its GPU" if sc else ''
-    out.append(('Throughput', f"**{LABELS[fast].lower()}** trains fastest: {m('samples_s', fast):.1f} vs {m('samples_s', slow):.1f} samples/s for "
-                f"{LABELS[slow].lower()} (×{m('samples_s', fast) / m('samples_s', slow):.2f}{seed_tp}); {_lead(res, 'samples_s', fast)}."))
+    sw = m('samples_s', 'shallow-wide') / m('samples_s', 'deep-narrow')
+    seed_tp = f" (the seed: ×{sc['shallow-wide'] / sc['deep-narrow']:.2f} on its GPU; the direction is what transfers)" if sc else ''
+    out.append(('Throughput', f"highest mean for **{LABELS[fast].lower()}**: {m('samples_s', fast):.1f} samples/s, against {m('samples_s', slow):.1f} for "
+                f"{LABELS[slow].lower()}, the slowest; shallow & wide over deep & narrow ×{sw:.2f}{seed_tp}; {_lead(res, 'samples_s', fast)}."))
     ng = res['summary'].get('ngram') or {}
     if ng.get('heldout_bpb') is not None:
         out.append(('The n-gram floor', f"a Kneser–Ney trigram counted from the same pool scores {ng['heldout_bpb']:.4f} held-out bits/byte"
                     + (f" and BLiMP {ng['blimp']:.1%}" if ng.get('blimp') is not None else '') + f". Held-out bits/byte against it: {_floor_txt(res, 'heldout_bpb', '.4f')}."
-                    + (f" BLiMP against it: {_floor_txt(res, 'blimp', '.3f')}." if ng.get('blimp') is not None else '')))
+                    + (f" BLiMP against it: {_floor_txt(res, 'blimp', '.2f')}." if ng.get('blimp') is not None else '')))
     for k, name in [('arc_easy', 'ARC-Easy'), ('blimp', 'BLiMP')]:
         b, bl = _best(res, k), res['summary']['baselines'].get(k, {})
         base = f"chance {bl.get('chance', 0.25 if k == 'arc_easy' else 0.5):.0%}" + (f", majority {bl['majority']:.1%}" if bl.get('majority') is not None and bl['majority'] != bl.get('chance') else '')
@@ -356,7 +359,10 @@ def paper(res:dict, figs:dict, path) -> Path:
             stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Token pool': f'{fmt_int(n_tok)} tokens, 1 epoch',
                    'Seeds': seeds_text(res), 'LR walk': f"full length, seed {W.get('seed', '—')}, {sum(len(topo[t]['runs']) for t in TOPOLOGIES)} runs",
                    'Compute: train · LR walk · eval': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'lr_search_s', 'eval_s'))})]
+    D = res['summary']['design']; cap = D['n_max'] - D['n1']
+    power_txt = (f"the most the design allows, {D['n_max']}: power at a difference of {D['target']:g} {D['unit']} asked for at least {cap} more after the pilot of {D['n1']}"
+                 if D['need'] and max(D['need'].values()) >= cap else 'as many as power asked for')
     spec = dict(title='Hidden Topology — Depth vs. Width', kicker='Experiment #4:', banner=scale, sections=secs,
                 lede=(f"Three shapes with a similar parameter budget — deep & narrow, balanced, shallow & wide — trained on the same {fmt_int(n_tok)} unique tokens "
-                      f"of {res['corpus']}, each at its own learning rate chosen at full length on a seed of its own, then compared on {n_txt} other seeds (as many as power asked for), evaluated on WikiText, ARC-Easy, BLiMP and held-out text."))
+                      f"of {res['corpus']}, each at its own learning rate chosen at full length on a seed of its own, then compared on {n_txt} other seeds ({power_txt}), evaluated on WikiText, ARC-Easy, BLiMP and held-out text."))
     return write_paper(path, spec)
