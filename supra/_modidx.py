@@ -726,6 +726,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                'supra/experiments/topology/run.py'),
                                                 'supra.experiments.topology.run.curve_metrics': ( '10_experiments/topology_run.html#curve_metrics',
                                                                                                   'supra/experiments/topology/run.py'),
+                                                'supra.experiments.topology.run.loss_rise': ( '10_experiments/topology_run.html#loss_rise',
+                                                                                              'supra/experiments/topology/run.py'),
                                                 'supra.experiments.topology.run.lr_walk': ( '10_experiments/topology_run.html#lr_walk',
                                                                                             'supra/experiments/topology/run.py'),
                                                 'supra.experiments.topology.run.plan': ( '10_experiments/topology_run.html#plan',

@@ -50,7 +50,8 @@ def _claims(res:dict) -> list:
 def family(res:dict) -> list:
     """Every test this paper reports, one family for the verdict engine: the seed's claims; each pair of shapes on each tested metric
     that no claim already tests (paired: a seed fixes the data order every shape reads; BLiMP item by item, `item_pairs`) — ARC-Easy only where it is informative; and
-    each shape against the trigram counted from the same pool. Training-set losses are shown, not tested: held-out bits/byte asks the question."""
+    each shape against the trigram counted from the same pool, and on BLiMP against chance (the floor below the trigram). Training-set losses
+    are shown, not tested: held-out bits/byte asks the question."""
     cl = _claims(res); ng = res['summary'].get('ngram') or {}
     done = {(c.metric.name, frozenset((c.a, c.b))) for c in cl}
     ks = [k for k in TESTED if k in res['runs'][0] and (k != 'arc_easy' or informative(res, k))]
@@ -59,6 +60,8 @@ def family(res:dict) -> list:
     out = cl + [pair(k, a, b) for k in ks for i, a in enumerate(TOPOLOGIES) for b in TOPOLOGIES[i + 1:] if (k, frozenset((a, b))) not in done]
     out += [Versus(_metric(k), t, float(ng[k]), 'the trigram', value_se=ng.get(f'{k}_stderr') if k == 'blimp' else None,
                    label=f"{_metric(k).label}: {LABELS[t].lower()} vs the trigram") for k in ('heldout_bpb', 'blimp') if ng.get(k) is not None for t in TOPOLOGIES]
+    ch = res['summary']['baselines'].get('blimp', {}).get('chance')
+    out += [Versus(_metric('blimp'), t, float(ch), 'chance', label=f"{_metric('blimp').label}: {LABELS[t].lower()} vs chance") for t in TOPOLOGIES if ch is not None and 'blimp' in res['runs'][0]]
     return out
 
 def _rows(res) -> list[dict]:
@@ -140,10 +143,10 @@ def _neighbour(info:dict, k:int, step:float=2.0) -> dict | None:
     "The LR-walk run at the chosen LR × step^k, or None when the walk did not run it."
     return next((r for r in info['runs'] if math.isclose(r['lr'], info['lr'] * step ** k, rel_tol=1e-6)), None)
 
-SPIKE_NATS = 0.1   # a rise of the training loss above its first step's (≈ ln V at init) larger than the first steps' own jitter: a spike
+SPIKE_NATS = 0.1   # a rise of the training loss (its moving average) above its lowest so far larger than this: a spike (`run.loss_rise`; healthy runs < 0.01)
 
 def _spikes(res) -> str:
-    "Every run whose training loss rose more than SPIKE_NATS above its first step's — a spike — and every LR-walk run that diverged, named."
+    "Every run whose training loss rose more than SPIKE_NATS above its lowest so far — a spike — and every LR-walk run that diverged, named."
     up = [f"{LABELS[r['arm']].lower()} seed {r['seed']} +{r['spike']:.2f}" for r in res['runs'] if (r.get('spike') or 0) > SPIKE_NATS]
     walk = [f"{LABELS[t].lower()} at {x['lr']:.2e} " + ('diverged' if x['diverged'] else f"spiked +{x['spike']:.2f}")
             for t in TOPOLOGIES for x in res['summary']['topologies'][t]['runs'] if x['diverged'] or (x['spike'] or 0) > SPIKE_NATS]
@@ -193,8 +196,10 @@ def findings(res:dict) -> list:
     for k, name in [('arc_easy', 'ARC-Easy'), ('blimp', 'BLiMP')]:
         b, bl = _best(res, k), res['summary']['baselines'].get(k, {})
         base = f"chance {bl.get('chance', 0.25 if k == 'arc_easy' else 0.5):.0%}" + (f", majority {bl['majority']:.1%}" if bl.get('majority') is not None and bl['majority'] != bl.get('chance') else '')
+        vc = {r['a']: r for r in verdicts(res) if r['kind'] == 'versus' and r['metric'] == k and r['b'] == 'chance'}
+        ch = '' if not vc else '; against chance, item by item: ' + '; '.join(f"{LABELS[t].lower()} {verdict_cells(r)['effect']} ({r['verdict']}, Holm p {verdict_cells(r)['p_adj']})" for t, r in vc.items())
         out.append((name, f"best mean {m(k, b):.1%} ({LABELS[b].lower()}) against {base}"
-                    + ('' if informative(res, k) else ' — **uninformative at this scale**: no shape beats the larger baseline by two stderr') + f"; {_lead(res, k, b)}."))
+                    + ('' if informative(res, k) else ' — **uninformative at this scale**: no shape beats the larger baseline by two stderr') + f"{ch}; {_lead(res, k, b)}."))
     topo, ref, W = res['summary']['topologies'], res['summary'].get('seed_reference', {}), res['summary'].get('lr_walk', {})
     def walk(t):
         x = topo[t]; nb = [(k, _neighbour(x, k, W.get('step', 2.0))) for k in (-1, 1)]

@@ -20,8 +20,8 @@ from ...train.runlog import RunLog
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'TOPOLOGIES', 'LABELS', 'SHAPES', 'PARAMS', 'PLAN_DEFAULTS', 'EVAL_TASKS', 'SELECT_SEED',
            'LR_STEP', 'TARGET', 'STAGED', 'METRICS', 'TESTED', 'FIELDS', 'FLOOR_ORDER', 'SEED_REFERENCE',
-           'topology_configs', 'TopologyPlan', 'plan', 'lr_walk', 'curve_metrics', 'walk_score', 'choose_lrs',
-           'train_and_evaluate', 'second_stage', 'summarize', 'run']
+           'topology_configs', 'TopologyPlan', 'plan', 'lr_walk', 'loss_rise', 'curve_metrics', 'walk_score',
+           'choose_lrs', 'train_and_evaluate', 'second_stage', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #aea35349
 NAME, TITLE = 'topology', 'Hidden topology: depth vs width'
@@ -93,9 +93,17 @@ def lr_walk(score, max_runs:int) -> tuple[int, dict]:
         s[nxt[0]] = score(nxt[0])
     return min(s, key=s.get), s
 
+# %% ../../../nbs/10_experiments/02_topology_run.ipynb #56bc9db3
+def loss_rise(loss, window:int=20) -> float:
+    "The largest rise of `loss`'s moving average (over `window` steps, at most a quarter of the run) above its lowest value so far."
+    l = np.asarray(loss, float); w = max(1, min(window, len(l) // 4))
+    if len(l) < 2: return 0.0
+    s = np.convolve(l, np.ones(w) / w, mode='valid')
+    return float((s - np.minimum.accumulate(s)).max())
+
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #61be9ba9
 def curve_metrics(run_dir, batch_size:int, seq_len:int) -> dict:
-    "Step loss, train loss (mean over all steps), throughput, the largest rise above the first loss, the loss curve and the held-out curve of a run."
+    "Step loss, train loss (mean over all steps), throughput, the largest rise of the loss (`loss_rise`), the loss curve and the held-out curve of a run."
     log = RunLog(run_dir); log.poll()
     steps, loss = log.series('loss'); _, tok_s = log.series('tok_s'); _, tokens = log.series('tokens')
     ok = np.isfinite(loss) & np.isfinite(tok_s) & (tok_s > 0) if len(tok_s) == len(loss) else np.zeros(len(loss), bool)
@@ -106,7 +114,7 @@ def curve_metrics(run_dir, batch_size:int, seq_len:int) -> dict:
     (es, hl), (_, bpb) = (next(iter(log.eval_series(k).values()), (np.zeros(0), np.zeros(0))) for k in ('heldout_loss', 'bpb'))
     return dict(step_loss=float(loss[-1]), train_loss=float(loss.mean()), steps=int(steps[-1]), tokens=int(tokens[-1]), train_s=train_s,
                 samples_s=len(loss) * batch_size / train_s, tokens_s=len(loss) * step_tok / train_s,
-                spike=float(loss[1:].max() - loss[0]) if len(loss) > 1 else 0.0,
+                spike=loss_rise(loss),
                 curve=dict(step=steps.astype(int).tolist(), loss=loss.tolist(), heldout=dict(step=es.astype(int).tolist(), loss=hl.tolist(), bpb=bpb.tolist())))
 
 # %% ../../../nbs/10_experiments/02_topology_run.ipynb #a8d93b7c
@@ -169,7 +177,7 @@ def choose_lrs(p:TopologyPlan, pool) -> dict:
                 runs[k] = dict(lr=lr, heldout_loss=None, bpb=None, diverged=str(e)[:300], spike=None, train_s=None); return math.inf
             h = walk_score(p, pool, r['checkpoint'], texts)
             runs[k] = dict(lr=lr, heldout_loss=h['loss'], bpb=h['bpb'], diverged=None, spike=m['spike'], train_s=m['train_s'])
-            say(f"[topology] LR walk {t}: lr {lr:.2e} → held-out loss {h['loss']:.4f}" + (f" (loss spiked +{m['spike']:.2f} above its start)" if m['spike'] > 0 else ''))
+            say(f"[topology] LR walk {t}: lr {lr:.2e} → held-out loss {h['loss']:.4f}" + (f" (loss rose +{m['spike']:.2f} above its lowest)" if m['spike'] > 0.1 else ''))
             return h['loss']
         best, _ = lr_walk(score, p.max_lr_runs)
         check(runs[best]['heldout_loss'] is not None, 'base_lr', p.base_lr,
@@ -196,7 +204,7 @@ def train_and_evaluate(p:TopologyPlan, pool, chosen:dict, seeds=None, stage:int=
                              **{f'blimp_{f}': em['blimp_fields'].get(f) for f in BLIMP_FIELDS},
                              baselines=task_baselines(ev), checkpoint=rel(r['checkpoint'], p.out_dir), run_dir=rel(d, p.out_dir)))
             say(f"[topology] {t} seed {seed}: held-out bpb {rows[-1]['heldout_bpb']:.4f} · word PPL {rows[-1]['wikitext_word_ppl']:.1f} · {m['samples_s']:.1f} samples/s"
-                + (f" · loss spiked +{m['spike']:.2f} above its start" if m['spike'] > 0 else ''))
+                + (f" · loss rose +{m['spike']:.2f} above its lowest" if m['spike'] > 0.1 else ''))
     return rows
 
 def second_stage(p:TopologyPlan, rows:list[dict]) -> tuple[dict, dict]:
