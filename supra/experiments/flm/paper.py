@@ -108,7 +108,7 @@ def findings(res:dict) -> list[tuple[str, str]]:
         if r['kind'] != 'comparison': continue
         c = verdict_cells(r)
         out.append((LABELS[r['metric']], f"geometry on {_f(S['geometry'][r['metric']])} vs off {_f(S['no_geometry'][r['metric']])}: **{r['verdict']}**"
-                    + (f" — {ARMS[r['a']].lower()} {'better' if ' better than ' in r['direction'] else 'worse'} than {ARMS[r['b']].lower()}" if r['direction'] else '') + f" (effect {c['effect']}, interval {c['interval']}, Holm p {c['p_adj']}"
+                    + (f" — {ARMS[r['a']].lower()} {'better' if (r['effect'] < 0) == _M(r['metric']).lower_is_better else 'worse'} than {ARMS[r['b']].lower()}" if r['direction'] else '') + f" (effect {c['effect']}, interval {c['interval']}, Holm p {c['p_adj']}"
                     + ('' if r['verdict'] == 'resolved' or r['mde'] is None else f"; could detect {c['mde']}") + ').'))
     return out
 
