@@ -250,7 +250,9 @@ def paper(res:dict, figs:dict, path) -> Path:
         "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts.",
         f"FP8: {sm['fp8']['reason']}." if not sm['fp8']['available'] else 'FP8: measured on this GPU (supra.model.fp8).'],
         [*filter(None, [design_finding(res)]),
-         ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned."),
+         ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned. "
+                            f"The curriculum is the seed's recipe, which also scales the LR across its stages ({pl['lr_floor']} → 1): its speed-up is the recipe's, "
+                            "sequence length and that LR ramp together — an arm with the ramp alone, or the curriculum at a flat LR scale, would separate them."),
          ('Equal tokens', 'every arm sees the same number of training tokens; for SuperBPE that is more text, which is the claim.'),
          ('Scale', 'a small model on a small pool: speed-ups at this scale need not transfer to the seed\'s 197M model on a GPU.')],
         label='// Method', nav='Method', id='method')

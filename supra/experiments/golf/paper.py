@@ -72,7 +72,8 @@ def findings(res:dict) -> list:
             tail = [[row[-1] for row in c[-max(2, len(c) // 10):]] for c in res['curves']['full'].values()]
             drop = sum(l[0] - l[-1] for l in tail) / len(tail)
             why = (f" — plausibly because the loss is still falling when the run ends (the full stack's training loss drops {drop:.3f} nats over its last "
-                   f"{len(tail[0])} steps, mean of its seeds), so weights averaged over the last steps lag the live ones")
+                   f"{len(tail[0])} steps, mean of its seeds), so weights averaged over the last steps lag the live ones (EMA decay {SCALE[res['preset']]['ema']} here, a horizon of "
+                   f"≈{1 / (1 - SCALE[res['preset']]['ema']):.0f} steps, against the record's 0.997 over its {rec['steps']:,} steps)")
         out.append(('Where the deficit sits', f"the stack without {LABELS[t]} reaches {S[r['a']]['bpb']:.4f}, below the baseline's {b['bpb']:.4f}: with one technique switched off, the stack's mean "
                     f"falls below the baseline's at this scale{why}. Descriptive only: no-{t} against the baseline is not a comparison the plan declared, so it is not tested here."))
     if sm.get('budget') and sm.get('pool'):
