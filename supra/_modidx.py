@@ -412,6 +412,8 @@ d = { 'settings': {'branch': 'main', 'doc_baseurl': '/', 'doc_host': '', 'git_ur
                                                                                                     'supra/experiments/curriculum/paper.py'),
                                                     'supra.experiments.curriculum.paper.findings': ( '10_experiments/curriculum_paper.html#findings',
                                                                                                      'supra/experiments/curriculum/paper.py'),
+                                                    'supra.experiments.curriculum.paper.floor_finding': ( '10_experiments/curriculum_paper.html#floor_finding',
+                                                                                                          'supra/experiments/curriculum/paper.py'),
                                                     'supra.experiments.curriculum.paper.lr_finding': ( '10_experiments/curriculum_paper.html#lr_finding',
                                                                                                        'supra/experiments/curriculum/paper.py'),
                                                     'supra.experiments.curriculum.paper.paper': ( '10_experiments/curriculum_paper.html#paper',

@@ -65,7 +65,12 @@ def test_results_complete_and_consistent(smoke):
     from supra.lab.verdict import staged
     two = staged(len(seeds), d['n_max'])                                 # the smoke preset's pilot of 2: one fixed design of 4
     assert V['Sequence-length curriculum']['n'] == len(seeds) + d['n2'] and ('two stages' in V['Sequence-length curriculum']['test']) == two
-    assert sum(r['p'] is not None for r in V.values()) == d['family_size']   # the family the power rule assumed
+    assert sum(r['p'] is not None for r in verdicts(res)) == d['family_size']   # the family the power rule assumed
+    ng = sm['ngram']                                                      # the floor: a trigram counted from the baseline's pool, on the same text
+    assert ng['order'] == 3 and ng['tokenizer'] == 'bpe' and _finite(ng['heldout_bpb']) and ng['heldout_bpb'] > 0
+    fl = [r for r in verdicts(res) if r['kind'] == 'versus']              # each arm on that pool tested against it, none on SuperBPE's
+    assert {r['a'] for r in fl} == {'baseline', 'curriculum', 'factorised', 'gqa'} and {r['reference'] for r in fl} == {ng['heldout_bpb']}
+    for r in fl: assert math.isclose(r['effect'], np.mean([x['final_bpb'] for x in res['runs'] if x['arm'] == r['a']]) - ng['heldout_bpb'], abs_tol=1e-9)
     t = sm['tokenizers']
     assert t['bpe']['chars'] == t['superbpe']['chars'] and _finite(t['superbpe']['chars_per_token'])   # the same held-out text
     assert set(sm['multiply']['tokens']) >= {'ratio', 'product', 'together', 'per_seed'} and 'verdict' not in sm['multiply']['tokens']
@@ -74,12 +79,12 @@ def test_results_complete_and_consistent(smoke):
 def test_paper(smoke):
     page, res = html.unescape(smoke['page']), smoke['results']
     for s in ("The seed's claims", 'Do the factors multiply?', 'not testable here', 'Each arm against the baseline', 'Every arm at equal tokens', 'The curriculum', 'CUDA',
-              "checked at its batch", 'Seeds, one fixed design', 'one fixed design of 4 seeds'):
+              "checked at its batch", 'Seeds, one fixed design', 'one fixed design of 4 seeds', "Each arm against the trigram counted from the baseline's pool", 'The n-gram floor'):
         assert s in page, s
     assert smoke['page'].count('data:image/svg+xml;base64,') == len(res['summary']['speedups']) + 1
     assert '<script' not in smoke['page'] and 'smoke' in page
     b = next(a for a in res['summary']['by_arm'] if a['arm'] == 'baseline')
-    assert f"{b['final_bpb']:.4f}" in page                                # numbers come from results.json
+    assert f"{b['final_bpb']:.4f}" in page and f"{res['summary']['ngram']['heldout_bpb']:.4f}" in page   # numbers come from results.json
 
 def curriculum_run(mcfg:str, tcfg:str, pool_file, out):
     "The experiment's own train_run with the curriculum (SliceStages) and the held-out hook on a toy pool: the run killed with SIGKILL below."

@@ -7,12 +7,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from ...lab.verdict import Metric, Comparison, Claim, judge, verdict_cells, judged_once, staged
+from ...lab.verdict import Metric, Comparison, Claim, Versus, judge, verdict_cells, judged_once, staged
 from ...lab.arms import fixed_design
 
 # %% auto #0
-__all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'design_finding', 'findings', 'claim_chart',
-           'speedup_chart', 'figures', 'paper']
+__all__ = ['SPEED', 'BPB', 'SAME_POOL', 'family', 'verdicts', 'lr_finding', 'floor_finding', 'design_finding', 'findings',
+           'claim_chart', 'speedup_chart', 'figures', 'paper']
 
 # %% ../../../nbs/10_experiments/07_curriculum_paper.ipynb #7691d88c
 SPEED = Metric('speedup', '×', lower_is_better=False, label="speed-up to the baseline's final bits/byte (training tokens)")
@@ -33,7 +33,8 @@ def _rows(res) -> list[dict]:
 def family(res:dict) -> list:
     """The paper's tests for the verdict engine: the seed's speed-up factors (tested as ratios on the log scale; SuperBPE's is not
     testable at this vocabulary, and neither is the product that includes it), the 'no cost' claims of factorised embeddings and GQA
-    (a claim of no change: bounded at best), and every arm's final bits/byte against the baseline."""
+    (a claim of no change: bounded at best), every arm's final bits/byte against the baseline, and each arm on the baseline's pool against
+    the trigram counted from it (a one-sample test of the seeds against the floor's value: counting has no seed noise)."""
     sm = res['summary']; F = sm['seed_reference']['factors']; tk = sm['tokenizers']; V = res['data']['vocab_size']
     comp = tk['superbpe']['chars_per_token'] / tk['bpe']['chars_per_token']
     why = (f"SuperBPE compresses only ×{comp:.2f} at vocabulary {V:,} (characters per token against byte-level BPE on the held-out text), so it "
@@ -49,6 +50,9 @@ def family(res:dict) -> list:
                                                                     ('gqa', 'GQA 6:1 saves KV cache at no cost (final bits/byte)')) if a in arms]
     out += [Comparison(BPB, a, 'baseline', paired=a in SAME_POOL, label=f"{sm['labels'][a]} vs baseline: final bits/byte") for a in arms
             if a not in ('factorised', 'gqa')]      # those two are the 'no cost' claims above: one test each, not two
+    if (ng := sm.get('ngram')):             # the SuperBPE arms read another pool, which this floor was not counted from
+        out += [Versus(BPB, a, float(ng['heldout_bpb']), 'the trigram', label=f"{sm['labels'][a]} vs the trigram: final bits/byte")
+                for a in ('baseline', *SAME_POOL) if a in sm['labels']]
     return out
 
 @judged_once
@@ -85,6 +89,19 @@ def lr_finding(res:dict) -> tuple[str, str] | None:
             + (' (the preset\'s)' if lc['chosen'] == lc['base_lr'] else f" (×{lc['chosen'] / lc['base_lr']:g} the preset's {lc['base_lr']:.2g})")
             + f". At that LR the baseline's {len(b)} seeds end at {', '.join(f'{v:.3f}' for v in b)} bits/byte (range {b[-1] - b[0]:.3f})." + why)
 
+def floor_finding(res:dict) -> tuple[str, str] | None:
+    "Each arm on the baseline's pool against the n-gram floor, as the engine decides it (positive effect: worse than counting)."
+    ng = res['summary'].get('ngram')
+    if not ng: return None
+    L = res['summary']['labels']
+    R = [r for r in verdicts(res) if r['kind'] == 'versus']
+    worse = [r for r in R if r['verdict'] == 'resolved' and r['effect'] > 0]; better = [r for r in R if r['verdict'] == 'resolved' and r['effect'] < 0]
+    lead = (f'**all {len(R)} arms on that pool are worse than counting**' if len(worse) == len(R) else f'**all {len(R)} arms on that pool beat counting**' if len(better) == len(R) else
+            f"{len(better)} of {len(R)} arms beat it, {len(worse)} {'is' if len(worse) == 1 else 'are'} worse, the rest bounded")
+    each = '; '.join(f"{L[r['a']].lower()} {ng['heldout_bpb'] + r['effect']:.4f} ({verdict_cells(r)['effect']}, Holm p {verdict_cells(r)['p_adj']}, {r['verdict']})" for r in R)
+    return ('The n-gram floor', f"a Kneser–Ney {ng['order']}-gram counted from the baseline's pool scores {ng['heldout_bpb']:.4f} bits/byte on the same held-out text: "
+            f"{lead} at this scale — {each}. The SuperBPE arms read another pool and are not tested against it.")
+
 def design_finding(res:dict) -> tuple[str, str] | None:
     "How many seeds each arm got, and why."
     d = res['summary'].get('design')
@@ -117,6 +134,7 @@ def findings(res:dict) -> list:
                         f"{len(same)} seeds — {ev}; "
                         f"speed-up to the baseline's bpb in training tokens {_sp(sp['tokens'])}."))
     if (lr := lr_finding(res)): out.append(lr)             # the seed design is the Method's (design_finding), stated once
+    if (fl := floor_finding(res)): out.append(fl)
     m = sm['multiply']['tokens']
     out.append(('Do the factors multiply?', "**not testable here**: the seed's product includes SuperBPE's ×1.6, which this vocabulary cannot test"
                 + (f"; measured, curriculum and SuperBPE together give ×{m['together']:.2f} against ×{m['product']:.2f} for the product of each alone "
@@ -143,6 +161,8 @@ def claim_chart(res:dict, arm:str, path):
             for a, col in (('baseline', SERIES_COLORS[0]), (arm, SERIES_COLORS[1])):
                 for i, c in enumerate(C[a].values()): ax.plot(c[x], c['bpb'], color=col, alpha=0.85, lw=1.6, label=L[a] if i == 0 else None)
             ax.axhline(target, color=PALETTE['muted'], ls='--', lw=1, label="baseline's final bpb")
+            if (ng := res['summary'].get('ngram')) and 'superbpe' not in arm:
+                ax.axhline(ng['heldout_bpb'], color=PALETTE['text'], ls=':', lw=1.2, label=f"trigram floor ({ng['heldout_bpb']:.3f})")
             st = next(iter(C[arm].values())).get('stages') or []
             for s in st[1:]:
                 at = np.mean([next(z for z in c['stages'] if z['at_step'] == s['at_step'])[x] for c in C[arm].values()])
@@ -207,14 +227,17 @@ def paper(res:dict, figs:dict, path) -> Path:
     arms = list(sm['labels'])
     V = verdicts(res)
     claim_tab = verdict_table([r for r in V if r['kind'] == 'claim'], title="The seed's claims", label='// Claims', nav='Claims', id='claims')
-    cost_tab = verdict_table([r for r in V if r['kind'] != 'claim'], title='Each arm against the baseline', label='// Costs', nav='Costs', id='costs')
+    cost_tab = verdict_table([r for r in V if r['kind'] == 'comparison'], title='Each arm against the baseline', label='// Costs', nav='Costs', id='costs')
+    ng = sm.get('ngram')
+    floor_tab = verdict_table([r for r in V if r['kind'] == 'versus'], title="Each arm against the trigram counted from the baseline's pool", label='// Floor', nav='Floor', id='floor') if ng else None
     col = lambda k: [A[a][k] for a in arms]; sd = lambda k: [A[a][f'{k}_std'] for a in arms]
-    arm_tab = table([L[a] for a in arms], [row('Held-out bits per byte (↓)', col('final_bpb'), sd('final_bpb'), digits=4, best='min'),
+    arm_tab = table([L[a] for a in arms], [row('Held-out bits per byte (↓)', col('final_bpb'), sd('final_bpb'), digits=4, best='min', **({'trigram': ng['heldout_bpb']} if ng else {})),
                                           row('Parameters', col('params'), fmt='int'), row('KV-cache entries per token', col('kv_per_token'), fmt='int'),
                                           row('Characters per token (held-out text)', col('chars_per_token'), digits=3),
                                           row('Training time', col('train_s'), sd('train_s'), fmt='dur'), row('Training tokens/s', col('tok_s'), sd('tok_s'), digits=0, best='max')],
-                    title='Every arm at equal tokens', label='// Arms', nav='Arms', id='arms',
-                    caption=f"Mean ± standard deviation over each arm's seeds ({'; '.join(f'{L[a]} {len(v)}' for a, v in sm['design']['seeds'].items())}); every arm trains on {fmt_int(res['data']['n_tokens'] - 1)} tokens of its pool.")
+                    title='Every arm at equal tokens', label='// Arms', nav='Arms', id='arms', baselines=('trigram',) if ng else (),
+                    caption=f"Mean ± standard deviation over each arm's seeds ({'; '.join(f'{L[a]} {len(v)}' for a, v in sm['design']['seeds'].items())}); every arm trains on {fmt_int(res['data']['n_tokens'] - 1)} tokens of its pool."
+                            + (f" Trigram: an interpolated Kneser–Ney {ng['order']}-gram counted from the baseline's pool, scored on the same held-out text — the floor of counting." if ng else ''))
     m = sm['multiply']
     mult = table(['each alone: product', 'together', 'together ÷ product', 'seeds'],
                  [row(f'{lab}', ['—' if m[x]['product'] is None else f"×{m[x]['product']:.2f}", '—' if m[x]['together'] is None else f"×{m[x]['together']:.2f}",
@@ -237,7 +260,8 @@ def paper(res:dict, figs:dict, path) -> Path:
                       caption=f"{pl['tokens_per_step']:,} tokens per step in every stage; stage k reads its own slice of the pool once (supra.experiments.curriculum.run.SliceStages).")
     charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean, drawn only where every seed reached the baseline's final bits/byte; hollow ▽: an upper bound, not a measurement (small: a seed that never reached it; large: the arm's mean when any seed did not); the red interval: the verdict engine's interval for a tested claim, at the level Holm tests it; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
     for a in sm['speedups']:
-        charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb.'))
+        charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb'
+                            + ('; dotted: the trigram counted from the baseline\'s pool.' if ng and 'superbpe' not in a else '.')))
     t = sm['tokenizers']
     method = prose('Method', [
         f"One decoder-only transformer ({pl['n_layer']} layers × {pl['d_model']}, {pl['n_head']} heads, RMSNorm, RoPE, SwiGLU, tied embeddings), vocabulary "
@@ -247,7 +271,9 @@ def paper(res:dict, figs:dict, path) -> Path:
         f"(its own pool of the same size), factorised embeddings tied in and out (rank {pl['embed_rank']}), or GQA ({pl['n_head']} query heads : {pl['n_head'] // pl['kv_ratio']} KV head).",
         f"Held-out bits-per-byte every few steps on the same {res['data']['heldout_chars']:,} characters of held-out text for every tokenizer "
         f"(SuperBPE {t['superbpe']['chars_per_token']:.3f}, BPE {t['bpe']['chars_per_token']:.3f} characters per token), in windows of the full context. "
-        "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts.",
+        "Training time is step time only: evaluation and checkpoints excluded, and every batch shape run once untimed before the clock starts."
+        + (f" The floor: an interpolated Kneser–Ney {ng['order']}-gram counted from the baseline's pool (supra.eval.floors), scored on the same held-out documents; "
+           "each arm on that pool is tested against it by a one-sample t over its seeds, in the paper's one family." if ng else ''),
         f"FP8: {sm['fp8']['reason']}." if not sm['fp8']['available'] else 'FP8: measured on this GPU (supra.model.fp8).'],
         [*filter(None, [design_finding(res)]),
          ('Learning rate', f"every arm at the LR the baseline's check chose ({sm['lr_check']['chosen']:.2g}), so each arm changes one thing at the baseline's best LR; the curriculum is not tuned. "
@@ -258,7 +284,7 @@ def paper(res:dict, figs:dict, path) -> Path:
         label='// Method', nav='Method', id='method')
     scale = None if pname == 'paper' else (f"**Scale: `{pname}` preset.** {pl['n_layer']}×{pl['d_model']} model, {fmt_int(res['data']['n_tokens'] - 1)} tokens per run, "
                                            f"curriculum {st[0]['seq_len']} → {st[-1]['seq_len']} (the seed's 8 → 2048), {sm['design']['n1']}–{max(len(v) for v in sm['design']['seeds'].values())} seeds per arm, {hw}.")
-    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, cost_tab, arm_tab, *([lr_tab] if lr_tab else []), mult, *charts, stage_tab, method,
+    secs = [findings_(findings(res), title='What the runs show', label='// Core_Learnings', nav='Findings'), claim_tab, cost_tab, *([floor_tab] if floor_tab else []), arm_tab, *([lr_tab] if lr_tab else []), mult, *charts, stage_tab, method,
             links([dict(title='results.json', path=Path(pl['out_dir']) / 'results.json', desc='Every number on this page, with every run\'s held-out curve.', tone='success')]),
             stats({'Hardware': hw, 'Preset · corpus': f"{pname} · {res['corpus']}", 'Seeds': ', '.join(map(str, sorted({r['seed'] for r in res['runs']}))), 'Arms': ', '.join(L[a] for a in arms),
                    'Compute: train · wall': ' · '.join(fmt_duration(res['compute'][k]) for k in ('train_s', 'wall_s'))})]

@@ -18,10 +18,10 @@ from ...lab.arms import seed_plan
 
 # %% auto #0
 __all__ = ['NAME', 'TITLE', 'QUESTION', 'ARMS', 'LABELS', 'ARM_SPECS', 'SEED_REFERENCE', 'SCALE', 'LR_GRID', 'SELECT_SEED',
-           'STAGED', 'TARGET', 'FAMILY', 'PARAMS', 'METRICS', 'curriculum_stages', 'SliceStages', 'CurriculumPlan',
-           'plan', 'heldout_texts', 'make_hook', 'train_run', 'read_curve', 'cost_to', 'seed_speedups', 'speedup_means',
-           'interaction', 'kv_per_token', 'train_one', 'lr_check', 'train_arms', 'log_speedups', 'second_stage',
-           'summarize', 'run']
+           'STAGED', 'TARGET', 'FAMILY', 'FLOOR_ORDER', 'PARAMS', 'METRICS', 'curriculum_stages', 'SliceStages',
+           'CurriculumPlan', 'plan', 'heldout_texts', 'make_hook', 'train_run', 'read_curve', 'cost_to',
+           'seed_speedups', 'speedup_means', 'interaction', 'kv_per_token', 'train_one', 'lr_check', 'train_arms',
+           'log_speedups', 'second_stage', 'summarize', 'run']
 
 # %% ../../../nbs/10_experiments/06_curriculum_run.ipynb #990f6ce3
 NAME, TITLE = 'curriculum', 'The efficiency stack, measured: curriculum, SuperBPE, factorised embeddings, GQA, FP8'
@@ -53,7 +53,8 @@ LR_GRID = (0.5, 1.0, 2.0)      # the baseline's LR checked at ×½, ×1 and ×2 
 SELECT_SEED = 99                # a seed used only to choose the LR: the comparisons never see it
 STAGED = ('baseline', 'curriculum')   # the arms of the question that sets the seeds: the curriculum's speed-up
 TARGET = math.log(1.5)          # the speed-up the second stage is powered (80%) to detect, on the log scale
-FAMILY = 6                      # testable tests in the paper's family (supra.experiments.curriculum.paper.family): the power rule's α/m
+FAMILY = 10                     # testable tests in the paper's family (supra.experiments.curriculum.paper.family): the power rule's α/m
+FLOOR_ORDER = 3                 # the n-gram floor: a Kneser–Ney trigram counted from the baseline's (BPE) pool
 PARAMS = dict(preset='auto', corpus='wikipedia-en', seeds=None, device='auto', out_dir='outputs/curriculum', paper='papers/curriculum.html')
 
 # %% ../../../nbs/10_experiments/06_curriculum_run.ipynb #d476e827
@@ -280,15 +281,15 @@ def second_stage(p:CurriculumPlan, curves:dict) -> int:
     return room if d1 is None else stage2_for(d1, TARGET, p.n_max, FAMILY)
 
 # %% ../../../nbs/10_experiments/06_curriculum_run.ipynb #736d14ae
-def summarize(p:CurriculumPlan, rows:list[dict], curves:dict, stats:dict, lr:dict) -> dict:
-    "Seed summaries per arm, per-seed speed-ups (with descriptive means), the interaction's per-seed ratios, the LR check and the seed design — measurements only."
+def summarize(p:CurriculumPlan, rows:list[dict], curves:dict, stats:dict, lr:dict, ngram:dict|None=None) -> dict:
+    "Seed summaries per arm, per-seed speed-ups (with descriptive means), the interaction's per-seed ratios, the LR check, the seed design and the n-gram floor — measurements only."
     arms = [a for a in p.arms if a != 'baseline']
     raw = {a: seed_speedups(curves['baseline'], curves[a]) for a in arms}
     sp = {a: {x: speedup_means(v) | dict(per_seed=v) for x, v in raw[a].items()} for a in arms}
     sm = dict(by_arm=group_summary(rows, 'arm', METRICS), speedups=sp,
               multiply={x: interaction(raw, 'curriculum', 'superbpe', 'superbpe-curriculum', x) for x in ('tokens', 'train_s')},
               tokenizers=stats, stages=[dataclasses.asdict(s) for s in p.stages], seed_reference=SEED_REFERENCE, labels={a: LABELS[a] for a in p.arms},
-              fp8=dict(available='fp8' in p.arms, reason=p.fp8_reason or 'measured'), lr_check=lr,
+              fp8=dict(available='fp8' in p.arms, reason=p.fp8_reason or 'measured'), lr_check=lr, ngram=ngram,
               design=dict(n1=len(p.seeds), n_max=p.n_max, n2=sum(r['stage'] == 2 for r in rows if r['arm'] == STAGED[0]), staged=list(STAGED),
                           target=math.exp(TARGET), family_size=FAMILY, power=0.8, seeds={a: sorted({r['seed'] for r in rows if r['arm'] == a}) for a in p.arms}))
     base = next(a for a in sm['by_arm'] if a['arm'] == 'baseline')
@@ -299,6 +300,7 @@ def run(p:CurriculumPlan) -> dict:
     "The whole experiment: pools → the baseline's LR check → the pilot → the second stage → the results envelope (not yet written)."
     from supra.data.pool import build_pool
     from supra.data.tokenizers import encoding_stats
+    from supra.eval.floors import ngram_floor_eval
     t0 = time.perf_counter()
     say(f"[curriculum] plan: preset {p.preset.name} · {p.corpus} · seeds {list(p.seeds)} ({seed_plan(len(p.seeds), p.n_max)} for {', '.join(STAGED)}) · arms {', '.join(p.arms)} · {p.device}")
     if p.fp8_reason: say(f"[curriculum] FP8 not measured: {p.fp8_reason}")
@@ -306,6 +308,9 @@ def run(p:CurriculumPlan) -> dict:
     texts = heldout_texts(p)
     stats = {k: encoding_stats(pool.tokenizer, texts) for k, pool in pools.items()}
     hooks = {k: make_hook(pool.tokenizer, texts, p.max_len) for k, pool in pools.items()}
+    fl = ngram_floor_eval(pools['bpe'], p.eval, texts, order=FLOOR_ORDER, tasks=())       # held-out bits/byte only: no lm-eval task here
+    ngram = dict(order=fl['order'], tokenizer='bpe', heldout_bpb=fl['heldout']['bpb'], heldout_loss=fl['heldout']['loss'])
+    say(f"[curriculum] n-gram floor: a Kneser–Ney {FLOOR_ORDER}-gram counted from the BPE pool scores {ngram['heldout_bpb']:.4f} bits/byte on the held-out text")
     lr, lr_rows = lr_check(p, pools, hooks, stats); base_lr = p.train.lr
     say(f"[curriculum] LR check on seed {SELECT_SEED}: " + ', '.join(f"×{r['lr_factor']:g} → {r['final_bpb']:.4f}" + (' (diverged)' if r['diverged'] else '') for r in lr_rows) + f"; every arm trains at {lr:g}")
     p = dataclasses.replace(p, preset=p.preset.replace(train=p.train.replace(lr=lr)))
@@ -320,5 +325,5 @@ def run(p:CurriculumPlan) -> dict:
     return envelope(experiment=NAME, title=TITLE, plan=p.to_dict(), preset=p.preset.name, corpus=p.corpus, environment=environment(p.device),
                     data=dict(corpus=p.corpus, n_tokens=int(pools['bpe'].n_tokens), vocab_size=p.data.vocab_size,
                               pool_keys={k: v.key for k, v in pools.items()}, heldout_chars=sum(map(len, texts)), heldout_docs=len(texts)),
-                    runs=rows, summary=summarize(p, rows, curves, stats, lr_info), curves=curves,
+                    runs=rows, summary=summarize(p, rows, curves, stats, lr_info, ngram), curves=curves,
                     compute=dict(train_s=sum(r['train_s'] for r in rows) + sum(r['train_s'] for r in lr_rows), wall_s=time.perf_counter() - t0), status=dict(state='complete'))
