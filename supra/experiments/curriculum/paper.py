@@ -161,7 +161,7 @@ def claim_chart(res:dict, arm:str, path):
             for a, col in (('baseline', SERIES_COLORS[0]), (arm, SERIES_COLORS[1])):
                 for i, c in enumerate(C[a].values()): ax.plot(c[x], c['bpb'], color=col, alpha=0.85, lw=1.6, label=L[a] if i == 0 else None)
             ax.axhline(target, color=PALETTE['muted'], ls='--', lw=1, label="baseline's final bpb")
-            if (ng := res['summary'].get('ngram')) and 'superbpe' not in arm:
+            if (ng := res['summary'].get('ngram')) and arm in SAME_POOL:        # the floor was counted from the baseline's pool
                 ax.axhline(ng['heldout_bpb'], color=PALETTE['text'], ls=':', lw=1.2, label=f"trigram floor ({ng['heldout_bpb']:.3f})")
             st = next(iter(C[arm].values())).get('stages') or []
             for s in st[1:]:
@@ -261,7 +261,7 @@ def paper(res:dict, figs:dict, path) -> Path:
     charts = [chart(figs['speedups'], 'Speed-up to the baseline', "Dots: one seed each; bars: their geometric mean, drawn only where every seed reached the baseline's final bits/byte; hollow ▽: an upper bound, not a measurement (small: a seed that never reached it; large: the arm's mean when any seed did not); the red interval: the verdict engine's interval for a tested claim, at the level Holm tests it; diamonds: the seed's factor.", label='// Visualizations', nav='Charts', id='charts')]
     for a in sm['speedups']:
         charts.append(chart(figs[a], f'{L[a]}: held-out bits per byte', 'Left: against training tokens; right: against training seconds (step time only; every shape warmed up first). Dashed: the baseline\'s final bpb'
-                            + ('; dotted: the trigram counted from the baseline\'s pool.' if ng and 'superbpe' not in a else '.')))
+                            + ('; dotted: the trigram counted from the baseline\'s pool.' if ng and a in SAME_POOL else '.')))
     t = sm['tokenizers']
     method = prose('Method', [
         f"One decoder-only transformer ({pl['n_layer']} layers × {pl['d_model']}, {pl['n_head']} heads, RMSNorm, RoPE, SwiGLU, tied embeddings), vocabulary "
